@@ -1,0 +1,36 @@
+# scMMGPT — `make demo` and `make test` set up .venv themselves (once; again only when pyproject.toml changes).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# CPU build of torch where no GPU is present (a CUDA build is several GB); users with GPUs keep their own build
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: setup demo test test-slow test-gpu train-tiny eval bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+		if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q "torch>=2.2,<3"; \
+		else $(BIN)/pip install -q "$(TORCH_CPU)" || $(BIN)/pip install -q --index-url https://download.pytorch.org/whl/cpu "torch>=2.2,<3"; fi; \
+	fi
+	$(BIN)/pip install -q -e ".[train,dev]"
+	@touch $(STAMP)
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/scmmgpt demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-slow: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
+
+test-gpu: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m gpu
+
+clean:
+	rm -rf $(VENV) demo_output build *.egg-info

@@ -1,0 +1,28 @@
+"""The `scmmgpt` command. Each sub-command imports its (possibly heavy) implementation only when it runs."""
+
+import argparse
+import importlib
+import sys
+
+# sub-command → (module, function taking argv, one-line help); the functions parse their own arguments
+COMMANDS = {
+    "demo": ("scmmgpt_train.demo", "main", "run the main job on the embedded default, offline"),
+    "build-dataset": ("scmmgpt_train.data", "build_dataset_main", "turn .h5ad files into a text-paired HF dataset"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="scmmgpt", description="scMMGPT: single cells and text in one model.")
+    parser.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[2]}" for k, v in COMMANDS.items()))
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv[:1])
+    module_name, function_name, _ = COMMANDS[args.command]
+    function = getattr(importlib.import_module(module_name), function_name)
+    return int(function(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

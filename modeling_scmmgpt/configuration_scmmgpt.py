@@ -1,0 +1,176 @@
+"""Configurations of scMMGPT: the cell encoder (`ScMMGPTCellConfig`) and the full model (`ScMMGPTConfig`).
+
+The full config composes three sub-configs, in the style of BLIP-2 / LLaVA:
+`cell_config` (scGPT-style cell encoder), `qformer_config` (any BERT config; cross-attention is added by the model)
+and `text_config` (any causal LM config, resolved through `AutoConfig`).
+"""
+
+from typing import Literal
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+class ScMMGPTCellConfig(PreTrainedConfig):
+    r"""
+    Configuration of the scGPT-compatible cell encoder.
+
+    A cell is a sequence of gene tokens: `<cls>` followed by up to `max_genes` (gene id, expression value) pairs.
+    Each token's input is `gene_embedding(gene_id) + value_encoder(expression_value)`; the output at `<cls>` is the
+    cell embedding.
+
+    Args:
+        vocab_size: number of gene tokens, special tokens included (`len(ScMMGPTCellTokenizer)`).
+        hidden_size: model width (scGPT's `d_model`).
+        num_hidden_layers, num_attention_heads: transformer depth and heads (scGPT's `nlayers`, `nhead`).
+        intermediate_size: feed-forward width (scGPT's `d_hid`).
+        input_value_mode: `"continuous"` (MLP on the log1p value, scGPT whole-human) or `"binned"` (embedding of
+            per-cell quantile bins `0..n_bins-1`).
+        n_bins: number of value bins (bin 0 is "not expressed").
+        max_value: continuous values are clamped to this before the value MLP (as in scGPT).
+        max_genes: the most gene tokens per cell (the `<cls>` token comes on top).
+        pad_token_id, cls_token_id: ids of `<pad>` and `<cls>` in the gene vocabulary.
+        pad_value: the expression value written at padded positions.
+    """
+
+    model_type = "scmmgpt_cell"
+    attribute_map = {"d_model": "hidden_size", "nlayers": "num_hidden_layers", "nhead": "num_attention_heads"}
+
+    vocab_size: int = 60697
+    hidden_size: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    intermediate_size: int = 512
+    hidden_act: str = "relu"
+    hidden_dropout_prob: float = 0.2
+    attention_probs_dropout_prob: float = 0.2
+    layer_norm_eps: float = 1e-5
+    input_value_mode: Literal["continuous", "binned"] = "continuous"
+    n_bins: int = 51
+    max_value: float = 512.0
+    max_genes: int = 2048
+    pad_token_id: int | None = 0
+    cls_token_id: int = 1
+    pad_value: float = -2.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.input_value_mode not in ("continuous", "binned"):
+            raise ValueError(f"input_value_mode must be 'continuous' or 'binned', got {self.input_value_mode!r}")
+
+    @classmethod
+    def tiny(cls, **overrides) -> "ScMMGPTCellConfig":
+        """A test-size encoder (seconds on a CPU)."""
+        defaults = dict(
+            vocab_size=1000,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            max_genes=256,
+        )
+        return cls(**{**defaults, **overrides})
+
+    @classmethod
+    def scgpt_human(cls, **overrides) -> "ScMMGPTCellConfig":
+        """The shape of scGPT's whole-human checkpoint (33 M cells): d_model 512, 12 layers, 8 heads, continuous values."""
+        return cls(**overrides)
+
+
+class ScMMGPTConfig(PreTrainedConfig):
+    r"""
+    Configuration of the full scMMGPT model.
+
+    Args:
+        cell_config: the cell encoder (`ScMMGPTCellConfig` or its dict).
+        qformer_config: a BERT config for the Q-Former; its `encoder_hidden_size` is set to the cell encoder's width.
+        text_config: the causal LM's config (any `AutoConfig` model type; Llama by default).
+        num_query_tokens: learned queries of the Q-Former, i.e. soft cell tokens handed to the LLM.
+        cross_attention_frequency: the Q-Former cross-attends to gene states every this many layers.
+        embed_dim: width of the shared cell–text space of the contrastive / matching heads.
+        projector_hidden_size: hidden width of the cell→text and text→cell MLP projectors.
+        expression_decoder_hidden_size: width of the expression decoder.
+        temperature: initial softmax temperature of the contrastive loss (learned).
+        max_text_length: longest text the Q-Former reads (stage 1).
+        cell_embed_loss_weight, expression_loss_weight: weights of the stage-2 text→cell losses.
+        boc_token_id, eoc_token_id, cell_token_ids: ids of `<boc>`, `<eoc>` and `<cell_0>…` in the text tokenizer,
+            filled in by `ScMMGPTProcessor` / the model when the special tokens are added.
+    """
+
+    model_type = "scmmgpt"
+    sub_configs_defaults = {
+        "cell_config": ScMMGPTCellConfig,
+        "qformer_config": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    cell_config: dict | PreTrainedConfig | None = None
+    qformer_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    num_query_tokens: int = 32
+    cross_attention_frequency: int = 2
+    embed_dim: int = 256
+    projector_hidden_size: int = 256
+    expression_decoder_hidden_size: int = 256
+    temperature: float = 0.07
+    max_text_length: int = 128
+    cell_embed_loss_weight: float = 1.0
+    expression_loss_weight: float = 1.0
+    boc_token_id: int | None = None
+    eoc_token_id: int | None = None
+    cell_token_ids: list[int] | None = None
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.qformer_config.encoder_hidden_size = self.cell_config.hidden_size
+        if self.cross_attention_frequency < 1:
+            raise ValueError(f"cross_attention_frequency must be >= 1, got {self.cross_attention_frequency}")
+
+    @classmethod
+    def tiny(cls, **overrides) -> "ScMMGPTConfig":
+        """A test-size full model: tiny encoder, 2-layer BERT Q-Former with 4 queries, 2-layer Llama."""
+        text_vocab = overrides.pop("text_vocab_size", 1000)
+        defaults = dict(
+            cell_config=ScMMGPTCellConfig.tiny(),
+            qformer_config=dict(
+                model_type="bert", vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                max_position_embeddings=160,
+            ),
+            text_config=dict(
+                model_type="llama", vocab_size=text_vocab, hidden_size=32, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+            ),
+            num_query_tokens=4,
+            embed_dim=16,
+            projector_hidden_size=32,
+            expression_decoder_hidden_size=32,
+            max_text_length=64,
+        )
+        return cls(**{**defaults, **overrides})
+
+    @classmethod
+    def paper(cls, text_config=None, qformer_config=None, **overrides) -> "ScMMGPTConfig":
+        """The published shape: scGPT-human encoder (2048 genes), BERT-base Q-Former, 32 queries, Llama-2-7B."""
+        defaults = dict(
+            cell_config=ScMMGPTCellConfig.scgpt_human(max_genes=2048),
+            qformer_config=qformer_config or dict(model_type="bert", vocab_size=30522),
+            text_config=text_config
+            or dict(
+                model_type="llama", vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
+                num_attention_heads=32, intermediate_size=11008, max_position_embeddings=4096,
+            ),
+        )
+        return cls(**{**defaults, **overrides})
+
+
+__all__ = ["ScMMGPTCellConfig", "ScMMGPTConfig"]

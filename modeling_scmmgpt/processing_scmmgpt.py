@@ -1,0 +1,115 @@
+"""`ScMMGPTProcessor`: the cell tokenizer and a text tokenizer as one Hub-loadable object.
+
+A prompt may contain the placeholder `<cell>`; the processor expands it to `<boc><cell_0>…<cell_{n-1}><eoc>`, one soft
+token per Q-Former query, which the model fills with projected cell features (or, in a target, reads back to generate a
+cell). The special tokens are added to the text tokenizer on construction.
+"""
+
+from transformers import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+CELL_PLACEHOLDER = "<cell>"
+BOC_TOKEN = "<boc>"
+EOC_TOKEN = "<eoc>"
+
+
+def cell_slot_tokens(num_query_tokens: int) -> list[str]:
+    """The text tokens of one cell: `<boc>`, `<cell_0>` … `<cell_{n-1}>`, `<eoc>`."""
+    return [BOC_TOKEN] + [f"<cell_{i}>" for i in range(num_query_tokens)] + [EOC_TOKEN]
+
+
+class ScMMGPTProcessor(ProcessorMixin):
+    r"""
+    Processor of scMMGPT: `feature_extractor` is a `ScMMGPTCellTokenizer`, `tokenizer` any HF text tokenizer.
+
+    `processor(cells=..., text=..., return_tensors="pt")` returns the text side (`input_ids`, `attention_mask`, with
+    `<cell>` expanded) and the cell side (`gene_ids`, `expression_values`, `cell_attention_mask`).
+
+    Args:
+        feature_extractor: the cell tokenizer.
+        tokenizer: the text tokenizer of the language model.
+        num_query_tokens: soft tokens per cell (the model's `num_query_tokens`).
+    """
+
+    def __init__(self, feature_extractor=None, tokenizer=None, num_query_tokens: int = 32, chat_template=None, **kwargs):
+        self.num_query_tokens = int(num_query_tokens)
+        super().__init__(feature_extractor, tokenizer, chat_template=chat_template)
+        self._add_cell_tokens()
+
+    def _add_cell_tokens(self):
+        tokens = cell_slot_tokens(self.num_query_tokens)
+        missing = [t for t in tokens if t not in self.tokenizer.get_vocab()]
+        if missing:
+            self.tokenizer.add_tokens(missing, special_tokens=True)
+        if self.tokenizer.pad_token is None:  # causal LM tokenizers often have none; padding needs one
+            self.tokenizer.pad_token = self.tokenizer.eos_token or EOC_TOKEN
+
+    @property
+    def cell_slot_text(self) -> str:
+        """What one `<cell>` placeholder expands to."""
+        return "".join(cell_slot_tokens(self.num_query_tokens))
+
+    @property
+    def boc_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(BOC_TOKEN)
+
+    @property
+    def eoc_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(EOC_TOKEN)
+
+    @property
+    def cell_token_ids(self) -> list[int]:
+        return self.tokenizer.convert_tokens_to_ids([f"<cell_{i}>" for i in range(self.num_query_tokens)])
+
+    def expand_cell_placeholders(self, text: str | list[str]) -> str | list[str]:
+        """Replace every `<cell>` with the cell's soft-token slots."""
+        if isinstance(text, str):
+            return text.replace(CELL_PLACEHOLDER, self.cell_slot_text)
+        return [t.replace(CELL_PLACEHOLDER, self.cell_slot_text) for t in text]
+
+    def __call__(self, cells=None, text=None, gene_names=None, return_tensors=None, cell_kwargs=None, **text_kwargs):
+        r"""
+        Args:
+            cells: AnnData / sparse / dense matrix (cells × genes), for the cell tokenizer.
+            text: a prompt or a list of prompts, `<cell>` marking where each cell goes.
+            gene_names: gene of each column when `cells` is a matrix.
+            return_tensors: `"pt"` or `"np"`.
+            cell_kwargs: extra arguments of the cell tokenizer (`max_genes`, `normalize`, `use_raw`, ...).
+            text_kwargs: extra arguments of the text tokenizer (`padding`, `truncation`, `max_length`, ...).
+        """
+        if cells is None and text is None:
+            raise ValueError("ScMMGPTProcessor needs `cells`, `text` or both")
+        data = {}
+        if text is not None:
+            expanded = self.expand_cell_placeholders(text)
+            text_kwargs.setdefault("padding", True)
+            data.update(self.tokenizer(expanded, return_tensors=return_tensors, **text_kwargs))
+            n_slots = sum(t.count(CELL_PLACEHOLDER) for t in ([text] if isinstance(text, str) else text))
+            if cells is not None and n_slots and n_slots != cells.shape[0]:
+                raise ValueError(f"the text has {n_slots} <cell> placeholders but {cells.shape[0]} cells were given")
+        if cells is not None:
+            encoded = self.feature_extractor(
+                cells, gene_names=gene_names, return_tensors=return_tensors, **(cell_kwargs or {})
+            )
+            data["gene_ids"] = encoded["gene_ids"]
+            data["expression_values"] = encoded["expression_values"]
+            data["cell_attention_mask"] = encoded["attention_mask"]
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Saves the text tokenizer, `processor_config.json` (cell tokenizer settings inside) and `gene_vocab.json`."""
+        self.feature_extractor.save_vocabulary(save_directory)
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    @property
+    def model_input_names(self):
+        return list(self.tokenizer.model_input_names) + ["gene_ids", "expression_values", "cell_attention_mask"]
+
+
+__all__ = ["ScMMGPTProcessor", "cell_slot_tokens"]

@@ -1,0 +1,48 @@
+import pytest
+from transformers import AutoConfig, LlamaConfig
+
+import modeling_scmmgpt  # noqa: F401  registers the Auto classes
+from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTConfig
+
+
+def _without_path(config):
+    d = config.to_dict()
+    d.pop("_name_or_path", None)
+    return d
+
+
+@pytest.mark.parametrize("config", [ScMMGPTCellConfig.tiny(), ScMMGPTConfig.tiny(), ScMMGPTConfig.paper()])
+def test_config_round_trips_through_autoconfig(config, tmp_path):
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert type(loaded) is type(config)
+    assert _without_path(loaded) == _without_path(config)
+
+
+def test_composed_config_resolves_sub_configs():
+    config = ScMMGPTConfig.tiny(cross_attention_frequency=1)
+    assert isinstance(config.cell_config, ScMMGPTCellConfig)
+    assert isinstance(config.text_config, LlamaConfig)
+    assert config.qformer_config.model_type == "bert"
+    # the Q-Former cross-attends to gene states: its key/value width is the cell encoder's
+    assert config.qformer_config.encoder_hidden_size == config.cell_config.hidden_size
+    gpt2 = ScMMGPTConfig.tiny(text_config={"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4})
+    assert gpt2.text_config.model_type == "gpt2"
+
+
+def test_presets_have_published_shapes():
+    human = ScMMGPTCellConfig.scgpt_human()
+    assert (human.d_model, human.num_hidden_layers, human.num_attention_heads, human.n_bins) == (512, 12, 8, 51)
+    assert human.vocab_size > 60000 and human.input_value_mode == "continuous"
+    paper = ScMMGPTConfig.paper()
+    assert paper.num_query_tokens == 32 and paper.cross_attention_frequency == 2
+    assert paper.cell_config.max_genes == 2048 and paper.text_config.hidden_size == 4096
+
+
+def test_bad_config_values_raise():
+    with pytest.raises(ValueError, match="divisible"):
+        ScMMGPTCellConfig.tiny(hidden_size=30, num_attention_heads=4)
+    with pytest.raises(ValueError, match="input_value_mode"):
+        ScMMGPTCellConfig.tiny(input_value_mode="ranked")
+    with pytest.raises(ValueError, match="cross_attention_frequency"):
+        ScMMGPTConfig.tiny(cross_attention_frequency=0)

@@ -1,0 +1,135 @@
+"""The cell tokenizer on the real PBMC file and on hand-computed examples."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy import sparse
+from transformers import AutoFeatureExtractor
+
+from modeling_scmmgpt import ScMMGPTCellTokenizer
+
+
+@pytest.fixture(scope="module")
+def pbmc_tokenizer(pbmc):
+    return ScMMGPTCellTokenizer(gene_names=list(pbmc.raw.var_names), max_genes=128, normalize=False)
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+
+
+def test_pbmc_is_deterministic_and_input_type_independent(pbmc, pbmc_tokenizer):
+    first = pbmc_tokenizer(pbmc, use_raw=True)
+    again = pbmc_tokenizer(pbmc, use_raw=True)
+    csr = pbmc_tokenizer(pbmc.raw.X, gene_names=list(pbmc.raw.var_names))
+    dense = pbmc_tokenizer(pbmc.raw.X.toarray(), gene_names=list(pbmc.raw.var_names))
+    for other in (again, csr, dense):
+        _same(first, other)
+    n_cells = pbmc.n_obs
+    assert first["gene_ids"].shape == (n_cells, 129)
+    assert (first["gene_ids"][:, 0] == pbmc_tokenizer.cls_token_id).all()
+    nnz = np.diff(pbmc.raw.X.indptr)
+    np.testing.assert_array_equal(first["attention_mask"].sum(1), 1 + np.minimum(nnz, 128))
+
+
+def test_top_k_and_tie_breaking_by_gene_id():
+    genes = ["A", "B", "C", "D", "E"]
+    tok = ScMMGPTCellTokenizer(gene_names=genes, max_genes=3, normalize=False)
+    cells = np.array([[1.0, 5.0, 0.0, 5.0, 2.0], [0.0, 0.0, 0.0, 0.0, 3.0]])
+    out = tok(cells, genes)
+    # cell 0: B and D tie at 5 → the lower gene id (B) first; then D, then E (2); A (1) is cut by max_genes=3
+    assert out["gene_ids"].tolist() == [[1, 4, 6, 7], [1, 7, 0, 0]]
+    assert out["expression_values"][0].tolist() == [0.0, 5.0, 5.0, 2.0]
+    assert out["expression_values"][1, :2].tolist() == [0.0, 3.0]
+    assert out["expression_values"][1, 2:].tolist() == [-2.0, -2.0]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert tok(cells, genes, padding="max_length")["gene_ids"].shape == (2, 4)
+
+
+def test_binning_matches_hand_computed_quantiles():
+    genes = [f"g{i}" for i in range(6)]
+    tok = ScMMGPTCellTokenizer(gene_names=genes, normalize=False, input_value_mode="binned", n_bins=5)
+    # non-zero values 1, 2, 3, 4, 5 → edges = quantiles at 0, 1/3, 2/3, 1 = [1, 2.333, 3.667, 5]
+    # digitize: 1→1, 2→1, 3→2, 4→3, 5→4 (bins 1..n_bins-1; 0 is "not expressed")
+    cells = np.array([[0.0, 5.0, 1.0, 4.0, 2.0, 3.0]])
+    out = tok(cells, genes)
+    by_gene = dict(zip(out["gene_ids"][0, 1:].tolist(), out["expression_values"][0, 1:].tolist()))
+    assert by_gene == {4: 4.0, 6: 3.0, 8: 2.0, 7: 1.0, 5: 1.0}
+    assert np.digitize([1, 2, 3, 4, 5], np.quantile([1, 2, 3, 4, 5], np.linspace(0, 1, 4))).tolist() == [1, 1, 2, 3, 4]
+
+
+def test_binning_matches_numpy_reference_on_random_cells():
+    rng = np.random.default_rng(0)
+    matrix = sparse.random(60, 300, density=0.3, random_state=1, format="csr")
+    matrix.data = np.round(matrix.data * 20) + 1  # many ties, as in counts
+    genes = [f"g{i}" for i in range(300)]
+    tok = ScMMGPTCellTokenizer(gene_names=genes, normalize=False, input_value_mode="binned", n_bins=11)
+    out = tok(matrix, genes)
+    for c in rng.choice(60, 10, replace=False):
+        row = matrix[c].toarray().ravel()
+        nonzero = np.flatnonzero(row)
+        expected = np.digitize(row[nonzero], np.quantile(row[nonzero], np.linspace(0, 1, 10)))
+        kept = out["attention_mask"][c].astype(bool)
+        got = dict(zip(out["gene_ids"][c, kept][1:] - 3, out["expression_values"][c, kept][1:]))
+        assert got == dict(zip(nonzero, expected.astype(float)))
+
+
+def test_normalize_total_log1p():
+    tok = ScMMGPTCellTokenizer(gene_names=["A", "B"], normalize=True, target_sum=100)
+    out = tok(np.array([[1.0, 3.0]]), ["A", "B"])
+    np.testing.assert_allclose(out["expression_values"][0, 1:], np.log1p([75.0, 25.0]), rtol=1e-6)
+
+
+def test_ensembl_ids_and_case_map_to_symbols():
+    tok = ScMMGPTCellTokenizer(gene_names=["CD3E", "MS4A1"], ensembl_ids=["ENSG00000198851", "ENSG00000156738"])
+    ids = tok.convert_genes_to_ids(["ENSG00000156738.17", "cd3e", "NOPE"])
+    assert ids.tolist() == [4, 3, -1]
+
+
+def test_empty_cells_give_cls_only_and_pt_tensors():
+    tok = ScMMGPTCellTokenizer(gene_names=["A", "B"], normalize=True)
+    out = tok(sparse.csr_matrix((3, 2)), ["A", "B"], return_tensors="pt")
+    assert isinstance(out["gene_ids"], torch.Tensor) and out["gene_ids"].shape == (3, 1)
+    assert out["attention_mask"].tolist() == [[1], [1], [1]]
+
+
+@pytest.mark.parametrize(
+    "cells, genes, message",
+    [
+        (np.zeros((2, 2, 2)), ["A", "B"], "2-D"),
+        (np.zeros((2, 3)), ["A", "B"], "3 genes"),
+        (np.ones((2, 2)), ["X", "Y"], "none of the 2 genes"),
+        (np.array([[np.nan, 1.0]]), ["A", "B"], "NaN"),
+        (np.array([[np.inf, 1.0]]), ["A", "B"], "infinite"),
+        (np.array([[-1.0, 1.0]]), ["A", "B"], "negative"),
+        (np.ones((1, 2)), ["A", "a"], "same vocabulary entry"),
+        (np.ones((1, 2)), None, "gene_names is required"),
+    ],
+)
+def test_bad_input_raises_clear_error(cells, genes, message):
+    tok = ScMMGPTCellTokenizer(gene_names=["A", "B"])
+    with pytest.raises(ValueError, match=message):
+        tok(cells, genes)
+
+
+def test_unknown_genes_warn_with_count():
+    tok = ScMMGPTCellTokenizer(gene_names=["A", "B"], normalize=False)
+    with pytest.warns(UserWarning, match="2 of 3 genes are not in the vocabulary"):
+        out = tok(np.array([[1.0, 2.0, 3.0]]), ["A", "X", "Y"])
+    assert out["gene_ids"].tolist() == [[1, 3]]
+
+
+def test_save_and_load_keep_vocabulary_and_options(tmp_path, pbmc, pbmc_tokenizer):
+    pbmc_tokenizer.save_pretrained(tmp_path)
+    assert (tmp_path / "gene_vocab.json").exists()
+    loaded = AutoFeatureExtractor.from_pretrained(tmp_path)
+    assert isinstance(loaded, ScMMGPTCellTokenizer)
+    assert loaded.gene_names == pbmc_tokenizer.gene_names and len(loaded) == len(pbmc_tokenizer)
+    assert (loaded.max_genes, loaded.normalize) == (128, False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the PBMC genes are all known
+        _same(loaded(pbmc, use_raw=True), pbmc_tokenizer(pbmc, use_raw=True))

@@ -1,0 +1,37 @@
+"""Package-level contracts: light import, registration, console script."""
+
+import subprocess
+import sys
+
+
+def test_import_is_light():
+    code = (
+        "import time, sys; import torch, transformers; t = time.perf_counter(); import modeling_scmmgpt; "
+        "print(time.perf_counter() - t); "
+        "print(','.join(m for m in ('anndata', 'scanpy', 'bitsandbytes', 'peft', 'datasets', 'trl', 'sklearn') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    seconds, heavy = float(out[0]), out[1]
+    assert heavy == "", f"import modeling_scmmgpt pulled in optional packages: {heavy}"
+    assert seconds < 3.0, f"import took {seconds:.1f}s beyond torch + transformers"
+
+
+def test_register_is_idempotent_and_auto_classes_resolve():
+    from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
+
+    import modeling_scmmgpt
+
+    modeling_scmmgpt.register()
+    config = AutoConfig.for_model("scmmgpt_cell", vocab_size=50, hidden_size=16, num_attention_heads=2,
+                                  num_hidden_layers=1, intermediate_size=16)
+    assert type(AutoModel.from_config(config)).__name__ == "ScMMGPTCellModel"
+    from transformers.models.auto.feature_extraction_auto import FEATURE_EXTRACTOR_MAPPING
+
+    assert FEATURE_EXTRACTOR_MAPPING[type(config)].__name__ == "ScMMGPTCellTokenizer"
+    assert AutoFeatureExtractor is not None
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "modeling_scmmgpt.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "demo" in out.stdout and "build-dataset" in out.stdout
