@@ -7,7 +7,9 @@ Importing the package registers its classes with the transformers Auto classes (
 
 from .configuration_scmmgpt import ScMMGPTCellConfig, ScMMGPTConfig
 from .feature_extraction_scmmgpt import ScMMGPTCellTokenizer
+from .jobs_scmmgpt import CellAnnotation, GeneratedCells
 from .modeling_cell_encoder import ScMMGPTCellModel, ScMMGPTCellPreTrainedModel
+from .modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTModel, ScMMGPTPreTrainedModel
 from .processing_scmmgpt import ScMMGPTProcessor
 
 __version__ = "0.1.0"
@@ -15,11 +17,13 @@ __version__ = "0.1.0"
 
 def register() -> None:
     """Register scMMGPT with the transformers Auto classes (idempotent) and mark the classes for `auto_map` saving."""
-    from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoProcessor
+    from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, AutoProcessor
 
     AutoConfig.register(ScMMGPTCellConfig.model_type, ScMMGPTCellConfig, exist_ok=True)
     AutoConfig.register(ScMMGPTConfig.model_type, ScMMGPTConfig, exist_ok=True)
     AutoModel.register(ScMMGPTCellConfig, ScMMGPTCellModel, exist_ok=True)
+    AutoModel.register(ScMMGPTConfig, ScMMGPTModel, exist_ok=True)
+    AutoModelForCausalLM.register(ScMMGPTConfig, ScMMGPTForConditionalGeneration, exist_ok=True)
     AutoFeatureExtractor.register(ScMMGPTCellConfig, ScMMGPTCellTokenizer, exist_ok=True)
     AutoFeatureExtractor.register(ScMMGPTConfig, ScMMGPTCellTokenizer, exist_ok=True)
     AutoProcessor.register(ScMMGPTConfig, ScMMGPTProcessor, exist_ok=True)
@@ -27,6 +31,8 @@ def register() -> None:
     ScMMGPTCellConfig.register_for_auto_class()
     ScMMGPTConfig.register_for_auto_class()
     ScMMGPTCellModel.register_for_auto_class("AutoModel")
+    ScMMGPTModel.register_for_auto_class("AutoModel")
+    ScMMGPTForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")
     ScMMGPTCellTokenizer.register_for_auto_class("AutoFeatureExtractor")
     ScMMGPTProcessor.register_for_auto_class("AutoProcessor")
 
@@ -40,5 +46,10 @@ __all__ = [
     "ScMMGPTCellModel",
     "ScMMGPTCellPreTrainedModel",
     "ScMMGPTProcessor",
+    "ScMMGPTPreTrainedModel",
+    "ScMMGPTModel",
+    "ScMMGPTForConditionalGeneration",
+    "CellAnnotation",
+    "GeneratedCells",
     "register",
 ]

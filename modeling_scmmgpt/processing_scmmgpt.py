@@ -5,12 +5,18 @@ token per Q-Former query, which the model fills with projected cell features (or
 cell). The special tokens are added to the text tokenizer on construction.
 """
 
+import copy
+
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 CELL_PLACEHOLDER = "<cell>"
 BOC_TOKEN = "<boc>"
 EOC_TOKEN = "<eoc>"
+# The prompts the model is trained with (collators) and queried with (jobs); one place so that both agree.
+DESCRIBE_PROMPT = "<cell> Describe this cell:"
+ANNOTATE_PROMPT = "<cell> cell type:"
+GENERATE_PROMPT = "Generate a cell. {text} Cell:"
 
 
 def cell_slot_tokens(num_query_tokens: int) -> list[str]:
@@ -20,7 +26,8 @@ def cell_slot_tokens(num_query_tokens: int) -> list[str]:
 
 class ScMMGPTProcessor(ProcessorMixin):
     r"""
-    Processor of scMMGPT: `feature_extractor` is a `ScMMGPTCellTokenizer`, `tokenizer` any HF text tokenizer.
+    Processor of scMMGPT: `feature_extractor` is a `ScMMGPTCellTokenizer`, `tokenizer` the LLM's text tokenizer and
+    `qformer_tokenizer` the Q-Former's (BERT) tokenizer, for the stage-1 text side (defaults to `tokenizer`).
 
     `processor(cells=..., text=..., return_tensors="pt")` returns the text side (`input_ids`, `attention_mask`, with
     `<cell>` expanded) and the cell side (`gene_ids`, `expression_values`, `cell_attention_mask`).
@@ -28,13 +35,23 @@ class ScMMGPTProcessor(ProcessorMixin):
     Args:
         feature_extractor: the cell tokenizer.
         tokenizer: the text tokenizer of the language model.
+        qformer_tokenizer: the Q-Former's tokenizer (cell–text retrieval, stage 1).
         num_query_tokens: soft tokens per cell (the model's `num_query_tokens`).
     """
 
-    def __init__(self, feature_extractor=None, tokenizer=None, num_query_tokens: int = 32, chat_template=None, **kwargs):
+    def __init__(self, feature_extractor=None, tokenizer=None, qformer_tokenizer=None, num_query_tokens: int = 32,
+                 chat_template=None, **kwargs):
         self.num_query_tokens = int(num_query_tokens)
-        super().__init__(feature_extractor, tokenizer, chat_template=chat_template)
+        # a copy, so that the cell tokens added to the LLM's tokenizer stay out of the Q-Former's vocabulary
+        qformer_tokenizer = copy.deepcopy(tokenizer) if qformer_tokenizer is None else qformer_tokenizer
+        super().__init__(feature_extractor, tokenizer, qformer_tokenizer, chat_template=chat_template)
         self._add_cell_tokens()
+
+    def qformer_text(self, text: str | list[str], return_tensors: str | None = "pt", max_length: int = 128):
+        """Tokenise text for the Q-Former (label texts, stage-1 captions): `input_ids`, `attention_mask`."""
+        encoded = self.qformer_tokenizer(text, padding=True, truncation=True, max_length=max_length,
+                                         return_tensors=return_tensors)
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
     def _add_cell_tokens(self):
         tokens = cell_slot_tokens(self.num_query_tokens)

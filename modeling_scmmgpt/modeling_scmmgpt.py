@@ -1,0 +1,390 @@
+"""scMMGPT models: stage 1 (`ScMMGPTModel`: cell encoder + Q-Former, alignment losses) and stage 2
+(`ScMMGPTForConditionalGeneration`: + cell→text projector, causal LLM, text→cell projector, expression decoder).
+
+Module names a PEFT user needs (LoRA on the LLM only, projectors trained in full):
+    LoraConfig(target_modules=r"language_model\\..*\\.(q_proj|k_proj|v_proj|o_proj)",   # Llama-style; c_attn for GPT-2
+               modules_to_save=["cell_to_text_projector", "text_to_cell_projector", "expression_decoder"])
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_scmmgpt import ScMMGPTConfig
+from .jobs_scmmgpt import CellTextJobsMixin
+from .modeling_cell_encoder import ScMMGPTCellModel
+from .modeling_qformer import ScMMGPTQFormer
+
+
+@dataclass
+class ScMMGPTModelOutput(ModelOutput):
+    r"""
+    loss: sum of the three stage-1 losses. loss_contrastive / loss_matching / loss_captioning: each of them.
+    logits_per_cell (`(batch, batch)`): scaled cell–text similarities. cell_embeds / text_embeds (`(batch, embed_dim)`):
+    normalised features in the shared space.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_contrastive: torch.FloatTensor | None = None
+    loss_matching: torch.FloatTensor | None = None
+    loss_captioning: torch.FloatTensor | None = None
+    logits_per_cell: torch.FloatTensor | None = None
+    cell_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+
+
+@dataclass
+class ScMMGPTCausalLMOutput(ModelOutput):
+    r"""
+    loss: LM loss + weighted text→cell losses. loss_lm / loss_cell_embed / loss_expression: each of them.
+    logits (`(batch, length, vocab)`), cache: as the LLM's. cell_states (`(n, num_query_tokens, qformer_hidden)`): the
+    cell states reconstructed from the output cell slots; expression (`(n, genes)`): the decoded log1p expression.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_lm: torch.FloatTensor | None = None
+    loss_cell_embed: torch.FloatTensor | None = None
+    loss_expression: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    cell_states: torch.FloatTensor | None = None
+    expression: torch.FloatTensor | None = None
+
+
+class ScMMGPTPreTrainedModel(PreTrainedModel):
+    config_class = ScMMGPTConfig
+    config: ScMMGPTConfig
+    base_model_prefix = "scmmgpt"
+    main_input_name = "gene_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["CellEncoderLayer", "QFormerLayer"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, ScMMGPTModel):
+            init.normal_(module.query_tokens, mean=0.0, std=self.config.initializer_range)
+            init.constant_(module.logit_scale, float(torch.tensor(1.0 / self.config.temperature).log()))
+
+
+def _mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, out_features))
+
+
+class ScMMGPTModel(CellTextJobsMixin, ScMMGPTPreTrainedModel):
+    r"""
+    Stage 1: cell encoder + Q-Former + projection heads, trained with cell–text contrastive, matching and captioning.
+
+    Cell inputs (`ScMMGPTCellTokenizer`): `gene_ids`, `expression_values`, `cell_attention_mask` (batch, genes + 1).
+    Text inputs (the Q-Former's BERT tokenizer): `input_ids`, `attention_mask` (batch, tokens).
+    """
+
+    def __init__(self, config: ScMMGPTConfig):
+        super().__init__(config)
+        qconfig = config.qformer_config
+        self.cell_model = ScMMGPTCellModel(config.cell_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qconfig.hidden_size))
+        self.qformer = ScMMGPTQFormer(qconfig, config.cross_attention_frequency)
+        self.cell_projection = nn.Linear(qconfig.hidden_size, config.embed_dim)
+        self.text_projection = nn.Linear(qconfig.hidden_size, config.embed_dim)
+        self.matching_head = nn.Linear(qconfig.hidden_size, 2)
+        self.logit_scale = nn.Parameter(torch.tensor(0.0))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.qformer.embeddings.word_embeddings
+
+    # ------------------------------------------------------------------------------------------------ features
+    def query_outputs(self, gene_ids, expression_values, cell_attention_mask=None, text_ids=None, text_mask=None):
+        """Q-Former outputs at the queries, (batch, num_query_tokens, hidden); with text, queries and text attend
+        to each other (the matching view) and the full (batch, queries + text, hidden) is returned."""
+        cells = self.cell_model(gene_ids, expression_values, cell_attention_mask)
+        batch, n_query = gene_ids.shape[0], self.config.num_query_tokens
+        queries = self.query_tokens.expand(batch, -1, -1)
+        hidden = self.qformer.embeddings(text_ids, query_embeds=queries)
+        bias = None
+        if text_mask is not None:
+            keys = torch.cat([torch.ones(batch, n_query, dtype=torch.bool, device=hidden.device), text_mask.bool()], 1)
+            bias = keys[:, None, None, :]
+        out = self.qformer(hidden, bias, n_query, cells.last_hidden_state, cell_attention_mask)
+        return out if text_ids is not None else out[:, :n_query]
+
+    def get_cell_features(self, gene_ids, expression_values, cell_attention_mask=None) -> torch.Tensor:
+        """Normalised cell features in the shared cell–text space, (batch, embed_dim)."""
+        queries = self.query_outputs(gene_ids, expression_values, cell_attention_mask)
+        return F.normalize(self.cell_projection(queries.mean(1)), dim=-1)
+
+    def get_text_features(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """Normalised text features (the Q-Former's `[CLS]` output), (batch, embed_dim)."""
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        self._check_text_ids(input_ids)
+        hidden = self.qformer(self.qformer.embeddings(input_ids), attention_mask.bool()[:, None, None, :], 0)
+        return F.normalize(self.text_projection(hidden[:, 0]), dim=-1)
+
+    def _check_text_ids(self, input_ids):
+        vocab = self.qformer.embeddings.word_embeddings.num_embeddings
+        if input_ids.numel() and int(input_ids.max()) >= vocab:
+            raise ValueError(f"text token id {int(input_ids.max())} is outside the Q-Former's vocabulary of {vocab}: "
+                             "tokenise stage-1 text with the Q-Former's own (BERT) tokenizer, processor.qformer_text")
+
+    def load_qformer_from_bert(self, bert_path: str, **hub_kwargs) -> list[str]:
+        """Initialise the Q-Former from a BERT checkpoint (local folder or Hub id with `model.safetensors`); returns
+        the Q-Former weights that BERT does not provide (cross-attention, LM head transform, ...)."""
+        from safetensors.torch import load_file
+        from transformers.utils import cached_file
+
+        return self.qformer.load_bert_weights(load_file(cached_file(bert_path, "model.safetensors", **hub_kwargs)))
+
+    # ------------------------------------------------------------------------------------------------ losses
+    def _contrastive_loss(self, cell_embeds, text_embeds, same_text):
+        """Symmetric InfoNCE; cells whose texts are identical all count as positives (cell types repeat in a batch)."""
+        logits = self.logit_scale.clamp(max=4.6052).exp() * cell_embeds @ text_embeds.T  # scale <= 100, as CLIP
+        targets = same_text.float() / same_text.sum(1, keepdim=True)
+        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        return loss, logits
+
+    def _matching_loss(self, gene_ids, expression_values, cell_attention_mask, input_ids, attention_mask, logits, same):
+        """Cell–text matching: each positive pair, plus a hard negative text per cell and a hard negative cell per
+        text drawn in proportion to their similarity (BLIP-2's hard-negative mining)."""
+        with torch.no_grad():
+            weights = F.softmax(logits.float(), dim=1).masked_fill(same, 0.0)
+        cells, texts, labels = [torch.arange(len(same), device=same.device)] * 2 + [torch.ones_like(same[0], dtype=torch.long)]
+        for w, fixed_is_cell in ((weights, True), (weights.T, False)):
+            usable = w.sum(1) > 0  # rows whose batch holds some other text
+            if usable.any():
+                fixed = torch.nonzero(usable).squeeze(1)
+                drawn = torch.multinomial(w[usable], 1).squeeze(1)
+                cells = torch.cat([cells, fixed if fixed_is_cell else drawn])
+                texts = torch.cat([texts, drawn if fixed_is_cell else fixed])
+                labels = torch.cat([labels, torch.zeros_like(fixed)])
+        n_query = self.config.num_query_tokens
+        joint = self.query_outputs(gene_ids[cells], expression_values[cells], cell_attention_mask[cells],
+                                   input_ids[texts], attention_mask[texts])
+        match_logits = self.matching_head(joint[:, :n_query]).mean(1)
+        return F.cross_entropy(match_logits, labels)
+
+    def _captioning_loss(self, gene_ids, expression_values, cell_attention_mask, input_ids, attention_mask):
+        """Next-token loss of the text through the Q-Former: queries see queries; text sees queries + earlier text."""
+        n_query, (batch, n_text) = self.config.num_query_tokens, input_ids.shape
+        device = input_ids.device
+        length = n_query + n_text
+        allowed = torch.zeros(batch, length, length, dtype=torch.bool, device=device)
+        allowed[:, :n_query, :n_query] = True
+        allowed[:, n_query:, :n_query] = True
+        causal = torch.ones(n_text, n_text, dtype=torch.bool, device=device).tril()
+        allowed[:, n_query:, n_query:] = causal & attention_mask.bool()[:, None, :]
+        cells = self.cell_model(gene_ids, expression_values, cell_attention_mask)
+        hidden = self.qformer.embeddings(input_ids, query_embeds=self.query_tokens.expand(batch, -1, -1))
+        hidden = self.qformer(hidden, allowed[:, None], n_query, cells.last_hidden_state, cell_attention_mask)
+        logits = self.qformer.text_logits(hidden[:, n_query:-1])
+        targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+    def forward(
+        self,
+        gene_ids: torch.LongTensor,
+        expression_values: torch.Tensor,
+        cell_attention_mask: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        return_loss: bool = True,
+        **kwargs,
+    ) -> ScMMGPTModelOutput:
+        cell_attention_mask = torch.ones_like(gene_ids) if cell_attention_mask is None else cell_attention_mask
+        cell_embeds = self.get_cell_features(gene_ids, expression_values, cell_attention_mask)
+        if input_ids is None:
+            return ScMMGPTModelOutput(cell_embeds=cell_embeds)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        text_embeds = self.get_text_features(input_ids, attention_mask)
+        same = (input_ids.masked_fill(attention_mask == 0, -1)[:, None] == input_ids.masked_fill(attention_mask == 0, -1)[None]).all(-1)
+        contrastive, logits = self._contrastive_loss(cell_embeds, text_embeds, same)
+        if not return_loss:
+            return ScMMGPTModelOutput(logits_per_cell=logits, cell_embeds=cell_embeds, text_embeds=text_embeds)
+        cell_inputs = (gene_ids, expression_values, cell_attention_mask)
+        matching = self._matching_loss(*cell_inputs, input_ids, attention_mask, logits, same)
+        captioning = self._captioning_loss(*cell_inputs, input_ids, attention_mask)
+        return ScMMGPTModelOutput(
+            loss=contrastive + matching + captioning, loss_contrastive=contrastive, loss_matching=matching,
+            loss_captioning=captioning, logits_per_cell=logits, cell_embeds=cell_embeds, text_embeds=text_embeds,
+        )
+
+
+class ExpressionDecoder(nn.Module):
+    """Predicts log1p expression of requested genes from a cell state: gene embeddings are the queries of a
+    cross-attention over the cell state's slots, then an MLP on [context, gene embedding] gives each gene's value."""
+
+    def __init__(self, config: ScMMGPTConfig):
+        super().__init__()
+        width, state_width = config.expression_decoder_hidden_size, config.qformer_config.hidden_size
+        self.gene_embedding = nn.Embedding(config.cell_config.vocab_size, width)
+        heads = 4 if width % 4 == 0 else 1
+        self.cross_attention = nn.MultiheadAttention(width, heads, kdim=state_width, vdim=state_width, batch_first=True)
+        self.mlp = _mlp(2 * width, width, 1)
+
+    def forward(self, cell_states: torch.Tensor, gene_ids: torch.LongTensor) -> torch.Tensor:
+        """cell_states (n, slots, state_width), gene_ids (n, genes) → predicted log1p expression (n, genes)."""
+        genes = self.gene_embedding(gene_ids)
+        context, _ = self.cross_attention(genes, cell_states, cell_states, need_weights=False)
+        return self.mlp(torch.cat([context, genes], dim=-1)).squeeze(-1)
+
+
+class ScMMGPTForConditionalGeneration(CellTextJobsMixin, ScMMGPTPreTrainedModel, GenerationMixin):
+    r"""
+    Stage 2: the stage-1 model (`scmmgpt`), a cell→text projector into the LLM's `<cell_i>` slots, the causal LLM
+    (`language_model`), and the text→cell path (`text_to_cell_projector` + `expression_decoder`).
+
+    Text inputs come from `ScMMGPTProcessor` (`<cell>` expanded to `<boc><cell_0>…<eoc>`); `config.cell_token_ids`
+    holds the ids of `<cell_0>…`. In `labels`, prompt tokens are -100: `<cell_i>` slots in the prompt receive the input
+    cells' features, `<cell_i>` slots in the labelled target are *output* slots whose LLM states are mapped back to a
+    cell (MSE to the target cell's Q-Former states, and MSE of the decoded expression).
+    """
+
+    main_input_name = "input_ids"
+
+    def __init__(self, config: ScMMGPTConfig, language_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        text_width, query_width = config.text_config.hidden_size, config.qformer_config.hidden_size
+        self.scmmgpt = ScMMGPTModel(config)
+        self.cell_to_text_projector = _mlp(query_width, config.projector_hidden_size, text_width)
+        self.text_to_cell_projector = _mlp(text_width, config.projector_hidden_size, query_width)
+        self.expression_decoder = ExpressionDecoder(config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config) if language_model is None else None
+        self.post_init()
+        if language_model is not None:  # set after post_init so that pre-trained LLM weights are not re-initialised
+            self.language_model = language_model
+            self.config.text_config = language_model.config
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    # ------------------------------------------------------------------------------------------------ cell ↔ text
+    def _cell_slot_mask(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        if not self.config.cell_token_ids:
+            raise ValueError("config.cell_token_ids is not set: build the model with the processor's special tokens "
+                             "(model.set_cell_token_ids(processor))")
+        return torch.isin(input_ids, torch.tensor(self.config.cell_token_ids, device=input_ids.device))
+
+    def set_cell_token_ids(self, processor) -> None:
+        """Record the processor's `<boc>`, `<cell_i>`, `<eoc>` ids and grow the LLM's embeddings to its vocabulary."""
+        self.config.cell_token_ids = list(processor.cell_token_ids)
+        self.config.boc_token_id, self.config.eoc_token_id = processor.boc_token_id, processor.eoc_token_id
+        if len(processor.tokenizer) > self.get_input_embeddings().num_embeddings:
+            self.language_model.resize_token_embeddings(len(processor.tokenizer))
+
+    def get_cell_soft_tokens(self, gene_ids, expression_values, cell_attention_mask=None) -> torch.Tensor:
+        """Cells → LLM input embeddings of their slots, (cells, num_query_tokens, llm_hidden)."""
+        return self.cell_to_text_projector(self.scmmgpt.query_outputs(gene_ids, expression_values, cell_attention_mask))
+
+    def _merge_cells(self, input_ids, inputs_embeds, input_slots, gene_ids, expression_values, cell_attention_mask):
+        """Scatter projected cells into the input slots. Cells align with examples when there are as many cells as
+        examples (an example without `<cell>` then ignores its row); otherwise they fill the slots in order."""
+        n_query = self.config.num_query_tokens
+        per_example = input_slots.sum(1)
+        if gene_ids.shape[0] == input_ids.shape[0]:
+            keep = per_example > 0
+            gene_ids, expression_values = gene_ids[keep], expression_values[keep]
+            cell_attention_mask = None if cell_attention_mask is None else cell_attention_mask[keep]
+        n_slots = int(per_example.sum())
+        if n_slots != gene_ids.shape[0] * n_query:
+            raise ValueError(
+                f"the text has {n_slots} cell slot tokens but {gene_ids.shape[0]} cells × {n_query} queries = "
+                f"{gene_ids.shape[0] * n_query} cell features were given; each <cell> placeholder takes one cell"
+            )
+        if n_slots == 0:
+            return inputs_embeds
+        features = self.get_cell_soft_tokens(gene_ids, expression_values, cell_attention_mask)
+        mask = input_slots.unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
+
+    def decode_cell_states(self, slot_states: torch.Tensor, gene_ids: torch.LongTensor | None = None):
+        """LLM states at output slots (n, num_query_tokens, llm_hidden) → (cell states (n, slots, qformer_hidden),
+        predicted log1p expression (n, genes) of `gene_ids`, or None)."""
+        cell_states = self.text_to_cell_projector(slot_states)
+        expression = None if gene_ids is None else self.expression_decoder(cell_states, gene_ids)
+        return cell_states, expression
+
+    def _text_to_cell_losses(self, slot_states, target_cells, decoder_gene_ids, decoder_targets, decoder_mask):
+        cell_states, expression = self.decode_cell_states(slot_states, decoder_gene_ids)
+        with torch.no_grad():  # the target is the cell's own Q-Former reading, not trained through this loss
+            true_states = self.scmmgpt.query_outputs(*target_cells)
+        loss_cell = F.mse_loss(cell_states, true_states)
+        loss_expression = None
+        if expression is not None:
+            mask = torch.ones_like(decoder_targets) if decoder_mask is None else decoder_mask.to(expression.dtype)
+            loss_expression = ((expression - decoder_targets) ** 2 * mask).sum() / mask.sum().clamp(min=1)
+        return loss_cell, loss_expression, cell_states, expression
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        gene_ids: torch.LongTensor | None = None,
+        expression_values: torch.Tensor | None = None,
+        cell_attention_mask: torch.Tensor | None = None,
+        target_gene_ids: torch.LongTensor | None = None,
+        target_expression_values: torch.Tensor | None = None,
+        target_cell_attention_mask: torch.Tensor | None = None,
+        decoder_gene_ids: torch.LongTensor | None = None,
+        decoder_targets: torch.Tensor | None = None,
+        decoder_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache=None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> ScMMGPTCausalLMOutput:
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        slots = self._cell_slot_mask(input_ids) if input_ids is not None else None
+        output_slots = slots & (labels != -100) if labels is not None and slots is not None else None
+        if gene_ids is not None:
+            input_slots = slots & ~output_slots if output_slots is not None else slots
+            inputs_embeds = self._merge_cells(input_ids, inputs_embeds, input_slots, gene_ids, expression_values,
+                                              cell_attention_mask)
+        wants_cells = output_slots is not None and target_gene_ids is not None and bool(output_slots.any())
+        output_hidden_states = kwargs.pop("output_hidden_states", False) or wants_cells
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, cache=cache,
+            use_cache=use_cache, output_hidden_states=output_hidden_states, **kwargs,
+        )
+        result = ScMMGPTCausalLMOutput(loss=outputs.loss, loss_lm=outputs.loss, logits=outputs.logits,
+                                       cache=getattr(outputs, "cache", None), hidden_states=outputs.hidden_states)
+        if wants_cells:
+            rows = output_slots.any(1)
+            n_query = self.config.num_query_tokens
+            if (output_slots.sum(1)[rows] != n_query).any():
+                raise ValueError(f"each example with an output cell needs exactly {n_query} labelled <cell_i> slots; "
+                                 f"got {output_slots.sum(1)[rows].tolist()}")
+            slot_states = outputs.hidden_states[-1][output_slots].view(-1, n_query, inputs_embeds.shape[-1])
+            target_cells = (target_gene_ids[rows], target_expression_values[rows],
+                            None if target_cell_attention_mask is None else target_cell_attention_mask[rows])
+            pick = (lambda t: None if t is None else t[rows])
+            loss_cell, loss_expr, result.cell_states, result.expression = self._text_to_cell_losses(
+                slot_states, target_cells, pick(decoder_gene_ids), pick(decoder_targets), pick(decoder_mask))
+            result.loss_cell_embed, result.loss_expression = loss_cell, loss_expr
+            result.loss = result.loss + self.config.cell_embed_loss_weight * loss_cell
+            if loss_expr is not None:
+                result.loss = result.loss + self.config.expression_loss_weight * loss_expr
+        return result
+
+    def prepare_inputs_for_generation(self, input_ids, *args, is_first_iteration: bool | None = False, **kwargs):
+        """Cells are encoded in the prefill step only; later steps reuse the KV cache."""
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            for key in ("gene_ids", "expression_values", "cell_attention_mask"):
+                kwargs.pop(key, None)
+        return super().prepare_inputs_for_generation(input_ids, *args, is_first_iteration=is_first_iteration, **kwargs)
+
+
+__all__ = ["ScMMGPTPreTrainedModel", "ScMMGPTModel", "ScMMGPTForConditionalGeneration", "ExpressionDecoder"]

@@ -1,0 +1,229 @@
+"""The multimodal model on tiny configs (random weights, CPU, seconds): stage-1 and stage-2 forward, placeholders,
+generation with the KV cache, the jobs, save/load (also through remote code), LoRA."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_scmmgpt import (
+    ScMMGPTCellConfig,
+    ScMMGPTCellTokenizer,
+    ScMMGPTConfig,
+    ScMMGPTForConditionalGeneration,
+    ScMMGPTModel,
+    ScMMGPTProcessor,
+)
+
+from .conftest import run_fresh_python
+
+TYPES = ["Dendritic", "CD14+ Monocyte", "CD19+ B"]
+
+
+def tiny_config(cell_vocab, text_vocab, text_config=None, **overrides):
+    qformer = dict(model_type="bert", vocab_size=text_vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                   intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    kwargs = dict(cell_config=ScMMGPTCellConfig.tiny(vocab_size=cell_vocab), qformer_config=qformer,
+                  text_vocab_size=text_vocab, **overrides)
+    if text_config is not None:
+        kwargs["text_config"] = {**text_config, "vocab_size": text_vocab}
+    return ScMMGPTConfig.tiny(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def processor(pbmc, minilm_tokenizer):
+    import copy
+
+    cell_tokenizer = ScMMGPTCellTokenizer(gene_names=list(pbmc.raw.var_names), max_genes=64, normalize=False)
+    return ScMMGPTProcessor(cell_tokenizer, copy.deepcopy(minilm_tokenizer), num_query_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def cells(pbmc):
+    return pbmc[:6]
+
+
+def make_generator(processor, text_config=None):
+    torch.manual_seed(0)
+    config = tiny_config(len(processor.feature_extractor), len(processor.tokenizer), text_config)
+    model = ScMMGPTForConditionalGeneration(config)
+    model.set_cell_token_ids(processor)
+    model.processor = processor
+    return model.eval()
+
+
+def describe_batch(processor, cells):
+    texts = [f"<cell> Describe this cell: cell type: {t}." for t in cells.obs["bulk_labels"]]
+    batch = processor(cells=cells, text=texts, cell_kwargs={"use_raw": True}, return_tensors="pt")
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    batch["labels"][:, : 2 + processor.num_query_tokens + 2] = -100  # the prompt: [CLS] <boc> <cell_i>… <eoc>
+    batch.pop("token_type_ids", None)
+    return dict(batch)
+
+
+def test_stage1_forward_shapes_and_losses(processor, cells):
+    torch.manual_seed(0)
+    model = ScMMGPTModel(tiny_config(len(processor.feature_extractor), len(processor.qformer_tokenizer)))
+    cell_batch = processor(cells=cells, cell_kwargs={"use_raw": True}, return_tensors="pt")
+    text = processor.qformer_text([f"cell type: {t}." for t in cells.obs["bulk_labels"]])
+    out = model(**cell_batch, **text)
+    for loss in (out.loss, out.loss_contrastive, out.loss_matching, out.loss_captioning):
+        assert loss.ndim == 0 and torch.isfinite(loss)
+    torch.testing.assert_close(out.loss, out.loss_contrastive + out.loss_matching + out.loss_captioning)
+    assert out.cell_embeds.shape == out.text_embeds.shape == (6, 16)
+    torch.testing.assert_close(out.cell_embeds.norm(dim=-1), torch.ones(6))
+    out.loss.backward()
+    assert model.query_tokens.grad.abs().sum() > 0 and model.cell_model.encoder.embedding.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="outside the Q-Former's vocabulary"):
+        model.get_text_features(torch.tensor([[10**6]]))
+
+
+def test_qformer_loads_bert_checkpoint(minilm_path):
+    from transformers import BertConfig
+
+    bert = BertConfig.from_pretrained(minilm_path)
+    config = ScMMGPTConfig.tiny(qformer_config=bert.to_dict(), num_query_tokens=4)
+    model = ScMMGPTModel(config)
+    missing = model.load_qformer_from_bert(minilm_path)
+    from safetensors.torch import load_file
+
+    bert_weights = load_file(f"{minilm_path}/model.safetensors")
+    key = "encoder.layer.3.attention.self.query.weight"
+    torch.testing.assert_close(model.qformer.state_dict()[key], bert_weights[key.removeprefix("bert.")])
+    # the queries' feed-forward starts as BERT's; cross-attention (every 2nd layer) is new
+    torch.testing.assert_close(model.qformer.encoder.layer[1].output_query.dense.weight,
+                               bert_weights["encoder.layer.1.output.dense.weight"])
+    assert any("crossattention" in k for k in missing) and not any(".attention.self" in k for k in missing)
+    assert model.qformer.encoder.layer[0].crossattention is not None and model.qformer.encoder.layer[1].crossattention is None
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_stage2_forward_and_text_to_cell_losses(processor, cells, family):
+    text_config = None if family == "llama" else {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4}
+    model = make_generator(processor, text_config).train()
+    batch = describe_batch(processor, cells)
+    out = model(**batch)
+    assert out.logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(out.loss)
+    assert out.loss_cell_embed is None  # no output cell slots in a describe batch
+    # text → cell: the target is the cell slot string; the target cell gives the true states and expression
+    prompts = [f"Generate a cell. cell type: {t}. Cell:" + processor.cell_slot_text for t in cells.obs["bulk_labels"]]
+    text = processor(text=prompts, return_tensors="pt")
+    labels = text["input_ids"].masked_fill(text["attention_mask"] == 0, -100)
+    boc = (text["input_ids"] == processor.boc_token_id).int().argmax(1)
+    labels[torch.arange(labels.shape[1])[None] < boc[:, None]] = -100  # the target starts at <boc>
+    target = processor(cells=cells, cell_kwargs={"use_raw": True}, return_tensors="pt")
+    out = model(input_ids=text["input_ids"], attention_mask=text["attention_mask"], labels=labels,
+                target_gene_ids=target["gene_ids"], target_expression_values=target["expression_values"],
+                target_cell_attention_mask=target["cell_attention_mask"], decoder_gene_ids=target["gene_ids"],
+                decoder_targets=target["expression_values"].clamp(min=0), decoder_mask=target["cell_attention_mask"])
+    assert out.cell_states.shape == (6, 4, 32) and out.expression.shape == target["gene_ids"].shape
+    expected = out.loss_lm + out.loss_cell_embed + out.loss_expression
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    assert model.expression_decoder.gene_embedding.weight.grad.abs().sum() > 0
+    assert model.text_to_cell_projector[0].weight.grad.abs().sum() > 0
+
+
+def test_placeholder_count_mismatch_raises(processor, cells):
+    model = make_generator(processor)
+    batch = describe_batch(processor, cells[:2])
+    batch["input_ids"][0, 2] = processor.tokenizer.convert_tokens_to_ids("[unused1]")  # one slot lost
+    with pytest.raises(ValueError, match="cell slot tokens but"):
+        model(**batch)
+
+
+def test_generate_same_with_and_without_cache_and_cells_encoded_once(processor, cells):
+    model = make_generator(processor)
+    text = processor(cells=cells[:3], text=["<cell> Describe this cell:"] * 3, cell_kwargs={"use_raw": True},
+                     return_tensors="pt")
+    text.pop("token_type_ids", None)
+    calls = []
+    hook = model.scmmgpt.cell_model.register_forward_hook(lambda *_: calls.append(1))
+    cached = model.generate(**text, max_new_tokens=8, do_sample=False, use_cache=True, min_new_tokens=8)
+    n_cached_calls = len(calls)
+    uncached = model.generate(**text, max_new_tokens=8, do_sample=False, use_cache=False, min_new_tokens=8)
+    hook.remove()
+    assert torch.equal(cached, uncached) and cached.shape[1] == text["input_ids"].shape[1] + 8
+    assert n_cached_calls == 1  # cells encoded in the prefill only
+    assert len(calls) - n_cached_calls == 8  # without a cache every step re-reads the prompt, cells included
+
+
+def test_jobs_run_end_to_end(processor, cells):
+    model = make_generator(processor)
+    kw = {"use_raw": True}
+    for method in ("retrieval", "likelihood", "generate"):
+        result = model.annotate(cells, TYPES, method=method, **kw)
+        assert len(result.predictions) == 6 and result.scores.shape == (6, 3) and set(result.predictions) <= set(TYPES)
+    # likelihood scores equal a direct per-label computation through forward
+    scores = model.annotate(cells[:1], TYPES, method="likelihood", **kw).scores[0]
+    manual = []
+    for label in TYPES:
+        prompt = processor(cells=cells[:1], text=["<cell> cell type:"], cell_kwargs=kw, return_tensors="pt")
+        n_prompt = prompt["input_ids"].shape[1]
+        ids = processor.tokenizer(" " + label, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        full = torch.cat([prompt["input_ids"], ids], 1)
+        with torch.no_grad():
+            logits = model(input_ids=full, gene_ids=prompt["gene_ids"], expression_values=prompt["expression_values"],
+                           cell_attention_mask=prompt["cell_attention_mask"]).logits
+        logp = torch.log_softmax(logits[0, n_prompt - 1 : -1], -1).gather(-1, ids[0, :, None]).mean()
+        manual.append(float(logp))
+    np.testing.assert_allclose(scores, manual, atol=1e-4)
+    texts = model.describe(cells[:2], max_new_tokens=4, cell_kwargs=kw)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    generated = model.generate_cells(["cell type: monocyte.", "cell type: B cell."], n_per_text=3, seed=0)
+    assert generated.expression.shape == (6, len(processor.feature_extractor.gene_names))
+    assert (generated.expression >= 0).all()
+    again = model.generate_cells(["cell type: monocyte.", "cell type: B cell."], n_per_text=3, seed=0)
+    np.testing.assert_array_equal(generated.expression, again.expression)
+    assert not np.allclose(generated.expression[0], generated.expression[1])  # draws differ
+    assert model.embed(cells, **kw).shape == (6, 32) and model.embed(cells, space="aligned", **kw).shape == (6, 16)
+    with pytest.raises(ValueError, match="not in the model's vocabulary"):
+        model.generate_cells("x", genes=["NOT_A_GENE"])
+    with pytest.raises(ValueError, match="distinct"):
+        model.annotate(cells, ["a", "a"])
+
+
+def test_save_load_round_trip_with_llm_and_remote_code(processor, cells, tmp_path):
+    model = make_generator(processor)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "modeling_scmmgpt.ScMMGPTForConditionalGeneration"
+    loaded = ScMMGPTForConditionalGeneration.from_pretrained(folder).eval()
+    expected = model.annotate(cells, TYPES, method="likelihood", use_raw=True).scores
+    np.testing.assert_allclose(loaded.annotate(cells, TYPES, method="likelihood", use_raw=True).scores, expected,
+                               atol=1e-5)
+    np.save(tmp_path / "expected.npy", expected)
+    out = run_fresh_python(
+        f"""
+        import anndata, numpy as np, scanpy, os
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules")
+        adata = anndata.read_h5ad(os.path.join(os.path.dirname(scanpy.__file__), "datasets", "10x_pbmc68k_reduced.h5ad"))
+        scores = model.annotate(adata[:6], {TYPES!r}, method="likelihood", use_raw=True).scores
+        print("maxdiff", np.abs(scores - np.load({str(tmp_path / "expected.npy")!r})).max())
+        """,
+        cwd=str(tmp_path),
+    )
+    assert float(out.split("maxdiff")[-1]) < 1e-5
+
+
+def test_lora_trains_only_adapters_and_projectors(processor, cells):
+    from peft import LoraConfig, get_peft_model
+
+    model = make_generator(processor).train()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=r"language_model\..*\.(q_proj|v_proj)",
+                        modules_to_save=["cell_to_text_projector", "text_to_cell_projector", "expression_decoder"])
+    peft_model = get_peft_model(model, config)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model(**describe_batch(processor, cells)).loss.backward()
+    optimizer.step()
+    changed = {n for n, p in peft_model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert any("lora_B" in n for n in changed) and any("cell_to_text_projector" in n for n in changed)
+    assert changed <= trainable
