@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "demo": ("scmmgpt_train.demo", "main", "run the main job on the embedded default, offline"),
     "build-dataset": ("scmmgpt_train.data", "build_dataset_main", "turn .h5ad files into a text-paired HF dataset"),
+    "convert-scgpt": ("modeling_scmmgpt.convert_scgpt", "main", "convert a scGPT model folder into a from_pretrained folder"),
 }
 
 
