@@ -1,0 +1,174 @@
+"""Collators: stage-1 and stage-2 batches hold exactly the models' inputs, cells tokenised as the tokenizer would
+tokenise the original file, labels masked on prompts and padding, seeded decoder genes."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import sparse
+
+from modeling_scmmgpt.processing_scmmgpt import ScMMGPTProcessor
+from scmmgpt_train.collators import IGNORE_INDEX, Stage1Collator, Stage2Collator
+from scmmgpt_train.data import build_dataset
+from scmmgpt_train.streaming import rows_to_matrix
+
+STAGE1_KEYS = {"gene_ids", "expression_values", "cell_attention_mask", "input_ids", "attention_mask"}
+STAGE2_KEYS = {
+    "input_ids", "attention_mask", "labels", "gene_ids", "expression_values", "cell_attention_mask",
+    "target_gene_ids", "target_expression_values", "target_cell_attention_mask",
+    "decoder_gene_ids", "decoder_targets", "decoder_mask",
+}
+N_QUERY = 4
+
+
+@pytest.fixture(scope="module")
+def built(pbmc_path):
+    return build_dataset(pbmc_path, return_tokenizer=True)
+
+
+@pytest.fixture(scope="module")
+def rows(built):
+    ds, _ = built
+    return [ds[i] for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def processor(built, minilm_path):
+    from transformers import AutoTokenizer
+
+    return ScMMGPTProcessor(feature_extractor=built[1], tokenizer=AutoTokenizer.from_pretrained(minilm_path),
+                            num_query_tokens=N_QUERY)
+
+
+def with_task(rows, *tasks):
+    return [{**r, "task": t} for r, t in zip(rows, tasks)]
+
+
+# ---------------------------------------------------------------------------------------------------- stage 1
+def test_stage1_cells_match_tokenising_the_original_file(built, rows, pbmc, minilm_tokenizer):
+    _, tok = built
+    batch = Stage1Collator(tok, minilm_tokenizer, max_text_length=24)(rows)
+    assert set(batch) == STAGE1_KEYS and all(isinstance(v, torch.Tensor) for v in batch.values())
+    expected = tok(pbmc[:8], use_raw=True, normalize=False, return_tensors="pt")  # raw.X is log-normalised
+    assert torch.equal(batch["gene_ids"], expected["gene_ids"])
+    assert torch.equal(batch["expression_values"], expected["expression_values"])
+    assert torch.equal(batch["cell_attention_mask"], expected["attention_mask"])
+    text = minilm_tokenizer([r["text"] for r in rows], padding="longest", truncation=True, max_length=24,
+                            return_tensors="pt")
+    assert batch["input_ids"].shape == (8, 24) and torch.equal(batch["input_ids"], text["input_ids"])
+    assert torch.equal(batch["attention_mask"], text["attention_mask"])
+
+
+def test_stage1_normalises_count_rows(minilm_tokenizer):
+    import anndata
+
+    x = sparse.random(6, 30, density=0.4, format="csr", random_state=0, dtype=np.float32)
+    x.data = np.ceil(x.data * 9)
+    ad = anndata.AnnData(x, obs=pd.DataFrame({"cell_type": ["B cell"] * 6}, index=[f"c{i}" for i in range(6)]))
+    ad.var_names = [f"G{i}" for i in range(30)]
+    ds, tok = build_dataset(ad, return_tokenizer=True)
+    batch = Stage1Collator(tok, minilm_tokenizer)(list(ds))
+    expected = tok(ad, return_tensors="pt")  # counts: the tokenizer normalises to 1e4 and log1p
+    assert torch.equal(batch["gene_ids"], expected["gene_ids"])
+    torch.testing.assert_close(batch["expression_values"], expected["expression_values"])
+
+
+def test_stage1_tokenises_a_stream_on_the_fly(tmp_path, pbmc_path, built, minilm_tokenizer):
+    from scmmgpt_train.data import write_dataset
+    from scmmgpt_train.streaming import stream_dataset
+
+    write_dataset(pbmc_path, tmp_path / "pbmc", cells_per_shard=200, progress=False)
+    loader = torch.utils.data.DataLoader(stream_dataset(tmp_path / "pbmc", seed=0, buffer_size=50), batch_size=64,
+                                         collate_fn=Stage1Collator(built[1], minilm_tokenizer))
+    batches = list(loader)
+    assert sum(len(b["gene_ids"]) for b in batches) == 700
+    assert all(set(b) == STAGE1_KEYS and b["cell_attention_mask"][:, 0].all() for b in batches)
+
+
+# ---------------------------------------------------------------------------------------------------- stage 2
+def test_stage2_keys_are_constant_whatever_the_mix(processor, rows):
+    collate = Stage2Collator(processor)
+    for tasks in (["cell_to_text"] * 3, ["text_to_cell"] * 3, ["cell_to_text", "text_to_cell", "cell_to_text"]):
+        batch = collate(with_task(rows, *tasks))
+        assert set(batch) == STAGE2_KEYS
+        assert all(v.shape[0] == 3 for v in batch.values())
+
+
+def test_stage2_cell_to_text_prompt_slots_and_labels(processor, rows):
+    batch = Stage2Collator(processor)(with_task(rows[:2], "cell_to_text", "cell_to_text"))
+    tok = processor.tokenizer
+    for i, row in enumerate(rows[:2]):
+        ids, labels, mask = batch["input_ids"][i], batch["labels"][i], batch["attention_mask"][i]
+        assert [t for t in ids.tolist() if t in processor.cell_token_ids] == processor.cell_token_ids
+        target = tok(row["text"], add_special_tokens=False)["input_ids"]
+        assert labels[labels != IGNORE_INDEX].tolist() == target  # prompt and padding ignored
+        n = int(mask.sum())
+        assert ids[n - len(target): n].tolist() == target and (labels[n:] == IGNORE_INDEX).all()
+        assert (ids[n:] == tok.pad_token_id).all()
+    assert not batch["decoder_mask"].any() and (batch["target_cell_attention_mask"].sum(1) == 1).all()
+    assert (batch["cell_attention_mask"].sum(1) > 100).all()
+
+
+def test_stage2_text_to_cell_targets_and_decoder_genes(processor, rows, built):
+    _, tok = built
+    batch = Stage2Collator(processor)(with_task(rows[:2], "text_to_cell", "text_to_cell"))
+    assert (batch["cell_attention_mask"].sum(1) == 1).all()  # no input cell: `<cls>` only
+    assert batch["gene_ids"][:, 0].eq(tok.cls_token_id).all()
+    slots = processor.tokenizer(processor.cell_slot_text, add_special_tokens=False)["input_ids"]
+    assert len(slots) == N_QUERY + 2
+    for i, row in enumerate(rows[:2]):
+        labels = batch["labels"][i]
+        assert labels[labels != IGNORE_INDEX].tolist() == slots
+        prompt = processor.tokenizer(f"Generate a cell matching this description: {row['text']}\n",
+                                     add_special_tokens=False)["input_ids"]
+        assert batch["input_ids"][i][labels == IGNORE_INDEX][: len(prompt)].tolist() == prompt
+        genes, targets, mask = (batch[k][i][batch["decoder_mask"][i].bool()].numpy()
+                                for k in ("decoder_gene_ids", "decoder_targets", "decoder_mask"))
+        stored = dict(zip(row["gene_ids"], row["expression"]))
+        n_expressed = len(stored)
+        assert len(genes) == 2 * n_expressed and len(set(genes.tolist())) == len(genes)
+        # log-normalised data: targets are the stored values; sampled genes are unexpressed, target 0
+        assert np.array_equal(targets[:n_expressed], np.array([stored[g] for g in genes[:n_expressed]], np.float32))
+        assert not set(genes[n_expressed:].tolist()) & set(stored) and not targets[n_expressed:].any()
+        assert genes.min() >= 3 and genes.max() < len(tok)
+    stored = rows_to_matrix(rows[:2], len(tok.gene_names))
+    expected = tok(stored, gene_names=tok.gene_names, normalize=False, return_tensors="pt")
+    assert torch.equal(batch["target_gene_ids"], expected["gene_ids"])
+    assert torch.equal(batch["target_expression_values"], expected["expression_values"])
+
+
+def test_stage2_decoder_sampling_is_seeded(processor, rows):
+    rows = with_task(rows[:3], *["text_to_cell"] * 3)
+    first, again = Stage2Collator(processor, seed=1)(rows), Stage2Collator(processor, seed=1)(rows)
+    other = Stage2Collator(processor, seed=2)(rows)
+    assert torch.equal(first["decoder_gene_ids"], again["decoder_gene_ids"])
+    assert not torch.equal(first["decoder_gene_ids"], other["decoder_gene_ids"])
+
+
+def test_stage2_decoder_targets_of_counts_are_log1p_normalised(processor):
+    row = {"cell_id": "x", "text": "cell type: B cell.", "task": "text_to_cell", "gene_ids": [3, 7, 9],
+           "expression": [1.0, 3.0, 6.0], "total_counts": 20.0, "value_kind": "counts"}
+    collate = Stage2Collator(processor, max_decoder_genes=2)
+    genes, targets = collate.decoder_genes(row)
+    assert genes[:2].tolist() == [9, 7]  # the top-2 expressed genes, highest first
+    np.testing.assert_allclose(targets[:2], np.log1p(np.array([6.0, 3.0]) / 20.0 * 1e4), rtol=1e-6)
+    assert len(genes) == 4 and not set(genes[2:].tolist()) & {3, 7, 9} and not targets[2:].any()
+
+
+def test_stage2_task_draw_is_seeded_and_mixed(processor, built):
+    ds, _ = built
+    collate = Stage2Collator(processor, text_to_cell_fraction=0.5, seed=0)
+    kinds = [collate.kind(ds[i]) for i in range(100)]
+    assert kinds == [Stage2Collator(processor, seed=0).kind(ds[i]) for i in range(100)]
+    assert 30 < kinds.count("text_to_cell") < 70
+
+
+def test_stage2_truncates_targets_never_prompts(processor, rows):
+    batch = Stage2Collator(processor, max_length=20)(with_task(rows[:1], "cell_to_text"))
+    assert batch["input_ids"].shape[1] == 20
+    with pytest.raises(ValueError, match="do not fit in max_length=8"):
+        Stage2Collator(processor, max_length=8)(with_task(rows[:1], "cell_to_text"))
+    with pytest.raises(ValueError, match="exactly one '<cell>'"):
+        Stage2Collator(processor)([{**rows[0], "task": "cell_to_text", "prompt": "no cell here"}])
+    with pytest.raises(ValueError, match="must contain '<cell>'"):
+        Stage2Collator(processor, cell_to_text_prompt="Describe.")

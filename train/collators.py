@@ -1,0 +1,209 @@
+"""Collators: lists of built cell rows (`data.cell_features()`) → the exact keyword arguments of the models' `forward`.
+
+Both tokenise cells on the fly (`streaming.rows_to_cell_inputs`), so they work the same on an in-memory dataset and
+on a stream. Every batch carries the same keys whatever its examples are, so `Trainer` / `DataLoader` batching holds.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .streaming import N_SPECIAL, log_normalized, rows_to_cell_inputs, rows_to_matrix
+
+CELL_TO_TEXT = "cell_to_text"
+TEXT_TO_CELL = "text_to_cell"
+IGNORE_INDEX = -100  # labels ignored by the LM loss
+
+
+def _row_seed(seed: int, row: dict) -> list[int]:
+    """A per-cell seed, stable across processes and DataLoader workers (Python's `hash` is salted per process)."""
+    return [int(seed), zlib.crc32(str(row.get("cell_id", "")).encode())]
+
+
+@dataclass
+class Stage1Collator:
+    r"""
+    Cells and their texts for stage 1 (`ScMMGPTModel.forward`: contrastive, matching and captioning losses).
+
+    Args:
+        cell_tokenizer: the model's `ScMMGPTCellTokenizer` (the vocabulary the rows' gene ids refer to).
+        text_tokenizer: the Q-Former's text tokenizer (a BERT tokenizer).
+        max_text_length: texts are truncated to this many tokens.
+        text_column: the row field holding the text.
+
+    Returns (torch tensors):
+        `gene_ids`, `expression_values`, `cell_attention_mask`: B × L_cell;
+        `input_ids`, `attention_mask`: B × L_text (padded to the longest text).
+    """
+
+    cell_tokenizer: object
+    text_tokenizer: object
+    max_text_length: int = 128
+    text_column: str = "text"
+
+    def __call__(self, rows: list[dict]) -> dict:
+        if not rows:
+            raise ValueError("Stage1Collator got an empty batch")
+        batch = rows_to_cell_inputs(rows, self.cell_tokenizer)
+        text = self.text_tokenizer(
+            [r[self.text_column] for r in rows], padding="longest", truncation=True,
+            max_length=self.max_text_length, return_tensors="pt",
+        )
+        batch["input_ids"], batch["attention_mask"] = text["input_ids"], text["attention_mask"]
+        return batch
+
+
+@dataclass
+class Stage2Collator:
+    r"""
+    Prompt → target examples for stage 2 (`ScMMGPTForConditionalGeneration.forward`), of two kinds:
+
+    - cell → text: `cell_to_text_prompt` (holding `<cell>`, expanded to `<boc><cell_0>…<eoc>`) then the cell's text;
+      the cell is the input cell.
+    - text → cell: `text_to_cell_prompt` (formatted with the cell's text) then the cell slots `<boc><cell_0>…<eoc>`
+      as the target; the cell is the target cell, whose embedding and expression the model must reconstruct.
+
+    A row's kind is its `task` field when present, else a seeded draw per cell (`text_to_cell_fraction`). A row may
+    also carry its own `prompt` (and, for cell → text, `target`) fields.
+
+    Args:
+        processor: a `ScMMGPTProcessor` (cell tokenizer, text tokenizer with the cell tokens, `num_query_tokens`).
+        text_to_cell_fraction: share of rows without a `task` that become text → cell examples.
+        max_length: the longest sequence; cell → text targets are truncated to fit, prompts never.
+        max_decoder_genes: the most expressed genes per target cell given to the expression decoder (its highest
+            values, ties by gene id); None keeps all. As many unexpressed genes are sampled next to them.
+        seed: seeds the kind draw and the unexpressed-gene sample, per cell, so batches are reproducible.
+
+    Returns (torch tensors; B examples):
+        `input_ids`, `attention_mask`, `labels`: B × T, right-padded; `labels` is -100 on the prompt and padding.
+        `gene_ids`, `expression_values`, `cell_attention_mask`: B × L, the input cell of each cell → text example; a
+            text → cell example gets an all-padding cell (`<cls>` only, mask 1 at position 0 alone).
+        `target_gene_ids`, `target_expression_values`, `target_cell_attention_mask`: B × L', the target cell of each
+            text → cell example, tokenised for its true embedding; all-padding for cell → text examples.
+        `decoder_gene_ids`, `decoder_targets`, `decoder_mask`: B × G, genes whose log1p-normalised expression the
+            decoder predicts (the target cell's expressed genes, then as many sampled unexpressed ones at 0);
+            `decoder_mask` is all 0 for cell → text examples. Targets are log1p(x / total · target_sum) for count
+            rows and the stored values for log-normalised rows.
+    """
+
+    processor: object
+    cell_to_text_prompt: str = "<cell>\nDescribe this cell.\n"
+    text_to_cell_prompt: str = "Generate a cell matching this description: {text}\n"
+    text_to_cell_fraction: float = 0.5
+    max_length: int = 512
+    max_decoder_genes: int | None = None
+    seed: int = 0
+    text_column: str = "text"
+    _slots: str = field(init=False, repr=False, default="")
+
+    def __post_init__(self):
+        if "<cell>" not in self.cell_to_text_prompt:
+            raise ValueError(f"cell_to_text_prompt must contain '<cell>': {self.cell_to_text_prompt!r}")
+        self._slots = self.processor.cell_slot_text
+
+    @property
+    def cell_tokenizer(self):
+        return self.processor.feature_extractor
+
+    @property
+    def text_tokenizer(self):
+        return self.processor.tokenizer
+
+    def kind(self, row: dict) -> str:
+        """`"cell_to_text"` or `"text_to_cell"` for a row (its `task`, else a seeded draw)."""
+        task = row.get("task")
+        if task is not None:
+            if task not in (CELL_TO_TEXT, TEXT_TO_CELL):
+                raise ValueError(f"row task must be {CELL_TO_TEXT!r} or {TEXT_TO_CELL!r}, got {task!r}")
+            return task
+        draw = np.random.default_rng(_row_seed(self.seed + 1, row)).random()
+        return TEXT_TO_CELL if draw < self.text_to_cell_fraction else CELL_TO_TEXT
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        if not rows:
+            raise ValueError("Stage2Collator got an empty batch")
+        kinds = [self.kind(r) for r in rows]
+        batch = self._text(rows, kinds)
+        batch.update(rows_to_cell_inputs([r if k == CELL_TO_TEXT else None for r, k in zip(rows, kinds)],
+                                         self.cell_tokenizer))
+        target = rows_to_cell_inputs([r if k == TEXT_TO_CELL else None for r, k in zip(rows, kinds)],
+                                     self.cell_tokenizer)
+        batch.update({f"target_{k}": v for k, v in target.items()})
+        batch.update({k: torch.from_numpy(v) for k, v in self._decoder(rows, kinds).items()})
+        return batch
+
+    # ------------------------------------------------------------------------------------------------- text side
+    def _example(self, row: dict, kind: str) -> tuple[str, str]:
+        """(prompt with cell slots expanded, target) of one row."""
+        if kind == CELL_TO_TEXT:
+            prompt = row.get("prompt") or self.cell_to_text_prompt
+            if prompt.count("<cell>") != 1:
+                raise ValueError(f"a cell → text prompt needs exactly one '<cell>': {prompt!r}")
+            return prompt.replace("<cell>", self._slots), row.get("target") or row[self.text_column]
+        prompt = row.get("prompt") or self.text_to_cell_prompt.format(text=row[self.text_column])
+        return prompt, self._slots
+
+    def _ids(self, text: str) -> list[int]:
+        return self.text_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _text(self, rows: list[dict], kinds: list[str]) -> dict:
+        import torch
+
+        tok = self.text_tokenizer
+        head = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        tail = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        sequences = []
+        for row, kind in zip(rows, kinds):
+            prompt, target = self._example(row, kind)
+            prompt_ids, target_ids = head + self._ids(prompt), self._ids(target) + tail
+            room = self.max_length - len(prompt_ids)
+            if room < (len(target_ids) if kind == TEXT_TO_CELL else 1):
+                raise ValueError(f"cell {row.get('cell_id')!r}: prompt ({len(prompt_ids)} tokens) and cell slots do "
+                                 f"not fit in max_length={self.max_length}")
+            target_ids = target_ids[:room]  # only cell → text targets can be cut (checked above)
+            sequences.append((prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids))
+        longest = max(len(ids) for ids, _ in sequences)
+        input_ids = torch.full((len(rows), longest), tok.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, (ids, lab) in enumerate(sequences):
+            input_ids[i, : len(ids)], labels[i, : len(lab)], attention[i, : len(ids)] = (
+                torch.tensor(ids), torch.tensor(lab), 1)
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+    # ------------------------------------------------------------------------------------------------- decoder
+    def decoder_genes(self, row: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(vocabulary gene ids, log1p-normalised targets) of one target cell: expressed genes, then as many
+        unexpressed genes drawn with the row's seed (targets 0)."""
+        n_genes = len(self.cell_tokenizer.gene_names)
+        values = log_normalized([row], rows_to_matrix([row], n_genes), self.cell_tokenizer.target_sum)
+        genes, expr = values.indices.astype(np.int64), values.data
+        keep = expr > 0
+        genes, expr = genes[keep], expr[keep]
+        if self.max_decoder_genes is not None and genes.size > self.max_decoder_genes:
+            top = np.lexsort((genes, -expr))[: self.max_decoder_genes]
+            genes, expr = genes[top], expr[top]
+        unexpressed = np.setdiff1d(np.arange(n_genes), values.indices, assume_unique=True)
+        rng = np.random.default_rng(_row_seed(self.seed, row))
+        sampled = rng.choice(unexpressed, size=min(genes.size, unexpressed.size), replace=False)
+        ids = np.concatenate([genes, sampled]) + N_SPECIAL
+        return ids, np.concatenate([expr, np.zeros(sampled.size)]).astype(np.float32)
+
+    def _decoder(self, rows: list[dict], kinds: list[str]) -> dict:
+        per_row = [self.decoder_genes(r) if k == TEXT_TO_CELL else (np.zeros(0, np.int64), np.zeros(0, np.float32))
+                   for r, k in zip(rows, kinds)]
+        width = max(1, max(ids.size for ids, _ in per_row))  # at least 1 so the key's shape is always valid
+        gene_ids = np.full((len(rows), width), self.cell_tokenizer.pad_token_id, dtype=np.int64)
+        targets = np.zeros((len(rows), width), dtype=np.float32)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, (ids, vals) in enumerate(per_row):
+            gene_ids[i, : ids.size], targets[i, : ids.size], mask[i, : ids.size] = ids, vals, 1
+        return {"decoder_gene_ids": gene_ids, "decoder_targets": targets, "decoder_mask": mask}
+
+
+__all__ = ["CELL_TO_TEXT", "IGNORE_INDEX", "TEXT_TO_CELL", "Stage1Collator", "Stage2Collator"]

@@ -1,0 +1,100 @@
+"""Train / test / held-out-cell-type splits of cells, reproducible from a seed.
+
+Splits are decided from metadata alone, before any expression is read, so `write_dataset` can write each split's
+shards directly and an in-memory dataset can be split the same way (`split_dataset`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SPLIT_BY = (None, "cell", "donor", "dataset", "auto")
+
+
+def _held_out_mask(cell_types: np.ndarray, held_out: list[str]) -> np.ndarray:
+    """Cells whose label, CL id or CL name (any column of `cell_types`, shape (n, k)) is in `held_out`."""
+    if not held_out:
+        return np.zeros(len(cell_types), dtype=bool)
+    wanted = {str(h).strip().lower() for h in held_out}
+    lowered = np.vectorize(lambda v: str(v).strip().lower(), otypes=[object])(cell_types.reshape(len(cell_types), -1))
+    mask = np.isin(lowered, list(wanted)).any(axis=1)
+    unmatched = sorted(w for w in wanted if not np.isin(lowered, [w]).any())
+    if unmatched:
+        raise ValueError(f"held-out cell types match no cell: {unmatched}")
+    return mask
+
+
+def _group_test_mask(groups: np.ndarray, candidates: np.ndarray, test_size: float, rng, what: str) -> np.ndarray:
+    """Whole groups (donors / datasets) go to test, in a seeded order, until `test_size` of the cells is reached."""
+    names = groups[candidates]
+    if (names == "").any():
+        raise ValueError(f"cannot split by {what}: {int((names == '').sum())} cells have no {what} id")
+    unique, counts = np.unique(names.astype(str), return_counts=True)
+    if len(unique) < 2:
+        raise ValueError(f"cannot split by {what}: the cells come from {len(unique)} {what}(s); need at least 2")
+    order = rng.permutation(len(unique))
+    target, taken, test_groups = test_size * candidates.sum(), 0, []
+    for g in order[:-1]:  # the last group always stays in train
+        if taken >= target:
+            break
+        test_groups.append(unique[g])
+        taken += counts[g]
+    return candidates & np.isin(groups.astype(str), test_groups)
+
+
+def assign_splits(cell_ids, donors, datasets, cell_types, by: str | None = None, test_size: float = 0.1,
+                  seed: int = 0, held_out_cell_types=()) -> np.ndarray:
+    """The split of every cell: `"train"`, `"test"` or `"heldout"`.
+
+    Args:
+        cell_ids, donors, datasets: arrays of length n ("" where a donor / dataset is unknown).
+        cell_types: (n, k) array of each cell's label, CL id, CL name, matched against `held_out_cell_types`.
+        by: `None` (everything in train), `"cell"`, `"donor"`, `"dataset"`, or `"auto"` (donor if at least two donors
+            are known, else dataset if at least two, else cell).
+        test_size: fraction of the non-held-out cells put in test (whole groups when splitting by donor / dataset).
+        seed: the same seed and metadata give the same splits.
+        held_out_cell_types: labels / CL ids / CL names whose cells all go to `"heldout"` (zero-shot evaluation).
+
+    Returns:
+        object array of length n.
+    """
+    if by not in SPLIT_BY:
+        raise ValueError(f"split by must be one of {SPLIT_BY}, got {by!r}")
+    if not 0.0 < test_size < 1.0 and by is not None:
+        raise ValueError(f"test_size must be in (0, 1), got {test_size}")
+    donors, datasets = np.asarray(donors, dtype=object), np.asarray(datasets, dtype=object)
+    out = np.full(len(cell_ids), "train", dtype=object)
+    held = _held_out_mask(np.asarray(cell_types, dtype=object), list(held_out_cell_types))
+    out[held] = "heldout"
+    if by is None:
+        return out
+    if by == "auto":
+        by = next((name for name, g in (("donor", donors), ("dataset", datasets))
+                   if len(set(g[g != ""])) >= 2), "cell")
+    rng = np.random.default_rng(seed)
+    if by == "cell":
+        candidates = np.flatnonzero(~held)
+        test = candidates[rng.permutation(len(candidates))[: int(round(test_size * len(candidates)))]]
+        out[test] = "test"
+    else:
+        out[_group_test_mask(donors if by == "donor" else datasets, ~held, test_size, rng, by)] = "test"
+    return out
+
+
+def split_dataset(dataset, by: str = "auto", test_size: float = 0.1, seed: int = 0, held_out_cell_types=()):
+    """Split a built `datasets.Dataset` (`data.cell_features()` rows) into a `DatasetDict` of train / test /
+    heldout, exactly as `write_dataset(split_by=...)` would."""
+    from datasets import DatasetDict
+
+    columns = dataset.select_columns(["cell_id", "donor_id", "dataset_id", "cell_type",
+                                      "cell_type_ontology_term_id", "cell_type_name"]).to_dict()
+    splits = assign_splits(
+        columns["cell_id"], columns["donor_id"], columns["dataset_id"],
+        np.stack([columns["cell_type"], columns["cell_type_ontology_term_id"], columns["cell_type_name"]], 1),
+        by=by, test_size=test_size, seed=seed, held_out_cell_types=held_out_cell_types,
+    )
+    return DatasetDict({name: dataset.select(np.flatnonzero(splits == name))
+                        for name in ("train", "test", "heldout") if (splits == name).any()})
+
+
+__all__ = ["assign_splits", "split_dataset"]
