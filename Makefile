@@ -32,5 +32,8 @@ test-slow: setup
 test-gpu: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m gpu
 
+bench: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py
+
 clean:
 	rm -rf $(VENV) demo_output build *.egg-info

@@ -14,6 +14,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_scmmgpt import ScMMGPTCellConfig
+from .saving import SafeSerializationMixin
 
 
 @dataclass
@@ -110,7 +111,8 @@ class CellEncoderLayer(GradientCheckpointingLayer):
         return self.norm2(hidden_states + self.dropout(feed_forward))
 
 
-class ScMMGPTCellPreTrainedModel(PreTrainedModel):
+class ScMMGPTCellPreTrainedModel(SafeSerializationMixin, PreTrainedModel):
+    # SafeSerializationMixin: atomic save_pretrained, safetensors-only from_pretrained with clear errors
     config_class = ScMMGPTCellConfig
     config: ScMMGPTCellConfig
     base_model_prefix = "cell_model"

@@ -1,0 +1,1 @@
+"""Reproducible speed / memory benchmarks of scMMGPT; `make bench` runs `benchmarks/run.py`."""
