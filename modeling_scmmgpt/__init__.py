@@ -9,6 +9,7 @@ from .configuration_scmmgpt import ScMMGPTCellConfig, ScMMGPTConfig
 from .feature_extraction_scmmgpt import ScMMGPTCellTokenizer
 from .jobs_scmmgpt import CellAnnotation, GeneratedCells
 from .modeling_cell_encoder import ScMMGPTCellModel, ScMMGPTCellPreTrainedModel
+from .modeling_cell_pretraining import ScMMGPTCellForMaskedValuePrediction
 from .modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTModel, ScMMGPTPreTrainedModel
 from .processing_scmmgpt import ScMMGPTProcessor
 
@@ -17,12 +18,16 @@ __version__ = "0.1.0"
 
 def register() -> None:
     """Register scMMGPT with the transformers Auto classes (idempotent) and mark the classes for `auto_map` saving."""
-    from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, AutoProcessor
+    from transformers import (
+        AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoProcessor,
+    )
 
     AutoConfig.register(ScMMGPTCellConfig.model_type, ScMMGPTCellConfig, exist_ok=True)
     AutoConfig.register(ScMMGPTConfig.model_type, ScMMGPTConfig, exist_ok=True)
     AutoModel.register(ScMMGPTCellConfig, ScMMGPTCellModel, exist_ok=True)
     AutoModel.register(ScMMGPTConfig, ScMMGPTModel, exist_ok=True)
+    # stage 0 (cell encoder pre-training): masked value prediction is the cell analogue of masked LM
+    AutoModelForMaskedLM.register(ScMMGPTCellConfig, ScMMGPTCellForMaskedValuePrediction, exist_ok=True)
     AutoModelForCausalLM.register(ScMMGPTConfig, ScMMGPTForConditionalGeneration, exist_ok=True)
     AutoFeatureExtractor.register(ScMMGPTCellConfig, ScMMGPTCellTokenizer, exist_ok=True)
     AutoFeatureExtractor.register(ScMMGPTConfig, ScMMGPTCellTokenizer, exist_ok=True)
@@ -32,6 +37,7 @@ def register() -> None:
     ScMMGPTConfig.register_for_auto_class()
     ScMMGPTCellModel.register_for_auto_class("AutoModel")
     ScMMGPTModel.register_for_auto_class("AutoModel")
+    ScMMGPTCellForMaskedValuePrediction.register_for_auto_class("AutoModelForMaskedLM")
     ScMMGPTForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")
     ScMMGPTCellTokenizer.register_for_auto_class("AutoFeatureExtractor")
     ScMMGPTProcessor.register_for_auto_class("AutoProcessor")
@@ -45,6 +51,7 @@ __all__ = [
     "ScMMGPTCellTokenizer",
     "ScMMGPTCellModel",
     "ScMMGPTCellPreTrainedModel",
+    "ScMMGPTCellForMaskedValuePrediction",
     "ScMMGPTProcessor",
     "ScMMGPTPreTrainedModel",
     "ScMMGPTModel",
