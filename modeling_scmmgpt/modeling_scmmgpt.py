@@ -19,6 +19,7 @@ from .configuration_scmmgpt import ScMMGPTConfig
 from .jobs_scmmgpt import CellTextJobsMixin
 from .modeling_cell_encoder import ScMMGPTCellModel
 from .modeling_qformer import ScMMGPTQFormer
+from .saving import SafeSerializationMixin
 
 
 @dataclass
@@ -57,7 +58,8 @@ class ScMMGPTCausalLMOutput(ModelOutput):
     expression: torch.FloatTensor | None = None
 
 
-class ScMMGPTPreTrainedModel(PreTrainedModel):
+class ScMMGPTPreTrainedModel(SafeSerializationMixin, PreTrainedModel):
+    # SafeSerializationMixin: atomic save_pretrained, safetensors-only from_pretrained with clear errors
     config_class = ScMMGPTConfig
     config: ScMMGPTConfig
     base_model_prefix = "scmmgpt"
@@ -90,6 +92,7 @@ class ScMMGPTModel(CellTextJobsMixin, ScMMGPTPreTrainedModel):
         qconfig = config.qformer_config
         self.cell_model = ScMMGPTCellModel(config.cell_config)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qconfig.hidden_size))
+        self.cell_query_projection = nn.Linear(config.cell_config.hidden_size, qconfig.hidden_size)
         self.qformer = ScMMGPTQFormer(qconfig, config.cross_attention_frequency)
         self.cell_projection = nn.Linear(qconfig.hidden_size, config.embed_dim)
         self.text_projection = nn.Linear(qconfig.hidden_size, config.embed_dim)
@@ -106,8 +109,7 @@ class ScMMGPTModel(CellTextJobsMixin, ScMMGPTPreTrainedModel):
         to each other (the matching view) and the full (batch, queries + text, hidden) is returned."""
         cells = self.cell_model(gene_ids, expression_values, cell_attention_mask)
         batch, n_query = gene_ids.shape[0], self.config.num_query_tokens
-        queries = self.query_tokens.expand(batch, -1, -1)
-        hidden = self.qformer.embeddings(text_ids, query_embeds=queries)
+        hidden = self.qformer.embeddings(text_ids, query_embeds=self._queries(cells, cell_attention_mask))
         bias = None
         if text_mask is not None:
             keys = torch.cat([torch.ones(batch, n_query, dtype=torch.bool, device=hidden.device), text_mask.bool()], 1)
@@ -115,17 +117,32 @@ class ScMMGPTModel(CellTextJobsMixin, ScMMGPTPreTrainedModel):
         out = self.qformer(hidden, bias, n_query, cells.last_hidden_state, cell_attention_mask)
         return out if text_ids is not None else out[:, :n_query]
 
+    def _queries(self, cells, cell_attention_mask) -> torch.Tensor:
+        """The Q-Former's input queries, (batch, num_query_tokens, hidden): the learned query tokens plus a projection
+        of the cell's mean (layer-normed) gene state. Without that term a freshly initialised Q-Former hears the cell
+        only through cross-attention, whose contribution starts near 1e-3 of the residual stream, and contrastive
+        training collapses to constant features (seen on PBMC); the `<cls>` output is near-constant across cells at
+        initialisation too, the mean gene state is not."""
+        states = self.qformer.cell_layernorm(cells.last_hidden_state)
+        weights = (torch.ones_like(states[..., :1]) if cell_attention_mask is None
+                   else cell_attention_mask.unsqueeze(-1).to(states.dtype))
+        mean_state = (states * weights).sum(1) / weights.sum(1)
+        return self.query_tokens + self.cell_query_projection(mean_state)[:, None]
+
     def get_cell_features(self, gene_ids, expression_values, cell_attention_mask=None) -> torch.Tensor:
         """Normalised cell features in the shared cell–text space, (batch, embed_dim)."""
         queries = self.query_outputs(gene_ids, expression_values, cell_attention_mask)
         return F.normalize(self.cell_projection(queries.mean(1)), dim=-1)
 
     def get_text_features(self, input_ids, attention_mask=None) -> torch.Tensor:
-        """Normalised text features (the Q-Former's `[CLS]` output), (batch, embed_dim)."""
+        """Normalised text features (the Q-Former's mean text output), (batch, embed_dim)."""
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         self._check_text_ids(input_ids)
         hidden = self.qformer(self.qformer.embeddings(input_ids), attention_mask.bool()[:, None, None, :], 0)
-        return F.normalize(self.text_projection(hidden[:, 0]), dim=-1)
+        # mean over the text's tokens (all-MiniLM-L6-v2, the default Q-Former, is trained for mean pooling)
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return F.normalize(self.text_projection(pooled), dim=-1)
 
     def _check_text_ids(self, input_ids):
         vocab = self.qformer.embeddings.word_embeddings.num_embeddings
@@ -180,7 +197,7 @@ class ScMMGPTModel(CellTextJobsMixin, ScMMGPTPreTrainedModel):
         causal = torch.ones(n_text, n_text, dtype=torch.bool, device=device).tril()
         allowed[:, n_query:, n_query:] = causal & attention_mask.bool()[:, None, :]
         cells = self.cell_model(gene_ids, expression_values, cell_attention_mask)
-        hidden = self.qformer.embeddings(input_ids, query_embeds=self.query_tokens.expand(batch, -1, -1))
+        hidden = self.qformer.embeddings(input_ids, query_embeds=self._queries(cells, cell_attention_mask))
         hidden = self.qformer(hidden, allowed[:, None], n_query, cells.last_hidden_state, cell_attention_mask)
         logits = self.qformer.text_logits(hidden[:, n_query:-1])
         targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)

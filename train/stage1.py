@@ -1,0 +1,101 @@
+"""Stage 1 (cell–text alignment) with `transformers.Trainer`: building the model, training, zero-shot retrieval.
+
+The three losses (contrastive, matching, captioning) are logged separately beside their sum.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+from transformers import BertConfig, Trainer
+
+from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTConfig, ScMMGPTModel
+
+from .collators import Stage1Collator
+from .streaming import rows_to_cell_inputs
+
+STAGE1_LOSSES = ("loss_contrastive", "loss_matching", "loss_captioning")
+
+
+def build_stage1_model(cell_tokenizer, text_tokenizer, qformer_path: str | None = None, cell_config: dict | None = None,
+                       qformer_config: dict | None = None, **config_overrides) -> ScMMGPTModel:
+    """A stage-1 model sized to its tokenizers. With `qformer_path` (a BERT folder or Hub id), the Q-Former takes that
+    BERT's shape and weights; otherwise `qformer_config` (BERT fields) sizes a randomly initialised one."""
+    cell = ScMMGPTCellConfig(**{**ScMMGPTCellConfig.tiny().to_dict(), **(cell_config or {}),
+                                "vocab_size": len(cell_tokenizer), "max_genes": cell_tokenizer.max_genes})
+    if qformer_path is not None:
+        bert = BertConfig.from_pretrained(qformer_path).to_dict()
+    else:
+        bert = {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "intermediate_size": 128, **(qformer_config or {})}
+    bert["vocab_size"] = max(len(text_tokenizer), bert.get("vocab_size", 0))
+    config = ScMMGPTConfig.tiny(cell_config=cell, qformer_config=bert, **config_overrides)
+    model = ScMMGPTModel(config)
+    if qformer_path is not None:
+        model.load_qformer_from_bert(qformer_path)
+    return model
+
+
+class Stage1Trainer(Trainer):
+    """`Trainer` that also logs each stage-1 loss (mean over the steps since the last log)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._loss_sums: dict[str, torch.Tensor] = defaultdict(float)
+        self._loss_steps = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        if model.training:
+            for name in STAGE1_LOSSES:
+                self._loss_sums[name] = self._loss_sums[name] + outputs[name].detach()
+            self._loss_steps += 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict, *args, **kwargs):
+        if self._loss_steps and "loss" in logs:
+            for name, total in self._loss_sums.items():
+                logs[name] = round(float(total) / self._loss_steps, 4)
+            self._loss_sums, self._loss_steps = defaultdict(float), 0
+        super().log(logs, *args, **kwargs)
+
+
+def stage1_collator(cell_tokenizer, text_tokenizer, max_text_length: int = 128) -> Stage1Collator:
+    return Stage1Collator(cell_tokenizer=cell_tokenizer, text_tokenizer=text_tokenizer, max_text_length=max_text_length)
+
+
+def label_texts_of(dataset) -> dict[str, str]:
+    """label → its text (`"cell type: X. <definition>"`), from a built dataset's `cell_type` / `text` columns."""
+    pairs = {}
+    for label, text in zip(dataset["cell_type"], dataset["text"]):
+        pairs.setdefault(label, text)
+    return pairs
+
+
+@torch.inference_mode()
+def retrieval_predictions(model, rows, cell_tokenizer, text_tokenizer, label_texts: dict[str, str],
+                          batch_size: int = 64) -> tuple[list[str], np.ndarray]:
+    """Zero-shot annotation of built rows by cell–text retrieval: (predicted labels, scores cells × labels)."""
+    model.eval()
+    labels = list(label_texts)
+    text = text_tokenizer([label_texts[label] for label in labels], padding=True, truncation=True,
+                          max_length=model.config.max_text_length, return_tensors="pt")
+    text_features = model.get_text_features(text["input_ids"].to(model.device), text["attention_mask"].to(model.device))
+    scores = []
+    for start in range(0, len(rows), batch_size):
+        chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+        batch = {k: v.to(model.device) for k, v in rows_to_cell_inputs(chunk, cell_tokenizer).items()}
+        scores.append((model.get_cell_features(**batch) @ text_features.T).float().cpu())
+    scores = torch.cat(scores).numpy()
+    return [labels[i] for i in scores.argmax(1)], scores
+
+
+def retrieval_accuracy(model, rows, cell_tokenizer, text_tokenizer, label_texts: dict[str, str]) -> float:
+    predictions, _ = retrieval_predictions(model, rows, cell_tokenizer, text_tokenizer, label_texts)
+    return float(np.mean(np.asarray(predictions) == np.asarray(rows["cell_type"])))
+
+
+__all__ = ["build_stage1_model", "Stage1Trainer", "stage1_collator", "label_texts_of", "retrieval_predictions",
+           "retrieval_accuracy", "STAGE1_LOSSES"]
