@@ -1,0 +1,90 @@
+"""Evaluation metrics (offline `evaluate` modules) and baselines on the real PBMC cells."""
+
+import numpy as np
+import pytest
+
+from scmmgpt_train.data import build_dataset
+from scmmgpt_train.evaluate import (
+    EvalCells,
+    annotation_baselines,
+    annotation_scores,
+    description_scores,
+    evaluate_model,
+    fit_pca,
+    nearest_cell_descriptions,
+    noisy_mean_cells,
+    pseudo_cell_scores,
+    results_table,
+)
+from scmmgpt_train.splits import split_dataset
+from scmmgpt_train.stage1 import label_texts_of
+
+
+@pytest.fixture(scope="module")
+def pbmc_split(pbmc_path):
+    dataset, tokenizer = build_dataset(pbmc_path, return_tokenizer=True, label_column="bulk_labels")
+    splits = split_dataset(dataset, by="cell", test_size=0.3, seed=0)
+    train, test = (EvalCells.from_rows(splits[s], tokenizer) for s in ("train", "test"))
+    return train, test, tokenizer, label_texts_of(dataset)
+
+
+def test_metric_values_on_hand_examples():
+    assert annotation_scores(["a", "a", "b", "b"], ["a", "b", "b", "b"]) == pytest.approx(
+        {"accuracy": 0.75, "macro_f1": (2 / 3 + 0.8) / 2})
+    same = description_scores(["cell type: monocyte. A cell."], ["cell type: monocyte. A cell."])
+    assert all(same[k] == pytest.approx(1.0, abs=1e-3) for k in ("bleu2", "bleu4", "rouge1", "rouge2", "rougeL"))
+    assert same["meteor"] > 0.9
+    disjoint = description_scores(["alpha beta gamma"], ["delta epsilon zeta"])
+    assert disjoint["bleu2"] == 0 and disjoint["rouge1"] == 0 and disjoint["meteor"] == 0
+
+
+def test_baselines_on_pbmc(pbmc_split):
+    train, test, _, _ = pbmc_split
+    assert train.matrix.shape[1] == 765 and (train.matrix >= 0).all()
+    pca = fit_pca(train)
+    scores = {name: annotation_scores(test.labels, pred)["accuracy"]
+              for name, pred in annotation_baselines(train, test, pca).items()}
+    print(scores)
+    assert scores["majority class"] == pytest.approx(np.mean(test.labels == "Dendritic"))
+    assert scores["logistic regression (PCA)"] > 0.75 > scores["majority class"]
+    # nearest-cell descriptions copy a real cell's text: right as often as 1-NN annotation
+    texts = nearest_cell_descriptions(train, test, pca)
+    assert len(texts) == len(test.labels) and set(texts) <= set(train.texts)
+
+
+def test_pseudo_cell_scores_rank_real_cells_above_noise(pbmc_split):
+    train, test, _, label_texts = pbmc_split
+    pca = fit_pca(train)
+    types = list(label_texts)
+    real_like = pseudo_cell_scores(test, train.matrix, train.labels, pca)  # real training cells as "generated"
+    noisy, noisy_labels = noisy_mean_cells(train, types, 20, noise=1.0)
+    noisy_scores = pseudo_cell_scores(test, noisy, noisy_labels, pca)
+    scrambled = pseudo_cell_scores(test, noisy, np.random.default_rng(0).permutation(noisy_labels), pca)
+    print(real_like["knn_accuracy"], noisy_scores["knn_accuracy"], scrambled["knn_accuracy"])
+    assert real_like["knn_accuracy"] > 0.7 and real_like["mean_correlation"] > 0.85  # real vs real: the ceiling
+    assert scrambled["knn_accuracy"] < noisy_scores["knn_accuracy"]
+
+
+def test_evaluate_model_end_to_end_on_a_tiny_model(pbmc_split, minilm_tokenizer):
+    import copy
+
+    import torch
+
+    from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTProcessor
+
+    from .test_multimodal import tiny_config
+
+    train, test, cell_tokenizer, label_texts = pbmc_split
+    processor = ScMMGPTProcessor(cell_tokenizer, copy.deepcopy(minilm_tokenizer), num_query_tokens=4)
+    torch.manual_seed(0)
+    model = ScMMGPTForConditionalGeneration(tiny_config(len(cell_tokenizer), len(processor.tokenizer))).eval()
+    model.set_cell_token_ids(processor)
+    small = EvalCells(test.matrix[:12], test.labels[:12], test.texts[:12], test.gene_names)
+    results = evaluate_model(model, processor, train, small, label_texts, n_per_type=2, describe_cells=3,
+                             progress=False)
+    assert set(results["annotation"]) >= {"scMMGPT (retrieval)", "scMMGPT (likelihood)", "scMMGPT (generate)",
+                                          "logistic regression (PCA)"}
+    assert len(results["description"]["scMMGPT"]["texts"]) == 3
+    assert results["pseudo_cells"]["scMMGPT"]["expression"].shape == (20, 765)
+    table = results_table(results)
+    assert table.count("\n") == 2 + 7 + 2 + 2 - 1 and "k-NN accuracy" in table

@@ -1,0 +1,182 @@
+"""Evaluation of the three jobs against baselines on the same split.
+
+- cell type annotation: accuracy and macro-F1 for each `annotate` method; baselines: majority class, logistic
+  regression and k-NN on PCA of log1p expression;
+- cell description: BLEU-2/4, ROUGE-1/2/L, METEOR; baseline: the text of the nearest training cell (PCA space);
+- text-conditioned pseudo-cells: k-NN accuracy of generated cells, classified by a k-NN fitted on real held-out cells
+  in a fixed embedding (PCA of log1p expression fitted on training cells), and the mean correlation of generated and
+  real per-type mean expression; baseline: per-type mean expression of training cells plus Gaussian noise.
+
+Metrics go through `evaluate` with the local modules in `train/metrics/` (they load offline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .streaming import log_normalized, rows_to_matrix
+
+METRICS_DIR = Path(__file__).parent / "metrics"
+ANNOTATION_METHODS = ("retrieval", "likelihood", "generate")
+
+
+@lru_cache(maxsize=None)
+def load_metric(name: str):
+    """A local `evaluate` metric module by name (`cell_annotation`, `cell_description`)."""
+    import evaluate
+
+    return evaluate.load(str(METRICS_DIR / name))
+
+
+def annotation_scores(references, predictions) -> dict:
+    return load_metric("cell_annotation").compute(predictions=list(predictions), references=list(references))
+
+
+def description_scores(references, predictions) -> dict:
+    return load_metric("cell_description").compute(predictions=list(predictions), references=list(references))
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass
+class EvalCells:
+    """Cells of one split as a log1p-normalised matrix over the model's genes, with labels and texts."""
+
+    matrix: "np.ndarray"  # (cells, genes) dense log1p expression, columns in `gene_names` order
+    labels: np.ndarray
+    texts: list[str]
+    gene_names: list[str]
+
+    @classmethod
+    def from_rows(cls, rows, cell_tokenizer) -> "EvalCells":
+        rows = [rows[i] for i in range(len(rows))]
+        genes = list(cell_tokenizer.gene_names)
+        matrix = log_normalized(rows, rows_to_matrix(rows, len(genes)), cell_tokenizer.target_sum)
+        return cls(matrix=np.asarray(matrix.todense(), dtype=np.float32),
+                   labels=np.asarray([r["cell_type"] for r in rows]), texts=[r["text"] for r in rows], gene_names=genes)
+
+
+def fit_pca(train: EvalCells, n_components: int = 50, seed: int = 0):
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components=min(n_components, *train.matrix.shape), random_state=seed).fit(train.matrix)
+
+
+# ------------------------------------------------------------------------------------------------ baselines
+def annotation_baselines(train: EvalCells, test: EvalCells, pca, k: int = 15) -> dict[str, np.ndarray]:
+    """Predicted labels of the test cells by the majority class, logistic regression and k-NN on PCA."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+
+    values, counts = np.unique(train.labels, return_counts=True)
+    train_pcs, test_pcs = pca.transform(train.matrix), pca.transform(test.matrix)
+    logistic_pca = LogisticRegression(max_iter=2000).fit(train_pcs, train.labels)
+    logistic_genes = LogisticRegression(max_iter=2000).fit(train.matrix, train.labels)
+    knn = KNeighborsClassifier(n_neighbors=k).fit(train_pcs, train.labels)
+    return {
+        "majority class": np.full(len(test.labels), values[counts.argmax()]),
+        "logistic regression (all genes)": logistic_genes.predict(test.matrix),
+        "logistic regression (PCA)": logistic_pca.predict(test_pcs),
+        f"k-NN, k={k} (PCA)": knn.predict(test_pcs),
+    }
+
+
+def nearest_cell_descriptions(train: EvalCells, test: EvalCells, pca) -> list[str]:
+    """Baseline description: the text of each test cell's nearest training cell in PCA space."""
+    from sklearn.neighbors import NearestNeighbors
+
+    nearest = NearestNeighbors(n_neighbors=1).fit(pca.transform(train.matrix))
+    index = nearest.kneighbors(pca.transform(test.matrix), return_distance=False)[:, 0]
+    return [train.texts[i] for i in index]
+
+
+def noisy_mean_cells(train: EvalCells, types: list[str], n_per_type: int, noise: float = 1.0,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Baseline pseudo-cells: each type's mean training expression plus Gaussian noise of `noise` × the type's
+    per-gene standard deviation, clipped at 0."""
+    rng = np.random.default_rng(seed)
+    cells, labels = [], []
+    for cell_type in types:
+        group = train.matrix[train.labels == cell_type]
+        draws = group.mean(0) + noise * group.std(0) * rng.standard_normal((n_per_type, group.shape[1]))
+        cells.append(np.clip(draws, 0, None))
+        labels += [cell_type] * n_per_type
+    return np.concatenate(cells).astype(np.float32), np.asarray(labels)
+
+
+def pseudo_cell_scores(real: EvalCells, generated: np.ndarray, generated_labels, pca, k: int = 15) -> dict:
+    """k-NN accuracy of generated cells (k-NN fitted on real cells in the fixed PCA embedding) and the mean
+    Pearson correlation of generated and real per-type mean expression."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    generated_labels = np.asarray(generated_labels)
+    knn = KNeighborsClassifier(n_neighbors=min(k, len(real.labels))).fit(pca.transform(real.matrix), real.labels)
+    predicted = knn.predict(pca.transform(generated))
+    knn_accuracy = annotation_scores(generated_labels, predicted)["accuracy"]
+    correlations = []
+    for cell_type in np.unique(generated_labels):
+        if (real.labels == cell_type).any():
+            a, b = generated[generated_labels == cell_type].mean(0), real.matrix[real.labels == cell_type].mean(0)
+            correlations.append(float(np.corrcoef(a, b)[0, 1]))
+    return {"knn_accuracy": knn_accuracy, "mean_correlation": float(np.mean(correlations)), "predicted": predicted}
+
+
+# ------------------------------------------------------------------------------------------------ the model
+def evaluate_model(model, processor, train: EvalCells, test: EvalCells, label_texts: dict[str, str], *,
+                   methods=ANNOTATION_METHODS, n_per_type: int = 20, describe_cells: int | None = None, seed: int = 0,
+                   progress: bool = True) -> dict:
+    """Scores of the model and the baselines on the test cells. Returns
+    {"annotation": {name: {accuracy, macro_f1, predictions}}, "description": {name: scores + texts},
+     "pseudo_cells": {name: {knn_accuracy, mean_correlation, expression, labels}}}."""
+    pca = fit_pca(train, seed=seed)
+    labels = list(label_texts)
+    cell_kwargs = {"gene_names": test.gene_names, "processor": processor, "progress": progress, "normalize": False}
+    results = {"annotation": {}, "description": {}, "pseudo_cells": {}}
+
+    for method in methods:
+        texts = [label_texts[label] for label in labels] if method == "retrieval" else None
+        predicted = model.annotate(test.matrix, labels, method=method, label_texts=texts, **cell_kwargs).predictions
+        results["annotation"][f"scMMGPT ({method})"] = {**annotation_scores(test.labels, predicted),
+                                                        "predictions": np.asarray(predicted)}
+    for name, predicted in annotation_baselines(train, test, pca).items():
+        results["annotation"][name] = {**annotation_scores(test.labels, predicted), "predictions": predicted}
+
+    n = len(test.labels) if describe_cells is None else min(describe_cells, len(test.labels))
+    references = test.texts[:n]
+    generated_texts = model.describe(test.matrix[:n], gene_names=test.gene_names, processor=processor,
+                                     progress=progress, cell_kwargs={"normalize": False})
+    results["description"]["scMMGPT"] = {**description_scores(references, generated_texts), "texts": generated_texts}
+    nearest = nearest_cell_descriptions(train, test, pca)[:n]
+    results["description"]["nearest training cell"] = {**description_scores(references, nearest), "texts": nearest}
+
+    generated = model.generate_cells([label_texts[t] for t in labels], n_per_text=n_per_type, processor=processor,
+                                     seed=seed)
+    generated_labels = np.repeat(labels, n_per_type)
+    results["pseudo_cells"]["scMMGPT"] = {**pseudo_cell_scores(test, generated.expression, generated_labels, pca),
+                                          "expression": generated.expression, "labels": generated_labels}
+    baseline, baseline_labels = noisy_mean_cells(train, labels, n_per_type, seed=seed)
+    results["pseudo_cells"]["per-type mean + noise"] = {
+        **pseudo_cell_scores(test, baseline, baseline_labels, pca), "expression": baseline, "labels": baseline_labels}
+    return results
+
+
+def results_table(results: dict) -> str:
+    """The model-vs-baselines table (Markdown)."""
+    lines = ["| job | method | metric | value |", "|---|---|---|---|"]
+    for name, row in results["annotation"].items():
+        lines.append(f"| annotation | {name} | accuracy / macro-F1 | {row['accuracy']:.3f} / {row['macro_f1']:.3f} |")
+    for name, row in results["description"].items():
+        scores = " / ".join(f"{row[k]:.3f}" for k in ("bleu2", "bleu4", "rouge1", "rouge2", "rougeL", "meteor"))
+        lines.append(f"| description | {name} | BLEU-2 / BLEU-4 / ROUGE-1 / ROUGE-2 / ROUGE-L / METEOR | {scores} |")
+    for name, row in results["pseudo_cells"].items():
+        lines.append(f"| pseudo-cells | {name} | k-NN accuracy / mean correlation | "
+                     f"{row['knn_accuracy']:.3f} / {row['mean_correlation']:.3f} |")
+    return "\n".join(lines)
+
+
+__all__ = ["EvalCells", "evaluate_model", "results_table", "annotation_scores", "description_scores",
+           "annotation_baselines", "nearest_cell_descriptions", "noisy_mean_cells", "pseudo_cell_scores", "fit_pca",
+           "load_metric", "ANNOTATION_METHODS"]
