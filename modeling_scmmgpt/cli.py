@@ -7,6 +7,10 @@ import sys
 # sub-command → (module, function taking argv, one-line help); the functions parse their own arguments
 COMMANDS = {
     "demo": ("scmmgpt_train.demo", "main", "run the main job on the embedded default, offline"),
+    "annotate": ("modeling_scmmgpt.cli_jobs", "annotate_main", "cell type annotation of an .h5ad"),
+    "embed": ("modeling_scmmgpt.cli_jobs", "embed_main", "cell embeddings of an .h5ad"),
+    "describe": ("modeling_scmmgpt.cli_jobs", "describe_main", "written descriptions of the cells of an .h5ad"),
+    "generate": ("modeling_scmmgpt.cli_jobs", "generate_main", "pseudo-cells from a text prompt"),
     "build-dataset": ("scmmgpt_train.data", "build_dataset_main", "turn .h5ad files into a text-paired HF dataset"),
     "convert-scgpt": ("modeling_scmmgpt.convert_scgpt", "main", "convert a scGPT model folder into a from_pretrained folder"),
 }
