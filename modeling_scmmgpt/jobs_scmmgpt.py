@@ -14,6 +14,8 @@ from tqdm.auto import tqdm
 
 from .processing_scmmgpt import ANNOTATE_PROMPT, DESCRIBE_PROMPT, GENERATE_PROMPT
 
+LIKELIHOOD_SEQUENCES_PER_FORWARD = 256  # (cells × labels) sequences scored per LLM forward
+
 
 @dataclass
 class CellAnnotation:
@@ -161,17 +163,26 @@ class CellTextJobsMixin:
             ids[j, :n_prompt], ids[j, n_prompt : n_prompt + len(cand)] = prompt, torch.tensor(cand)
             target[j, n_prompt : n_prompt + len(cand)] = True
         ids, target = ids.to(self.device), target.to(self.device)
+        attention = ((ids != tokenizer.pad_token_id) | target | (torch.arange(width, device=self.device) < n_prompt)).long()
+        candidate_ids, candidate_mask = ids[:, n_prompt:], target[:, n_prompt:]
         # the cell's soft tokens are computed once per cell and shared by its label sequences
         soft = self.get_cell_soft_tokens(**batch)  # (cells, queries, hidden)
-        embeds = self.get_input_embeddings()(ids)[None].expand(n_cells, -1, -1, -1).clone()
-        slots = self._cell_slot_mask(ids)[None, :, :, None].expand_as(embeds)
-        embeds = embeds.masked_scatter(slots, soft[:, None].expand(-1, n_labels, -1, -1).to(embeds.dtype))
-        attention = (ids != tokenizer.pad_token_id) | target | (torch.arange(width, device=self.device) < n_prompt)
-        logits = self.language_model(inputs_embeds=embeds.flatten(0, 1),
-                                     attention_mask=attention.long().repeat(n_cells, 1)).logits
-        log_probs = F.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[None, :, 1:].expand(n_cells, -1, -1).flatten(0, 1)[..., None])
-        log_probs = log_probs.squeeze(-1).view(n_cells, n_labels, -1) * target[None, :, 1:]
-        return log_probs.sum(-1) / target.sum(-1).clamp(min=1)
+        label_embeds = self.get_input_embeddings()(ids)
+        slots = self._cell_slot_mask(ids)[None, :, :, None]
+        per_forward = max(1, LIKELIHOOD_SEQUENCES_PER_FORWARD // n_labels)  # bounds the logits' memory
+        scores = []
+        for start in range(0, n_cells, per_forward):
+            cells = soft[start : start + per_forward]
+            embeds = label_embeds[None].expand(len(cells), -1, -1, -1)
+            embeds = embeds.masked_scatter(slots.expand_as(embeds), cells[:, None].expand(-1, n_labels, -1, -1).to(embeds.dtype))
+            # logits only where a label token is predicted: positions n_prompt-1 … width-2
+            logits = self.language_model(inputs_embeds=embeds.flatten(0, 1), attention_mask=attention.repeat(len(cells), 1),
+                                         logits_to_keep=width - n_prompt + 1).logits[:, :-1].float()
+            logits = logits.view(len(cells), n_labels, width - n_prompt, -1)
+            token_log_probs = logits.gather(-1, candidate_ids[None, ..., None].expand(len(cells), -1, -1, 1)).squeeze(-1)
+            token_log_probs = (token_log_probs - logits.logsumexp(-1)) * candidate_mask
+            scores.append(token_log_probs.sum(-1) / candidate_mask.sum(-1).clamp(min=1))
+        return torch.cat(scores)
 
     def _generate_text(self, batch, prompt, processor, max_new_tokens, **generate_kwargs) -> list[str]:
         tokenizer = processor.tokenizer
