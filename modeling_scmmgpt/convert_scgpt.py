@@ -249,7 +249,9 @@ def scgpt_cell_config(args: dict, vocab: dict[str, int], state_dict: dict, max_g
         pad_value=pad_value,
     )
     tokenizer_kwargs = dict(max_genes=max_genes, normalize=normalize, input_value_mode=tokenizer_mode,
-                            n_bins=n_bins, pad_value=pad_value)
+                            n_bins=n_bins, pad_value=pad_value,
+                            # scGPT's `embed_data` gives <cls> the pad value; doing the same reproduces its embeddings
+                            cls_value=pad_value)
     return config, tokenizer_kwargs
 
 

@@ -45,6 +45,8 @@ class ScMMGPTCellTokenizer(FeatureExtractionMixin):
         input_value_mode: `"continuous"` (values as they are) or `"binned"` (per-cell quantile bins).
         n_bins: bins for `"binned"` mode; non-zero values get bins `1..n_bins-1`, bin 0 means not expressed.
         pad_value: value written at padded positions.
+        cls_value: value of the `<cls>` token (0; scGPT's own embedding code writes its `pad_value` there, which
+            `convert_scgpt` sets so that converted checkpoints give scGPT's cell embeddings).
 
     Calling it returns a `BatchFeature` with
         `gene_ids` (cells × L, int64), `expression_values` (cells × L, float32), `attention_mask` (cells × L, int64),
@@ -64,6 +66,7 @@ class ScMMGPTCellTokenizer(FeatureExtractionMixin):
         input_value_mode: str = "continuous",
         n_bins: int = 51,
         pad_value: float = -2.0,
+        cls_value: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -87,6 +90,7 @@ class ScMMGPTCellTokenizer(FeatureExtractionMixin):
         self.input_value_mode = input_value_mode
         self.n_bins = int(n_bins)
         self.pad_value = float(pad_value)
+        self.cls_value = float(cls_value)
         self._build_index()
 
     # ----------------------------------------------------------------------------------------------- vocabulary
@@ -311,7 +315,7 @@ class ScMMGPTCellTokenizer(FeatureExtractionMixin):
         gene_ids = np.full((n_cells, length), self.pad_token_id, dtype=np.int64)
         values = np.full((n_cells, length), self.pad_value, dtype=np.float32)
         mask = (np.arange(length)[None, :] <= kept[:, None]).astype(np.int64)
-        gene_ids[:, 0], values[:, 0] = self.cls_token_id, 0.0
+        gene_ids[:, 0], values[:, 0] = self.cls_token_id, self.cls_value
         for (start, stop), (key, bins, per_cell) in zip(bounds, encoded):
             if not key.size:
                 continue

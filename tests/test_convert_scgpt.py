@@ -171,6 +171,7 @@ def test_cli_folder_loads_with_auto_classes(tmp_path, pbmc, pbmc_genes, capsys):
     model = AutoModel.from_pretrained(tmp_path / "out").eval()
     tokenizer = AutoFeatureExtractor.from_pretrained(tmp_path / "out")
     assert type(model).__name__ == "ScMMGPTCellModel" and tokenizer.input_value_mode == "binned"
+    assert tokenizer.cls_value == tokenizer.pad_value == model.config.pad_value  # as scGPT's embed_data
     batch = tokenizer(pbmc[:N_CELLS], use_raw=True, normalize=False, return_tensors="pt")
     with torch.no_grad():
         got = model(**batch).cell_embeds
@@ -242,3 +243,4 @@ def test_pickle_with_objects_is_refused(tmp_path, pbmc_genes):
     with pytest.raises(ValueError, match="weights_only=True"):
         convert_scgpt(str(folder))
     assert UNPICKLED == []
+

@@ -127,7 +127,7 @@ def rows_to_cell_inputs(rows: list[dict | None], cell_tokenizer, return_tensors:
     gene_ids = np.full((batch, length), cell_tokenizer.pad_token_id, dtype=np.int64)
     values = np.full((batch, length), cell_tokenizer.pad_value, dtype=np.float32)
     mask = np.zeros((batch, length), dtype=np.int64)
-    gene_ids[:, 0], values[:, 0], mask[:, 0] = cell_tokenizer.cls_token_id, 0.0, 1
+    gene_ids[:, 0], values[:, 0], mask[:, 0] = cell_tokenizer.cls_token_id, cell_tokenizer.cls_value, 1
     gene_ids[present], values[present], mask[present] = (
         encoded["gene_ids"], encoded["expression_values"], encoded["attention_mask"])
     out = {"gene_ids": gene_ids, "expression_values": values, "cell_attention_mask": mask}
