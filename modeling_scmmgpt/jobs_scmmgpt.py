@@ -119,7 +119,7 @@ class CellTextJobsMixin:
 
         - `"retrieval"` (zero-shot, stage 1 and 2): cosine similarity of cell features to the features of
           `label_texts` (default `"cell type: {label}."`; give `"cell type: X. <definition>"` texts for better recall);
-        - `"likelihood"` (stage 2): mean log-probability of each label name after `"<cell> cell type:"` under the LLM,
+        - `"likelihood"` (stage 2): mean log-probability of each label name after `ANNOTATE_PROMPT` under the LLM,
           all labels of a batch of cells in one forward pass;
         - `"generate"` (stage 2): greedy generation after the same prompt, matched to the closest label.
         """

@@ -15,7 +15,8 @@ BOC_TOKEN = "<boc>"
 EOC_TOKEN = "<eoc>"
 # The prompts the model is trained with (collators) and queried with (jobs); one place so that both agree.
 DESCRIBE_PROMPT = "<cell> Describe this cell:"
-ANNOTATE_PROMPT = "<cell> cell type:"
+# annotation continues the description prompt up to the name, as descriptions start "cell type: <name>. ..."
+ANNOTATE_PROMPT = DESCRIBE_PROMPT + " cell type:"
 GENERATE_PROMPT = "Generate a cell. {text} Cell:"
 
 

@@ -16,6 +16,8 @@ from modeling_scmmgpt import (
     ScMMGPTProcessor,
 )
 
+from modeling_scmmgpt.processing_scmmgpt import ANNOTATE_PROMPT
+
 from .conftest import run_fresh_python
 
 TYPES = ["Dendritic", "CD14+ Monocyte", "CD19+ B"]
@@ -159,7 +161,7 @@ def test_jobs_run_end_to_end(processor, cells):
     scores = model.annotate(cells[:1], TYPES, method="likelihood", **kw).scores[0]
     manual = []
     for label in TYPES:
-        prompt = processor(cells=cells[:1], text=["<cell> cell type:"], cell_kwargs=kw, return_tensors="pt")
+        prompt = processor(cells=cells[:1], text=[ANNOTATE_PROMPT], cell_kwargs=kw, return_tensors="pt")
         n_prompt = prompt["input_ids"].shape[1]
         ids = processor.tokenizer(" " + label, add_special_tokens=False, return_tensors="pt")["input_ids"]
         full = torch.cat([prompt["input_ids"], ids], 1)

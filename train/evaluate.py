@@ -32,6 +32,11 @@ def load_metric(name: str):
     return evaluate.load(str(METRICS_DIR / name))
 
 
+def ontology_name(text: str) -> str:
+    """The cell-type name of a cell text `"cell type: {name}. {definition}"`."""
+    return text.removeprefix("cell type: ").split(". ")[0].rstrip(".")
+
+
 def annotation_scores(references, predictions) -> dict:
     return load_metric("cell_annotation").compute(predictions=list(predictions), references=list(references))
 
@@ -136,9 +141,16 @@ def evaluate_model(model, processor, train: EvalCells, test: EvalCells, label_te
     cell_kwargs = {"gene_names": test.gene_names, "processor": processor, "progress": progress, "normalize": False}
     results = {"annotation": {}, "description": {}, "pseudo_cells": {}}
 
+    # the LLM learned ontology names ("CD14-positive monocyte"), not the dataset's labels ("CD14+ Monocyte")
+    names = {label: ontology_name(label_texts[label]) for label in labels}
+    label_of_name = {name: label for label, name in names.items()}
     for method in methods:
-        texts = [label_texts[label] for label in labels] if method == "retrieval" else None
-        predicted = model.annotate(test.matrix, labels, method=method, label_texts=texts, **cell_kwargs).predictions
+        if method == "retrieval":
+            predicted = model.annotate(test.matrix, labels, method=method,
+                                       label_texts=[label_texts[label] for label in labels], **cell_kwargs).predictions
+        else:
+            by_name = model.annotate(test.matrix, list(label_of_name), method=method, **cell_kwargs).predictions
+            predicted = [label_of_name[name] for name in by_name]
         results["annotation"][f"scMMGPT ({method})"] = {**annotation_scores(test.labels, predicted),
                                                         "predictions": np.asarray(predicted)}
     for name, predicted in annotation_baselines(train, test, pca).items():
