@@ -11,6 +11,7 @@ from .jobs_scmmgpt import CellAnnotation, GeneratedCells
 from .modeling_cell_encoder import ScMMGPTCellModel, ScMMGPTCellPreTrainedModel
 from .modeling_cell_pretraining import ScMMGPTCellForMaskedValuePrediction
 from .modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTModel, ScMMGPTPreTrainedModel
+from .pipeline_scmmgpt import CellAnnotationPipeline, CellDescriptionPipeline, TextToCellPipeline, save_pipelines
 from .processing_scmmgpt import ScMMGPTProcessor
 
 __version__ = "0.1.0"
@@ -58,5 +59,9 @@ __all__ = [
     "ScMMGPTForConditionalGeneration",
     "CellAnnotation",
     "GeneratedCells",
+    "CellAnnotationPipeline",
+    "CellDescriptionPipeline",
+    "TextToCellPipeline",
+    "save_pipelines",
     "register",
 ]

@@ -277,6 +277,20 @@ class ScMMGPTForConditionalGeneration(CellTextJobsMixin, ScMMGPTPreTrainedModel,
             self.language_model = language_model
             self.config.text_config = language_model.config
 
+    # with a bitsandbytes config, only the LLM's linear layers are quantised: the cell side is small and precise
+    _QUANTIZATION_SKIP = ["scmmgpt", "cell_to_text_projector", "text_to_cell_projector", "expression_decoder",
+                          "language_model.lm_head"]
+
+    @classmethod
+    def from_pretrained(cls, *args, quantization_config=None, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a bitsandbytes `quantization_config` (4-bit QLoRA) quantises the LLM
+        only, unless it names its own `llm_int8_skip_modules`."""
+        if quantization_config is not None and getattr(quantization_config, "llm_int8_skip_modules", "n/a") is None:
+            quantization_config.llm_int8_skip_modules = list(cls._QUANTIZATION_SKIP)
+        if quantization_config is not None:
+            kwargs["quantization_config"] = quantization_config
+        return super().from_pretrained(*args, **kwargs)
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.language_model.get_input_embeddings()
 

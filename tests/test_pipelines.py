@@ -1,0 +1,251 @@
+"""The `cell-annotation`, `cell-description` and `text-to-cell` pipelines: inputs, batch size, JSON outputs, errors,
+saving into a model folder, and loading by `pipeline(task, model=folder, trust_remote_code=True)` in a fresh process."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import sparse
+from transformers import pipeline
+
+from modeling_scmmgpt import (
+    ScMMGPTCellConfig,
+    ScMMGPTCellModel,
+    ScMMGPTCellTokenizer,
+    ScMMGPTConfig,
+    ScMMGPTForConditionalGeneration,
+    ScMMGPTModel,
+    ScMMGPTProcessor,
+)
+from modeling_scmmgpt.pipeline_scmmgpt import (
+    CellAnnotationPipeline,
+    CellDescriptionPipeline,
+    TextToCellPipeline,
+    load_cells,
+    save_pipelines,
+)
+
+from .conftest import run_fresh_python
+
+LABELS = ["CD14+ Monocyte", "CD19+ B", "CD56+ NK", "Dendritic"]
+TEXTS = ["cell type: CD14-positive monocyte.", "cell type: B cell."]
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def make_processor(pbmc, minilm_tokenizer, max_genes: int = 64) -> ScMMGPTProcessor:
+    """The tiny-model processor of tests/test_multimodal.py: PBMC genes, the shipped all-MiniLM tokenizer, 4 queries."""
+    cell_tokenizer = ScMMGPTCellTokenizer(gene_names=list(pbmc.raw.var_names), max_genes=max_genes, normalize=False)
+    return ScMMGPTProcessor(cell_tokenizer, copy.deepcopy(minilm_tokenizer), num_query_tokens=4)
+
+
+def tiny_config(processor, **overrides) -> ScMMGPTConfig:
+    text_vocab = len(processor.tokenizer)
+    qformer = dict(model_type="bert", vocab_size=text_vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                   intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return ScMMGPTConfig.tiny(cell_config=ScMMGPTCellConfig.tiny(vocab_size=len(processor.feature_extractor)),
+                              qformer_config=qformer, text_vocab_size=text_vocab, **overrides)
+
+
+def make_stage2(processor, seed: int = 0) -> ScMMGPTForConditionalGeneration:
+    torch.manual_seed(seed)
+    model = ScMMGPTForConditionalGeneration(tiny_config(processor))
+    model.set_cell_token_ids(processor)
+    model.processor = processor
+    return model.eval()
+
+
+def save_model_folder(model, processor, folder) -> str:
+    """A push-ready tiny folder: weights, code, processor, pipelines."""
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    save_pipelines(folder)
+    return str(folder)
+
+
+def gene_dicts(adata) -> list[dict]:
+    """Each cell of `adata.raw` as a dict of gene → value (its non-zero entries)."""
+    matrix, genes = sparse.csr_matrix(adata.raw.X), list(adata.raw.var_names)
+    return [{genes[j]: float(v) for j, v in zip(matrix.indices[matrix.indptr[i]:matrix.indptr[i + 1]],
+                                                   matrix.data[matrix.indptr[i]:matrix.indptr[i + 1]])}
+            for i in range(matrix.shape[0])]
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def processor(pbmc, minilm_tokenizer):
+    return make_processor(pbmc, minilm_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def model(processor):
+    return make_stage2(processor)
+
+
+@pytest.fixture(scope="module")
+def model_dir(model, processor, tmp_path_factory):
+    return save_model_folder(model, processor, tmp_path_factory.mktemp("pipelines") / "tiny_scmmgpt")
+
+
+@pytest.fixture(scope="module")
+def annotator(model, processor):
+    return pipeline("cell-annotation", model=model, processor=processor)
+
+
+# ---------------------------------------------------------------------------------------------------- saving
+def test_saved_folders_declare_their_pipelines(model_dir, processor, tmp_path):
+    config = json.loads(open(f"{model_dir}/config.json").read())
+    assert set(config["custom_pipelines"]) == {"cell-annotation", "cell-description", "text-to-cell"}
+    assert config["custom_pipelines"]["text-to-cell"] == {
+        "impl": "pipeline_scmmgpt.TextToCellPipeline", "pt": ["AutoModelForCausalLM"], "type": "multimodal"}
+    # stage 1 annotates by retrieval only, and loads with AutoModel; a bare cell encoder has no pipelines
+    stage1 = ScMMGPTModel(tiny_config(processor))
+    stage1.save_pretrained(tmp_path / "stage1")
+    assert save_pipelines(tmp_path / "stage1") == {"cell-annotation": {
+        "impl": "pipeline_scmmgpt.CellAnnotationPipeline", "pt": ["AutoModel"], "type": "multimodal"}}
+    encoder = ScMMGPTCellModel(ScMMGPTCellConfig.tiny(vocab_size=len(processor.feature_extractor)))
+    encoder.save_pretrained(tmp_path / "encoder")
+    assert save_pipelines(tmp_path / "encoder") == {}
+    assert not (tmp_path / "encoder" / "pipeline_scmmgpt.py").exists()
+
+
+def test_pipeline_save_pretrained_keeps_every_task(annotator, tmp_path):
+    annotator.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert set(config["custom_pipelines"]) == {"cell-annotation", "cell-description", "text-to-cell"}
+    assert (tmp_path / "saved" / "processor_config.json").is_file()
+    assert (tmp_path / "saved" / "pipeline_scmmgpt.py").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------- in process
+def test_cell_inputs_agree_and_batch_size_leaves_results_unchanged(annotator, model, pbmc, pbmc_path):
+    cells = pbmc[:12]
+    expected = model.annotate(cells, LABELS, use_raw=True).scores
+    by_anndata = annotator(cells, labels=LABELS, use_raw=True, top_k=len(LABELS))
+    assert [r["cell"] for r in by_anndata] == list(cells.obs_names)
+    scores = np.array([[{t["label"]: t["score"] for t in r["top_labels"]}[label] for label in LABELS] for r in by_anndata])
+    np.testing.assert_allclose(scores, expected, atol=1e-6)
+    assert [r["label"] for r in by_anndata] == [LABELS[i] for i in expected.argmax(1)]
+
+    dicts = gene_dicts(cells)
+    genes = list(pbmc.raw.var_names)
+    dense = np.asarray(cells.raw.X.todense())
+    variants = {
+        "list of dicts": (dicts, {}),
+        "payload": ({"genes": genes, "counts": dense.tolist(), "cell_ids": list(cells.obs_names)}, {}),
+        "sparse matrix": (sparse.csr_matrix(dense), {"gene_names": genes}),
+        "batch size 1": (cells, {"use_raw": True, "batch_size": 1}),
+        "batch size 5": (cells, {"use_raw": True, "batch_size": 5}),
+    }
+    for name, (inputs, kwargs) in variants.items():
+        out = annotator(inputs, labels=LABELS, top_k=len(LABELS), **kwargs)
+        got = np.array([[{t["label"]: t["score"] for t in r["top_labels"]}[label] for label in LABELS] for r in out])
+        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=name)
+    one = annotator(dicts[0], labels=LABELS)
+    assert len(one) == 1 and one[0]["cell"] == "cell_0" and len(one[0]["top_labels"]) == 3  # top_k defaults to 3
+    from_path = annotator(pbmc_path, labels=LABELS, use_raw=True, batch_size=256)
+    assert len(from_path) == pbmc.n_obs
+    json.dumps(from_path)
+
+
+def test_description_and_text_to_cell_outputs(model, processor, pbmc):
+    describe = pipeline("cell-description", model=model, processor=processor)
+    assert isinstance(describe, CellDescriptionPipeline)
+    out = describe(pbmc[:3], use_raw=True, max_new_tokens=4, batch_size=2)
+    assert [o["cell"] for o in out] == list(pbmc.obs_names[:3])
+    assert [o["generated_text"] for o in out] == model.describe(pbmc[:3], max_new_tokens=4, cell_kwargs={"use_raw": True})
+    json.dumps(out)
+
+    to_cells = pipeline("text-to-cell", model=model, processor=processor)
+    assert isinstance(to_cells, TextToCellPipeline)
+    out = to_cells(TEXTS, n_per_text=2, seed=3, genes=["LYZ", "MS4A1", "NKG7"], batch_size=1)
+    expected = model.generate_cells(TEXTS, n_per_text=2, seed=3, genes=["LYZ", "MS4A1", "NKG7"])
+    assert out["gene_names"] == ["LYZ", "MS4A1", "NKG7"] and [c["text"] for c in out["cells"]] == expected.texts
+    np.testing.assert_allclose([c["expression"] for c in out["cells"]], expected.expression, atol=1e-6)
+    json.dumps(out)
+    adata = to_cells(TEXTS[0], return_anndata=True)
+    assert adata.shape == (1, len(processor.feature_extractor.gene_names))
+
+
+def test_bad_inputs_get_clear_errors(annotator, model, processor, pbmc):
+    cases = [
+        (lambda: annotator(pbmc[:2], use_raw=True), ValueError, "needs labels"),
+        (lambda: annotator(pbmc[:2], labels=LABELS, colour="red"), TypeError, "unknown cell-annotation parameters"),
+        (lambda: annotator("cells.csv", labels=LABELS), ValueError, "path of an .h5ad"),
+        (lambda: annotator("missing.h5ad", labels=LABELS), FileNotFoundError, "no .h5ad file"),
+        (lambda: annotator({"LYZ": -1.0}, labels=LABELS), ValueError, "non-negative"),
+        (lambda: annotator({"LYZ": "high"}, labels=LABELS), TypeError, "must be a number"),
+        (lambda: annotator({"genes": ["LYZ", "NKG7"], "counts": [[1, 2], [3]]}, labels=LABELS), ValueError,
+         r"\"counts\"\[1\] has 1 values"),
+        (lambda: annotator({"genes": ["LYZ"], "counts": [[float("nan")]]}, labels=LABELS), ValueError, "not finite"),
+        (lambda: annotator(np.ones((2, 3)), labels=LABELS), ValueError, "needs gene_names"),
+        (lambda: annotator(42, labels=LABELS), TypeError, "cannot read cells from a int"),
+        (lambda: annotator(pbmc[:2], labels=LABELS, use_raw=True, batch_size=0), ValueError, "positive integer"),
+        (lambda: annotator({"NOT_A_GENE": 1.0}, labels=LABELS), ValueError, "none of the 1 genes"),
+        (lambda: annotator(pbmc[:2], labels=["a", "a"], use_raw=True), ValueError, "distinct"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    to_cells = pipeline("text-to-cell", model=model, processor=processor)
+    with pytest.raises(TypeError, match="non-empty list"):
+        to_cells([])
+    with pytest.raises(ValueError, match="not in the model's vocabulary"):
+        to_cells("x", genes=["NOT_A_GENE"])
+    stage1 = ScMMGPTModel(tiny_config(processor)).eval()
+    with pytest.raises(ValueError, match="stage-2 model"):
+        CellDescriptionPipeline(model=stage1, processor=processor, task="cell-description")(pbmc[:1], use_raw=True)
+
+
+def test_load_cells_accepts_documented_shapes(pbmc):
+    cells, genes, ids = load_cells({"LYZ": 2, "NKG7": 1.5})
+    assert cells.shape == (1, 2) and genes == ["LYZ", "NKG7"] and ids == ["cell_0"]
+    cells, genes, ids = load_cells([{"LYZ": 2}, {"NKG7": 1}])
+    assert cells.toarray().tolist() == [[2.0, 0.0], [0.0, 1.0]] and ids == ["cell_0", "cell_1"]
+    cells, genes, ids = load_cells({"genes": ["LYZ", "NKG7"], "counts": [1, 2]})  # one cell as a flat list
+    assert cells.shape == (1, 2)
+    adata, genes, ids = load_cells(pbmc[:3])
+    assert adata.n_obs == 3 and genes is None and ids == list(pbmc.obs_names[:3])
+
+
+# ---------------------------------------------------------------------------------------------------- fresh process
+def test_each_pipeline_loads_by_remote_code_in_a_fresh_process(model_dir, model, pbmc, pbmc_path, tmp_path):
+    annotation = model.annotate(pbmc, LABELS, use_raw=True).scores
+    dicts = gene_dicts(pbmc[:2])
+    texts = model.describe(pbmc[:2], max_new_tokens=4, cell_kwargs={"use_raw": True})
+    generated = model.generate_cells(TEXTS, n_per_text=2, seed=0, genes=["LYZ", "MS4A1"])
+    (tmp_path / "inputs.json").write_text(json.dumps({"dicts": dicts}))
+    out = run_fresh_python(
+        f"""
+        import json
+        from transformers import pipeline
+        folder, results = {model_dir!r}, {{}}
+        annotate = pipeline("cell-annotation", model=folder, trust_remote_code=True)
+        assert type(annotate).__module__.startswith("transformers_modules"), type(annotate).__module__
+        assert type(annotate.model).__module__.startswith("transformers_modules")
+        results["annotate"] = annotate({pbmc_path!r}, labels={LABELS!r}, top_k=4, use_raw=True, batch_size=128)
+        describe = pipeline("cell-description", model=folder, trust_remote_code=True)
+        dicts = json.load(open("inputs.json"))["dicts"]
+        results["describe"] = describe(dicts, max_new_tokens=4, batch_size=1)
+        to_cells = pipeline("text-to-cell", model=folder, trust_remote_code=True)
+        results["generate"] = to_cells({TEXTS!r}, n_per_text=2, seed=0, genes=["LYZ", "MS4A1"])
+        print("RESULTS" + json.dumps(results))
+        """,
+        cwd=str(tmp_path),
+    )
+    results = json.loads(out.split("RESULTS", 1)[1])
+    got = np.array([[{t["label"]: t["score"] for t in r["top_labels"]}[label] for label in LABELS]
+                    for r in results["annotate"]])
+    np.testing.assert_allclose(got, annotation, atol=1e-5)
+    assert [r["cell"] for r in results["annotate"]] == list(pbmc.obs_names)
+    assert [r["generated_text"] for r in results["describe"]] == texts
+    np.testing.assert_allclose([c["expression"] for c in results["generate"]["cells"]], generated.expression, atol=1e-6)
+
+
+def test_registered_pipeline_classes(annotator):
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    assert isinstance(annotator, CellAnnotationPipeline)
+    for task in ("cell-annotation", "cell-description", "text-to-cell"):
+        assert task in PIPELINE_REGISTRY.get_supported_tasks()
