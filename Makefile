@@ -32,6 +32,10 @@ test-slow: setup
 test-gpu: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m gpu
 
+# every training stage on the shipped PBMC cells (tiny-cpu config; finished stages in runs/tiny-cpu are reused)
+train-tiny: setup
+	HF_HUB_OFFLINE=1 $(BIN)/scmmgpt train --config train/configs/tiny-cpu.yaml
+
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py
 

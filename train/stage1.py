@@ -97,5 +97,32 @@ def retrieval_accuracy(model, rows, cell_tokenizer, text_tokenizer, label_texts:
     return float(np.mean(np.asarray(predictions) == np.asarray(rows["cell_type"])))
 
 
-__all__ = ["build_stage1_model", "Stage1Trainer", "stage1_collator", "label_texts_of", "retrieval_predictions",
+def train_stage1(model: ScMMGPTModel, train_dataset, cell_tokenizer, text_tokenizer, args, *, eval_dataset=None,
+                 label_texts: dict[str, str] | None = None, freeze_cell_encoder: bool = False,
+                 max_text_length: int = 128, callbacks=None, resume_from_checkpoint=None):
+    """Stage 1 with `Stage1Trainer` (`args`: `TrainingArguments`). With `eval_dataset` and `label_texts`, zero-shot
+    retrieval accuracy on it is measured before and after training. `freeze_cell_encoder` keeps the cell encoder's
+    weights (e.g. a pre-trained scGPT) fixed and trains the Q-Former and heads only.
+
+    Returns:
+        `(trainer, metrics)`; metrics hold `train_runtime`, `train_steps` and, with evaluation data,
+        `retrieval_accuracy_before` / `retrieval_accuracy`.
+    """
+    model.cell_model.requires_grad_(not freeze_cell_encoder)
+    metrics: dict = {}
+    evaluate = eval_dataset is not None and label_texts
+    if evaluate:
+        metrics["retrieval_accuracy_before"] = retrieval_accuracy(model, eval_dataset, cell_tokenizer, text_tokenizer,
+                                                                  label_texts)
+    trainer = Stage1Trainer(model=model, args=args, train_dataset=train_dataset, callbacks=callbacks,
+                            data_collator=stage1_collator(cell_tokenizer, text_tokenizer, max_text_length))
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    metrics.update(train_runtime=result.metrics["train_runtime"], train_steps=trainer.state.global_step)
+    if evaluate:
+        metrics["retrieval_accuracy"] = retrieval_accuracy(trainer.model, eval_dataset, cell_tokenizer,
+                                                           text_tokenizer, label_texts)
+    return trainer, metrics
+
+
+__all__ = ["build_stage1_model", "train_stage1", "Stage1Trainer", "stage1_collator", "label_texts_of", "retrieval_predictions",
            "retrieval_accuracy", "STAGE1_LOSSES"]

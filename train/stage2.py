@@ -1,0 +1,298 @@
+"""Stage 2 (generation) with TRL's `SFTTrainer`: the stage-1 model joined to a causal LLM, the LLM tuned with PEFT LoRA
+(or QLoRA on CUDA, or in full), the projectors and the expression decoder trained in full.
+
+The data stay the built cell rows; `Stage2Collator` turns each batch into prompt → target examples of both directions
+(cell → text with `DESCRIBE_PROMPT`, text → cell with `GENERATE_PROMPT`: the processor's prompts, so that training and
+the jobs agree), so TRL's own dataset preparation is skipped (`dataset_kwargs={"skip_prepare_dataset": True}`) and no
+column is dropped (`remove_unused_columns=False`). The three losses (LM, cell embedding, expression) are logged beside
+their weighted sum.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTProcessor
+from modeling_scmmgpt.processing_scmmgpt import DESCRIBE_PROMPT, GENERATE_PROMPT
+
+from .collators import Stage2Collator
+from .streaming import log_normalized, rows_to_matrix
+
+STAGE2_LOSSES = ("loss_lm", "loss_cell_embed", "loss_expression", "loss_expression_teacher")
+PROJECTORS = ["cell_to_text_projector", "text_to_cell_projector", "expression_decoder"]
+# LoRA on the LLM's attention and MLP projections only (Llama / Mistral / Qwen names; GPT-2: c_attn, c_proj, c_fc)
+LLM_LORA_TARGETS = r"language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|c_attn|c_proj|c_fc)"
+
+
+@dataclass
+class Stage2Arguments:
+    """What stage 2 trains and how (the `SFTConfig` fields of the same config section set the optimisation).
+
+    Args:
+        tuning: `"lora"` (PEFT LoRA on the LLM, projectors and decoder in full), `"full"` (every LLM weight) or
+            `"frozen"` (the LLM frozen: projectors and decoder only).
+        lora_r, lora_alpha, lora_dropout, lora_target_modules: the LoRA adapter (the regex is matched against full
+            module names, so it stays inside `language_model`).
+        modules_to_save: modules trained in full next to the adapter (and saved with it).
+        train_qformer: also tune the stage-1 part (cell encoder + Q-Former); frozen by default, as in BLIP-2's stage 2
+            with a frozen encoder.
+        load_in_4bit: QLoRA: load the LLM in 4-bit NF4 through bitsandbytes (CUDA only; ignored with a warning on CPU).
+        text_to_cell_fraction: share of examples that are text → cell (the rest cell → text).
+        cell_embed_loss_weight, expression_loss_weight: weights of the text → cell losses in the total loss.
+        max_decoder_genes: the most expressed genes per target cell scored by the expression loss (None: all).
+        expression_teacher_weight: weight of a teacher-forced expression loss: the decoder also reads the target
+            cell's *true* Q-Former states. Without it the decoder, fed only the LLM's early (uninformative) states,
+            learns per-gene means from the gene embedding alone and ignores its context for good, so every text
+            decodes to the same average cell (seen on PBMC: k-NN accuracy at chance, 0.1). 0 turns it off.
+        max_seconds: wall-time guard on training (None: none).
+    """
+
+    tuning: str = "lora"
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_target_modules: str = LLM_LORA_TARGETS
+    modules_to_save: list[str] = field(default_factory=lambda: list(PROJECTORS))
+    train_qformer: bool = False
+    load_in_4bit: bool = False
+    text_to_cell_fraction: float = 0.5
+    cell_embed_loss_weight: float = 1.0
+    expression_loss_weight: float = 1.0
+    max_decoder_genes: int | None = None
+    expression_teacher_weight: float = 1.0
+    max_seconds: float | None = None
+
+    def __post_init__(self):
+        if self.tuning not in ("lora", "full", "frozen"):
+            raise ValueError(f"stage2 tuning must be 'lora', 'full' or 'frozen', got {self.tuning!r}")
+        if not 0.0 <= self.text_to_cell_fraction <= 1.0:
+            raise ValueError(f"text_to_cell_fraction must be in [0, 1], got {self.text_to_cell_fraction}")
+
+
+def quantization_config_4bit(compute_dtype=torch.bfloat16):
+    """`BitsAndBytesConfig` for QLoRA (NF4, double quantisation); bitsandbytes is imported only here."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_language_model(path: str, load_in_4bit: bool = False, dtype=None):
+    """A causal LM and its tokenizer from a local folder or Hub id; in 4-bit (QLoRA) only on CUDA."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {}
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if load_in_4bit:
+        if torch.cuda.is_available():
+            kwargs["quantization_config"] = quantization_config_4bit(kwargs.get("dtype", torch.bfloat16))
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+        else:
+            warnings.warn("load_in_4bit needs CUDA (bitsandbytes); loading the LLM unquantised on CPU", stacklevel=2)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs), AutoTokenizer.from_pretrained(path)
+
+
+def build_stage2_model(stage1_model, language_model, processor: ScMMGPTProcessor,
+                       cell_embed_loss_weight: float = 1.0, expression_loss_weight: float = 1.0,
+                       seed: int = 0) -> ScMMGPTForConditionalGeneration:
+    """`ScMMGPTForConditionalGeneration` holding the trained stage-1 weights (`scmmgpt`), the given LLM, and new
+    projectors and expression decoder; the processor's cell tokens are added to the LLM's vocabulary."""
+    config = stage1_model.config.__class__.from_dict(stage1_model.config.to_dict())
+    config.text_config = language_model.config
+    config.cell_embed_loss_weight, config.expression_loss_weight = cell_embed_loss_weight, expression_loss_weight
+    torch.manual_seed(seed)
+    model = ScMMGPTForConditionalGeneration(config, language_model=language_model)
+    model.scmmgpt.load_state_dict(stage1_model.state_dict())
+    model.set_cell_token_ids(processor)
+    model.processor = processor
+    return model
+
+
+def apply_tuning(model: ScMMGPTForConditionalGeneration, args: Stage2Arguments):
+    """Freeze / adapt `model` as `args.tuning` says. Returns `(model, peft_config)`: for LoRA the `LoraConfig` that
+    `SFTTrainer` wraps the model with, otherwise None and the model's own `requires_grad` flags set."""
+    model.scmmgpt.requires_grad_(args.train_qformer)
+    if args.tuning == "lora":
+        from peft import LoraConfig
+
+        if not any(re.fullmatch(args.lora_target_modules, name) for name, _ in model.named_modules()):
+            raise ValueError(f"lora_target_modules {args.lora_target_modules!r} matches no module of the model")
+        modules_to_save = list(args.modules_to_save) + (["scmmgpt"] if args.train_qformer else [])
+        return model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                 target_modules=args.lora_target_modules, modules_to_save=modules_to_save,
+                                 bias="none")
+    model.language_model.requires_grad_(args.tuning == "full")
+    for name in PROJECTORS:
+        getattr(model, name).requires_grad_(True)
+    return model, None
+
+
+def _sft_trainer_class():
+    from trl import SFTTrainer
+
+    class Stage2Trainer(SFTTrainer):
+        """`SFTTrainer` whose loss is the model's own (LM + weighted text → cell losses), each part logged as the mean
+        over the steps since the last log. TRL's fused LM head is not used: the loss needs the LLM's hidden states at
+        the output cell slots, which it does not return."""
+
+        def __init__(self, *args, expression_teacher_weight: float = 0.0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.expression_teacher_weight = float(expression_teacher_weight)
+            self._part_sums: dict[str, float] = defaultdict(float)
+            self._part_counts: dict[str, int] = defaultdict(int)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = {**inputs, "use_cache": False}
+            outputs = model(**inputs)
+            loss = outputs.loss
+            parts = {name: outputs[name] for name in STAGE2_LOSSES if name in outputs}
+            if self.expression_teacher_weight and model.training:
+                teacher = self._teacher_forced_expression_loss(model, inputs)
+                if teacher is not None:
+                    parts["loss_expression_teacher"] = teacher
+                    loss = loss + self.expression_teacher_weight * teacher
+            if model.training:
+                for name, value in parts.items():  # a batch without text → cell examples has no cell losses
+                    if value is not None:
+                        self._part_sums[name] += float(value.detach())
+                        self._part_counts[name] += 1
+            return (loss, outputs) if return_outputs else loss
+
+        def _teacher_forced_expression_loss(self, model, inputs):
+            """MSE of the expression decoded from the target cells' true Q-Former states (text → cell rows only)."""
+            base = self.accelerator.unwrap_model(model)
+            base = base.get_base_model() if hasattr(base, "get_base_model") else base
+            rows = inputs["decoder_mask"].bool().any(1)
+            if not bool(rows.any()):
+                return None
+            with torch.no_grad():
+                states = base.scmmgpt.query_outputs(inputs["target_gene_ids"][rows],
+                                                    inputs["target_expression_values"][rows],
+                                                    inputs["target_cell_attention_mask"][rows])
+            predicted = base.expression_decoder(states, inputs["decoder_gene_ids"][rows])
+            mask = inputs["decoder_mask"][rows].to(predicted.dtype)
+            squared = (predicted - inputs["decoder_targets"][rows].to(predicted.dtype)) ** 2
+            return (squared * mask).sum() / mask.sum().clamp(min=1)
+
+        def log(self, logs: dict, *args, **kwargs):
+            if "loss" in logs and self._part_counts:
+                for name, count in self._part_counts.items():
+                    logs[name] = round(self._part_sums[name] / count, 4)
+                self._part_sums, self._part_counts = defaultdict(float), defaultdict(int)
+            super().log(logs, *args, **kwargs)
+
+    return Stage2Trainer
+
+
+def stage2_collator(processor, args: Stage2Arguments, max_length: int = 512, seed: int = 0) -> Stage2Collator:
+    """The stage-2 collator with the processor's prompts (`DESCRIBE_PROMPT`, `GENERATE_PROMPT`), the same the jobs
+    (`describe`, `generate_cells`) use at inference."""
+    return Stage2Collator(processor=processor, cell_to_text_prompt=DESCRIBE_PROMPT, text_to_cell_prompt=GENERATE_PROMPT,
+                          text_to_cell_fraction=args.text_to_cell_fraction, max_length=max_length,
+                          max_decoder_genes=args.max_decoder_genes, seed=seed)
+
+
+def train_stage2(model: ScMMGPTForConditionalGeneration, train_dataset, processor, sft_config, args: Stage2Arguments,
+                 *, callbacks=None, resume_from_checkpoint=None):
+    """Stage 2 with `SFTTrainer`. Returns `(trainer, merged_model)`: the trainer (its state holds the log history)
+    and a plain `ScMMGPTForConditionalGeneration` with any LoRA adapter merged in, ready for `save_pretrained`.
+
+    `sft_config` is a `trl.SFTConfig`; it must keep `remove_unused_columns=False` and
+    `dataset_kwargs={"skip_prepare_dataset": True}` (the collator reads the raw cell rows).
+    """
+    if sft_config.remove_unused_columns:
+        raise ValueError("stage 2 needs remove_unused_columns=False: the collator reads the raw cell rows")
+    if not (sft_config.dataset_kwargs or {}).get("skip_prepare_dataset"):
+        raise ValueError('stage 2 needs dataset_kwargs={"skip_prepare_dataset": True}: the collator builds the text')
+    model.config.cell_embed_loss_weight = args.cell_embed_loss_weight
+    model.config.expression_loss_weight = args.expression_loss_weight
+    model, peft_config = apply_tuning(model, args)
+    trainer = _sft_trainer_class()(
+        model=model, args=sft_config, train_dataset=train_dataset, processing_class=processor,
+        data_collator=stage2_collator(processor, args, max_length=sft_config.max_length or 512, seed=sft_config.seed),
+        peft_config=peft_config, callbacks=callbacks, expression_teacher_weight=args.expression_teacher_weight,
+    )
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    trained = trainer.model
+    trained = trainer.accelerator.unwrap_model(trained)
+    if hasattr(trained, "merge_and_unload"):  # a PeftModel: fold the adapter and the saved modules back in
+        trained = trained.merge_and_unload()
+    _undo_fused_head(trained)
+    trained.processor = processor
+    return trainer, trained
+
+
+def _undo_fused_head(model):
+    """TRL patches `forward` on the instance (its fused LM head); the saved / returned model uses the class's own."""
+    if "forward" in vars(model):
+        del model.forward
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+def cell_expression_matrix(rows, cell_tokenizer) -> np.ndarray:
+    """Built rows → dense log1p-normalised expression over the whole gene vocabulary, (cells, genes)."""
+    rows = [rows[i] for i in range(len(rows))]
+    matrix = rows_to_matrix(rows, len(cell_tokenizer.gene_names))
+    return np.asarray(log_normalized(rows, matrix, cell_tokenizer.target_sum).todense(), dtype=np.float32)
+
+
+@torch.inference_mode()
+def generated_cell_knn_accuracy(model, label_texts: dict[str, str], reference_expression: np.ndarray,
+                                reference_labels, n_per_text: int = 5, k: int = 5, seed: int = 0,
+                                processor=None) -> dict:
+    """k-NN accuracy of pseudo-cells: `n_per_text` cells generated from each label's text are classified by a
+    k-nearest-neighbour classifier (Euclidean, on log1p expression of every vocabulary gene) fitted on real cells;
+    the score is the share classified as the label whose text generated them.
+
+    Returns:
+        `{"knn_accuracy": float, "per_label": {label: accuracy}, "k": k, "n_per_text": n}`.
+    """
+    from sklearn.neighbors import KNeighborsClassifier
+
+    model.eval()
+    labels = list(label_texts)
+    generated = model.generate_cells([label_texts[label] for label in labels], n_per_text=n_per_text, seed=seed,
+                                     processor=processor)
+    truth = np.repeat(labels, n_per_text)
+    classifier = KNeighborsClassifier(n_neighbors=k).fit(reference_expression, np.asarray(reference_labels))
+    predicted = classifier.predict(generated.expression)
+    correct = predicted == truth
+    return {"knn_accuracy": float(correct.mean()), "k": k, "n_per_text": n_per_text,
+            "per_label": {label: float(correct[truth == label].mean()) for label in labels}}
+
+
+@torch.inference_mode()
+def generated_state_accuracy(model, label_texts: dict[str, str], rows, cell_tokenizer, processor=None,
+                             batch_size: int = 64) -> float:
+    """Share of label texts whose generated cell state (the text → cell projector's output, before the expression
+    decoder) lies closest, in mean squared distance, to the mean true Q-Former state of that label's real cells: does
+    the LLM read the text into the right kind of cell, whatever the decoder makes of it."""
+    from .streaming import rows_to_cell_inputs
+
+    model.eval()
+    processor = model._get_processor(processor)
+    labels = list(label_texts)
+    cells = np.asarray(rows["cell_type"])
+    states = []
+    for start in range(0, len(rows), batch_size):
+        chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+        batch = {k: v.to(model.device) for k, v in rows_to_cell_inputs(chunk, cell_tokenizer).items()}
+        states.append(model.scmmgpt.query_outputs(**batch).float().cpu())
+    states = torch.cat(states)
+    means = torch.stack([states[torch.as_tensor(cells == label)].mean(0) for label in labels])
+    generated = torch.cat([model._text_cell_states([label_texts[label]], processor) for label in labels]).float().cpu()
+    distances = ((generated[:, None] - means[None]) ** 2).mean((-1, -2))
+    return float((distances.argmin(1) == torch.arange(len(labels))).float().mean())
+
+
+__all__ = ["LLM_LORA_TARGETS", "PROJECTORS", "STAGE2_LOSSES", "Stage2Arguments", "apply_tuning", "build_stage2_model",
+           "cell_expression_matrix", "generated_cell_knn_accuracy", "generated_state_accuracy", "load_language_model",
+           "quantization_config_4bit", "stage2_collator", "train_stage2"]
