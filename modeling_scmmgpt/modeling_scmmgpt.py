@@ -234,7 +234,9 @@ class ScMMGPTModel(CellTextJobsMixin, ScMMGPTPreTrainedModel):
 
 class ExpressionDecoder(nn.Module):
     """Predicts log1p expression of requested genes from a cell state: gene embeddings are the queries of a
-    cross-attention over the cell state's slots, then an MLP on [context, gene embedding] gives each gene's value."""
+    cross-attention over the cell state's slots, then an MLP on [context, gene embedding, their product] gives each
+    gene's value (the product lets the cell state scale each gene directly, rather than through the MLP alone, which
+    left predictions near the per-gene mean)."""
 
     def __init__(self, config: ScMMGPTConfig):
         super().__init__()
@@ -242,13 +244,13 @@ class ExpressionDecoder(nn.Module):
         self.gene_embedding = nn.Embedding(config.cell_config.vocab_size, width)
         heads = 4 if width % 4 == 0 else 1
         self.cross_attention = nn.MultiheadAttention(width, heads, kdim=state_width, vdim=state_width, batch_first=True)
-        self.mlp = _mlp(2 * width, width, 1)
+        self.mlp = _mlp(3 * width, width, 1)
 
     def forward(self, cell_states: torch.Tensor, gene_ids: torch.LongTensor) -> torch.Tensor:
         """cell_states (n, slots, state_width), gene_ids (n, genes) → predicted log1p expression (n, genes)."""
         genes = self.gene_embedding(gene_ids)
         context, _ = self.cross_attention(genes, cell_states, cell_states, need_weights=False)
-        return self.mlp(torch.cat([context, genes], dim=-1)).squeeze(-1)
+        return self.mlp(torch.cat([context, genes, context * genes], dim=-1)).squeeze(-1)
 
 
 class ScMMGPTForConditionalGeneration(CellTextJobsMixin, ScMMGPTPreTrainedModel, GenerationMixin):

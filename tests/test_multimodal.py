@@ -120,7 +120,7 @@ def test_stage2_forward_and_text_to_cell_losses(processor, cells, family):
                 target_cell_attention_mask=target["cell_attention_mask"], decoder_gene_ids=target["gene_ids"],
                 decoder_targets=target["expression_values"].clamp(min=0), decoder_mask=target["cell_attention_mask"])
     assert out.cell_states.shape == (6, 4, 32) and out.expression.shape == target["gene_ids"].shape
-    expected = out.loss_lm + out.loss_cell_embed + out.loss_expression
+    expected = out.loss_lm + out.loss_cell_embed + out.loss_expression  # weights 1
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
     assert model.expression_decoder.gene_embedding.weight.grad.abs().sum() > 0
