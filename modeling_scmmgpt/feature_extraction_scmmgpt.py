@@ -9,7 +9,6 @@ The algorithm is scGPT's, made deterministic and vectorised over a CSR matrix:
 5. prepend `<cls>`, pad to the longest cell (or `max_genes + 1`).
 """
 
-import importlib
 import json
 import os
 import warnings
@@ -370,14 +369,6 @@ class ScMMGPTCellTokenizer(FeatureExtractionMixin):
         """A tokenizer from scGPT's `vocab.json` (gene → id); the gene order follows scGPT's ids."""
         genes = [g for g, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if g not in SPECIAL_TOKENS]
         return cls(gene_names=genes, **kwargs)
-
-
-def optional_import(name: str):
-    """Import an optional dependency by name (kept out of the remote-code import scan), or return None."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
 
 
 __all__ = ["ScMMGPTCellTokenizer"]
