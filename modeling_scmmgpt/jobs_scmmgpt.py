@@ -186,12 +186,9 @@ class CellTextJobsMixin:
 
     def _generate_text(self, batch, prompt, processor, max_new_tokens, **generate_kwargs) -> list[str]:
         tokenizer = processor.tokenizer
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"  # decoder-only batches pad on the left
-        try:
-            text = tokenizer([processor.expand_cell_placeholders(prompt)] * batch["gene_ids"].shape[0],
-                             return_tensors="pt", padding=True)
-        finally:
-            tokenizer.padding_side = side
+        # decoder-only batches pad on the left
+        text = tokenizer([processor.expand_cell_placeholders(prompt)] * batch["gene_ids"].shape[0],
+                         return_tensors="pt", padding=True, padding_side="left")
         generate_kwargs.setdefault("do_sample", False)
         out = self.generate(input_ids=text["input_ids"].to(self.device),
                             attention_mask=text["attention_mask"].to(self.device), **batch,
@@ -261,11 +258,8 @@ class CellTextJobsMixin:
     def _text_cell_states(self, texts, processor) -> torch.Tensor:
         prompts = [GENERATE_PROMPT.format(text=t) + processor.cell_slot_text for t in texts]
         tokenizer = processor.tokenizer
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"  # slots end every row at the same positions
-        try:
-            encoded = tokenizer(prompts, return_tensors="pt", padding=True)
-        finally:
-            tokenizer.padding_side = side
+        # left padding: the slots end every row at the same positions
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
         ids, mask = encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
         hidden = self.language_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
         slots = self._cell_slot_mask(ids)
