@@ -99,6 +99,8 @@ class ScMMGPTConfig(PreTrainedConfig):
         expression_decoder_hidden_size: width of the expression decoder.
         temperature: initial softmax temperature of the contrastive loss (learned).
         max_text_length: longest text the Q-Former reads (stage 1).
+        captioning_max_cells: stage 1 captions only the first this many cells of each batch (None: all; 0: no
+            captioning loss), a compute budget for small models whose step is dominated by the BERT-vocabulary LM head.
         cell_embed_loss_weight, expression_loss_weight: weights of the stage-2 text→cell losses.
         boc_token_id, eoc_token_id, cell_token_ids: ids of `<boc>`, `<eoc>` and `<cell_0>…` in the text tokenizer,
             filled in by `ScMMGPTProcessor` / the model when the special tokens are added.
@@ -121,6 +123,7 @@ class ScMMGPTConfig(PreTrainedConfig):
     expression_decoder_hidden_size: int = 256
     temperature: float = 0.07
     max_text_length: int = 128
+    captioning_max_cells: int | None = None
     cell_embed_loss_weight: float = 1.0
     expression_loss_weight: float = 1.0
     boc_token_id: int | None = None

@@ -75,6 +75,14 @@ class ScMMGPTPreTrainedModel(SafeSerializationMixin, PreTrainedModel):
             init.constant_(module.logit_scale, float(torch.tensor(1.0 / self.config.temperature).log()))
 
 
+def _masked_mean(states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the tokens of (batch, tokens, hidden) where `mask` (batch, tokens) is 1."""
+    if mask is None:
+        return states.mean(1)
+    weights = mask.unsqueeze(-1).to(states.dtype)
+    return (states * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
 def _mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, out_features))
 
@@ -107,31 +115,37 @@ class ScMMGPTModel(CellTextJobsMixin, ScMMGPTPreTrainedModel):
     def query_outputs(self, gene_ids, expression_values, cell_attention_mask=None, text_ids=None, text_mask=None):
         """Q-Former outputs at the queries, (batch, num_query_tokens, hidden); with text, queries and text attend
         to each other (the matching view) and the full (batch, queries + text, hidden) is returned."""
-        cells = self.cell_model(gene_ids, expression_values, cell_attention_mask)
-        batch, n_query = gene_ids.shape[0], self.config.num_query_tokens
-        hidden = self.qformer.embeddings(text_ids, query_embeds=self._queries(cells, cell_attention_mask))
-        bias = None
-        if text_mask is not None:
+        gene_states = self.cell_model(gene_ids, expression_values, cell_attention_mask).last_hidden_state
+        return self._read_cells(gene_states, cell_attention_mask, text_ids, text_mask)
+
+    def _read_cells(self, gene_states, cell_attention_mask=None, text_ids=None, text_mask=None, text_bias=None):
+        """The Q-Former over already encoded cells: `gene_states` (batch, genes + 1, cell hidden) is the cell
+        encoder's output, computed once per training step and shared by the three stage-1 losses (as BLIP-2 shares
+        its image features). `text_bias` (batch, 1, queries + text, queries + text) overrides the attention pattern
+        built from `text_mask`."""
+        batch, n_query = gene_states.shape[0], self.config.num_query_tokens
+        hidden = self.qformer.embeddings(text_ids, query_embeds=self._queries(gene_states, cell_attention_mask))
+        bias = text_bias
+        if bias is None and text_mask is not None:
             keys = torch.cat([torch.ones(batch, n_query, dtype=torch.bool, device=hidden.device), text_mask.bool()], 1)
             bias = keys[:, None, None, :]
-        out = self.qformer(hidden, bias, n_query, cells.last_hidden_state, cell_attention_mask)
+        out = self.qformer(hidden, bias, n_query, gene_states, cell_attention_mask)
         return out if text_ids is not None else out[:, :n_query]
 
-    def _queries(self, cells, cell_attention_mask) -> torch.Tensor:
+    def _queries(self, gene_states, cell_attention_mask) -> torch.Tensor:
         """The Q-Former's input queries, (batch, num_query_tokens, hidden): the learned query tokens plus a projection
         of the cell's mean (layer-normed) gene state. Without that term a freshly initialised Q-Former hears the cell
         only through cross-attention, whose contribution starts near 1e-3 of the residual stream, and contrastive
         training collapses to constant features (seen on PBMC); the `<cls>` output is near-constant across cells at
         initialisation too, the mean gene state is not."""
-        states = self.qformer.cell_layernorm(cells.last_hidden_state)
-        weights = (torch.ones_like(states[..., :1]) if cell_attention_mask is None
-                   else cell_attention_mask.unsqueeze(-1).to(states.dtype))
-        mean_state = (states * weights).sum(1) / weights.sum(1)
+        mean_state = _masked_mean(self.qformer.cell_layernorm(gene_states), cell_attention_mask)
         return self.query_tokens + self.cell_query_projection(mean_state)[:, None]
 
     def get_cell_features(self, gene_ids, expression_values, cell_attention_mask=None) -> torch.Tensor:
         """Normalised cell features in the shared cell–text space, (batch, embed_dim)."""
-        queries = self.query_outputs(gene_ids, expression_values, cell_attention_mask)
+        return self._cell_features(self.query_outputs(gene_ids, expression_values, cell_attention_mask))
+
+    def _cell_features(self, queries) -> torch.Tensor:
         return F.normalize(self.cell_projection(queries.mean(1)), dim=-1)
 
     def get_text_features(self, input_ids, attention_mask=None) -> torch.Tensor:
@@ -166,28 +180,33 @@ class ScMMGPTModel(CellTextJobsMixin, ScMMGPTPreTrainedModel):
         loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
         return loss, logits
 
-    def _matching_loss(self, gene_ids, expression_values, cell_attention_mask, input_ids, attention_mask, logits, same):
+    def _matching_loss(self, gene_states, cell_attention_mask, input_ids, attention_mask, logits, same):
         """Cell–text matching: each positive pair, plus a hard negative text per cell and a hard negative cell per
         text drawn in proportion to their similarity (BLIP-2's hard-negative mining)."""
         with torch.no_grad():
             weights = F.softmax(logits.float(), dim=1).masked_fill(same, 0.0)
-        cells, texts, labels = [torch.arange(len(same), device=same.device)] * 2 + [torch.ones_like(same[0], dtype=torch.long)]
+        cell_rows, texts, labels = [torch.arange(len(same), device=same.device)] * 2 + [torch.ones_like(same[0], dtype=torch.long)]
         for w, fixed_is_cell in ((weights, True), (weights.T, False)):
             usable = w.sum(1) > 0  # rows whose batch holds some other text
             if usable.any():
                 fixed = torch.nonzero(usable).squeeze(1)
                 drawn = torch.multinomial(w[usable], 1).squeeze(1)
-                cells = torch.cat([cells, fixed if fixed_is_cell else drawn])
+                cell_rows = torch.cat([cell_rows, fixed if fixed_is_cell else drawn])
                 texts = torch.cat([texts, drawn if fixed_is_cell else fixed])
                 labels = torch.cat([labels, torch.zeros_like(fixed)])
-        n_query = self.config.num_query_tokens
-        joint = self.query_outputs(gene_ids[cells], expression_values[cells], cell_attention_mask[cells],
-                                   input_ids[texts], attention_mask[texts])
-        match_logits = self.matching_head(joint[:, :n_query]).mean(1)
+        joint = self._read_cells(gene_states[cell_rows], cell_attention_mask[cell_rows], input_ids[texts],
+                                 attention_mask[texts])
+        match_logits = self.matching_head(joint[:, : self.config.num_query_tokens]).mean(1)
         return F.cross_entropy(match_logits, labels)
 
-    def _captioning_loss(self, gene_ids, expression_values, cell_attention_mask, input_ids, attention_mask):
-        """Next-token loss of the text through the Q-Former: queries see queries; text sees queries + earlier text."""
+    def _captioning_loss(self, gene_states, cell_attention_mask, input_ids, attention_mask):
+        """Next-token loss of the text through the Q-Former: queries see queries; text sees queries + earlier text.
+        With `config.captioning_max_cells`, only the batch's first that many cells are captioned: the LM head over
+        the BERT vocabulary is most of a small model's stage-1 step (77 % on PBMC at batch 32)."""
+        keep = self.config.captioning_max_cells
+        if keep is not None and keep < input_ids.shape[0]:
+            gene_states, cell_attention_mask, input_ids, attention_mask = (
+                t[:keep] for t in (gene_states, cell_attention_mask, input_ids, attention_mask))
         n_query, (batch, n_text) = self.config.num_query_tokens, input_ids.shape
         device = input_ids.device
         length = n_query + n_text
@@ -196,9 +215,7 @@ class ScMMGPTModel(CellTextJobsMixin, ScMMGPTPreTrainedModel):
         allowed[:, n_query:, :n_query] = True
         causal = torch.ones(n_text, n_text, dtype=torch.bool, device=device).tril()
         allowed[:, n_query:, n_query:] = causal & attention_mask.bool()[:, None, :]
-        cells = self.cell_model(gene_ids, expression_values, cell_attention_mask)
-        hidden = self.qformer.embeddings(input_ids, query_embeds=self._queries(cells, cell_attention_mask))
-        hidden = self.qformer(hidden, allowed[:, None], n_query, cells.last_hidden_state, cell_attention_mask)
+        hidden = self._read_cells(gene_states, cell_attention_mask, input_ids, text_bias=allowed[:, None])
         logits = self.qformer.text_logits(hidden[:, n_query:-1])
         targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
@@ -214,7 +231,8 @@ class ScMMGPTModel(CellTextJobsMixin, ScMMGPTPreTrainedModel):
         **kwargs,
     ) -> ScMMGPTModelOutput:
         cell_attention_mask = torch.ones_like(gene_ids) if cell_attention_mask is None else cell_attention_mask
-        cell_embeds = self.get_cell_features(gene_ids, expression_values, cell_attention_mask)
+        gene_states = self.cell_model(gene_ids, expression_values, cell_attention_mask).last_hidden_state
+        cell_embeds = self._cell_features(self._read_cells(gene_states, cell_attention_mask))
         if input_ids is None:
             return ScMMGPTModelOutput(cell_embeds=cell_embeds)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
@@ -223,9 +241,9 @@ class ScMMGPTModel(CellTextJobsMixin, ScMMGPTPreTrainedModel):
         contrastive, logits = self._contrastive_loss(cell_embeds, text_embeds, same)
         if not return_loss:
             return ScMMGPTModelOutput(logits_per_cell=logits, cell_embeds=cell_embeds, text_embeds=text_embeds)
-        cell_inputs = (gene_ids, expression_values, cell_attention_mask)
-        matching = self._matching_loss(*cell_inputs, input_ids, attention_mask, logits, same)
-        captioning = self._captioning_loss(*cell_inputs, input_ids, attention_mask)
+        matching = self._matching_loss(gene_states, cell_attention_mask, input_ids, attention_mask, logits, same)
+        captioning = (self._captioning_loss(gene_states, cell_attention_mask, input_ids, attention_mask)
+                      if self.config.captioning_max_cells != 0 else contrastive.new_zeros(()))
         return ScMMGPTModelOutput(
             loss=contrastive + matching + captioning, loss_contrastive=contrastive, loss_matching=matching,
             loss_captioning=captioning, logits_per_cell=logits, cell_embeds=cell_embeds, text_embeds=text_embeds,

@@ -81,6 +81,20 @@ def test_stage1_forward_shapes_and_losses(processor, cells):
         model.get_text_features(torch.tensor([[10**6]]))
 
 
+def test_stage1_captioning_max_cells_captions_the_first_cells_only(processor, cells):
+    torch.manual_seed(0)
+    model = ScMMGPTModel(tiny_config(len(processor.feature_extractor), len(processor.qformer_tokenizer))).eval()
+    cell_batch = processor(cells=cells, cell_kwargs={"use_raw": True}, return_tensors="pt")
+    text = processor.qformer_text([f"cell type: {t}." for t in cells.obs["bulk_labels"]])
+    first_two = model(**{k: v[:2] for k, v in {**cell_batch, **text}.items()}).loss_captioning
+    model.config.captioning_max_cells = 2
+    torch.testing.assert_close(model(**cell_batch, **text).loss_captioning, first_two)
+    model.config.captioning_max_cells = 0
+    out = model(**cell_batch, **text)
+    assert out.loss_captioning == 0
+    torch.testing.assert_close(out.loss, out.loss_contrastive + out.loss_matching)
+
+
 def test_qformer_loads_bert_checkpoint(minilm_path):
     from transformers import BertConfig
 
