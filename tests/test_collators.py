@@ -131,6 +131,12 @@ def test_stage2_text_to_cell_targets_and_decoder_genes(processor, rows, built):
         assert np.array_equal(targets[:n_expressed], np.array([stored[g] for g in genes[:n_expressed]], np.float32))
         assert not set(genes[n_expressed:].tolist()) & set(stored) and not targets[n_expressed:].any()
         assert genes.min() >= 3 and genes.max() < len(tok)
+        # loss weights: 1 per expressed gene, and the sampled zeros stand for every unexpressed gene, so the weights
+        # sum to the vocabulary's gene count (the weighted MSE estimates the MSE over all genes without bias)
+        n_genes = len(tok.gene_names)
+        assert (mask[:n_expressed] == 1).all()
+        np.testing.assert_allclose(mask[n_expressed:], (n_genes - n_expressed) / n_expressed, rtol=1e-6)
+        assert mask.sum() == pytest.approx(n_genes, rel=1e-5)
     stored = rows_to_matrix(rows[:2], len(tok.gene_names))
     expected = tok(stored, gene_names=tok.gene_names, normalize=False, return_tensors="pt")
     assert torch.equal(batch["target_gene_ids"], expected["gene_ids"])
@@ -149,10 +155,12 @@ def test_stage2_decoder_targets_of_counts_are_log1p_normalised(processor):
     row = {"cell_id": "x", "text": "cell type: B cell.", "task": "text_to_cell", "gene_ids": [3, 7, 9],
            "expression": [1.0, 3.0, 6.0], "total_counts": 20.0, "value_kind": "counts"}
     collate = Stage2Collator(processor, max_decoder_genes=2)
-    genes, targets = collate.decoder_genes(row)
+    genes, targets, weights = collate.decoder_genes(row)
     assert genes[:2].tolist() == [9, 7]  # the top-2 expressed genes, highest first
     np.testing.assert_allclose(targets[:2], np.log1p(np.array([6.0, 3.0]) / 20.0 * 1e4), rtol=1e-6)
     assert len(genes) == 4 and not set(genes[2:].tolist()) & {3, 7, 9} and not targets[2:].any()
+    n_genes = len(processor.feature_extractor.gene_names)
+    assert weights[:2].tolist() == [1.0, 1.0] and weights[2:].sum() == pytest.approx(n_genes - 3)
 
 
 def test_stage2_task_draw_is_seeded_and_mixed(processor, built):

@@ -85,7 +85,11 @@ class Stage2Collator:
             text → cell example, tokenised for its true embedding; all-padding for cell → text examples.
         `decoder_gene_ids`, `decoder_targets`, `decoder_mask`: B × G, genes whose log1p-normalised expression the
             decoder predicts (the target cell's expressed genes, then as many sampled unexpressed ones at 0);
-            `decoder_mask` is all 0 for cell → text examples. Targets are log1p(x / total · target_sum) for count
+            `decoder_mask` holds each gene's loss weight (float), all 0 for cell → text examples and padding: 1 for
+            expressed genes, (unexpressed genes) / (sampled ones) for the sampled zeros, so that the weighted MSE is
+            an unbiased estimate of the MSE over every gene of the vocabulary. With equal weights a gene expressed in
+            a fraction p of a type's cells is scored as a zero about half as often as it is one, and the decoder
+            learns inflated values for rarely expressed genes. Targets are log1p(x / total · target_sum) for count
             rows and the stored values for log-normalised rows.
     """
 
@@ -177,9 +181,9 @@ class Stage2Collator:
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
     # ------------------------------------------------------------------------------------------------- decoder
-    def decoder_genes(self, row: dict) -> tuple[np.ndarray, np.ndarray]:
-        """(vocabulary gene ids, log1p-normalised targets) of one target cell: expressed genes, then as many
-        unexpressed genes drawn with the row's seed (targets 0)."""
+    def decoder_genes(self, row: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(vocabulary gene ids, log1p-normalised targets, loss weights) of one target cell: expressed genes, then as
+        many unexpressed genes drawn with the row's seed (targets 0, each standing for all unexpressed genes)."""
         n_genes = len(self.cell_tokenizer.gene_names)
         values = log_normalized([row], rows_to_matrix([row], n_genes), self.cell_tokenizer.target_sum)
         genes, expr = values.indices.astype(np.int64), values.data
@@ -192,18 +196,20 @@ class Stage2Collator:
         rng = np.random.default_rng(_row_seed(self.seed, row))
         sampled = rng.choice(unexpressed, size=min(genes.size, unexpressed.size), replace=False)
         ids = np.concatenate([genes, sampled]) + N_SPECIAL
-        return ids, np.concatenate([expr, np.zeros(sampled.size)]).astype(np.float32)
+        zero_weight = unexpressed.size / max(sampled.size, 1)
+        weights = np.concatenate([np.ones(genes.size), np.full(sampled.size, zero_weight)]).astype(np.float32)
+        return ids, np.concatenate([expr, np.zeros(sampled.size)]).astype(np.float32), weights
 
     def _decoder(self, rows: list[dict], kinds: list[str]) -> dict:
-        per_row = [self.decoder_genes(r) if k == TEXT_TO_CELL else (np.zeros(0, np.int64), np.zeros(0, np.float32))
-                   for r, k in zip(rows, kinds)]
-        width = max(1, max(ids.size for ids, _ in per_row))  # at least 1 so the key's shape is always valid
+        empty = (np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32))
+        per_row = [self.decoder_genes(r) if k == TEXT_TO_CELL else empty for r, k in zip(rows, kinds)]
+        width = max(1, max(ids.size for ids, _, _ in per_row))  # at least 1 so the key's shape is always valid
         gene_ids = np.full((len(rows), width), self.cell_tokenizer.pad_token_id, dtype=np.int64)
         targets = np.zeros((len(rows), width), dtype=np.float32)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for i, (ids, vals) in enumerate(per_row):
-            gene_ids[i, : ids.size], targets[i, : ids.size], mask[i, : ids.size] = ids, vals, 1
-        return {"decoder_gene_ids": gene_ids, "decoder_targets": targets, "decoder_mask": mask}
+        weights = np.zeros((len(rows), width), dtype=np.float32)
+        for i, (ids, vals, w) in enumerate(per_row):
+            gene_ids[i, : ids.size], targets[i, : ids.size], weights[i, : ids.size] = ids, vals, w
+        return {"decoder_gene_ids": gene_ids, "decoder_targets": targets, "decoder_mask": weights}
 
 
 __all__ = ["CELL_TO_TEXT", "IGNORE_INDEX", "TEXT_TO_CELL", "Stage1Collator", "Stage2Collator"]
