@@ -105,9 +105,11 @@ class Stage0LLMArguments:
 
 @dataclass
 class Stage1Arguments:
-    """Stage 1: `freeze_cell_encoder` keeps the (pre-trained) encoder fixed."""
+    """Stage 1: `freeze_cell_encoder` keeps the (pre-trained) encoder fixed; `captioning_max_cells` captions only that
+    many cells per batch (None: all, 0: no captioning loss), saved in the model config."""
 
     freeze_cell_encoder: bool = False
+    captioning_max_cells: int | None = None
     max_seconds: float | None = None
 
 
@@ -419,7 +421,8 @@ def _stage1(cfg: PipelineConfig, stage_dir: Path, train, test, all_rows, cell_to
         cell_tokenizer, text_tokenizer, qformer_path=qformer_path, cell_config=_cell_config_dict(m, cell_tokenizer),
         qformer_config=m.qformer_config, num_query_tokens=m.num_query_tokens, embed_dim=m.embed_dim,
         cross_attention_frequency=m.cross_attention_frequency, projector_hidden_size=m.projector_hidden_size,
-        expression_decoder_hidden_size=m.expression_decoder_hidden_size, max_text_length=m.max_text_length)
+        expression_decoder_hidden_size=m.expression_decoder_hidden_size, max_text_length=m.max_text_length,
+        captioning_max_cells=extra.captioning_max_cells)
     if cell_encoder_dir is not None:
         encoder = ScMMGPTCellModel.from_pretrained(str(cell_encoder_dir))
         model.cell_model.load_state_dict(encoder.state_dict())
@@ -464,6 +467,8 @@ def _stage2(cfg: PipelineConfig, stage_dir: Path, model_dir: Path, train, all_ro
                                   resume_from_checkpoint=_last_checkpoint(stage_dir))
     trainer.save_state()
     metrics = {"train_steps": trainer.state.global_step}
+    if trainer.decoder_warmup_losses:
+        metrics["decoder_warmup_loss"] = [trainer.decoder_warmup_losses[0], trainer.decoder_warmup_losses[-1]]
     if all_rows is not None and _is_main():
         reference = cell_expression_matrix(all_rows, cell_tokenizer)
         label_texts = label_texts_of(all_rows)
