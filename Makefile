@@ -36,8 +36,12 @@ test-gpu: setup
 train-tiny: setup
 	HF_HUB_OFFLINE=1 $(BIN)/scmmgpt train --config train/configs/tiny-cpu.yaml
 
+# the demo over 3 split / training seeds: per-seed reports in eval_output/seed_*/, mean ± sd in eval_output/summary.md
+eval: setup
+	HF_HUB_OFFLINE=1 $(BIN)/scmmgpt demo --seeds 0 1 2 --output-dir eval_output
+
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) demo_output build *.egg-info
+	rm -rf $(VENV) demo_output eval_output build *.egg-info

@@ -14,6 +14,7 @@ from scmmgpt_train.evaluate import (
     nearest_cell_descriptions,
     noisy_mean_cells,
     pseudo_cell_scores,
+    real_cell_draws,
     results_table,
 )
 from scmmgpt_train.splits import split_dataset
@@ -56,12 +57,15 @@ def test_pseudo_cell_scores_rank_real_cells_above_noise(pbmc_split):
     train, test, _, label_texts = pbmc_split
     pca = fit_pca(train)
     types = list(label_texts)
-    real_like = pseudo_cell_scores(test, train.matrix, train.labels, pca)  # real training cells as "generated"
+    real, real_labels = real_cell_draws(train, types, 20)  # real training cells as "generated"
+    assert len(real) == len(real_labels) <= 20 * len(types) and set(real_labels) == set(types)
+    real_like = pseudo_cell_scores(test, real, real_labels, pca)
     noisy, noisy_labels = noisy_mean_cells(train, types, 20, noise=1.0)
     noisy_scores = pseudo_cell_scores(test, noisy, noisy_labels, pca)
     scrambled = pseudo_cell_scores(test, noisy, np.random.default_rng(0).permutation(noisy_labels), pca)
     print(real_like["knn_accuracy"], noisy_scores["knn_accuracy"], scrambled["knn_accuracy"])
-    assert real_like["knn_accuracy"] > 0.7 and real_like["mean_correlation"] > 0.85  # real vs real: the ceiling
+    assert real_like["knn_accuracy"] > 0.6 and real_like["mean_correlation"] > 0.85
+    assert real_like["knn_accuracy"] > noisy_scores["knn_accuracy"] - 0.1
     assert scrambled["knn_accuracy"] < noisy_scores["knn_accuracy"]
 
 
@@ -87,4 +91,18 @@ def test_evaluate_model_end_to_end_on_a_tiny_model(pbmc_split, minilm_tokenizer)
     assert len(results["description"]["scMMGPT"]["texts"]) == 3
     assert results["pseudo_cells"]["scMMGPT"]["expression"].shape == (20, 765)
     table = results_table(results)
-    assert table.count("\n") == 2 + 7 + 2 + 2 - 1 and "k-NN accuracy" in table
+    assert results["pseudo_cells"]["real training cells"]["expression"].shape[1] == 765
+    assert table.count("\n") == 2 + 7 + 2 + 3 - 1 and "k-NN accuracy" in table
+
+
+def test_seed_summary_is_mean_and_sd_of_each_figure():
+    from scmmgpt_train.demo import summarize_seeds
+
+    def results(accuracy, knn):
+        return {"annotation": {"scMMGPT (retrieval)": {"accuracy": accuracy, "predictions": np.array(["a"])}},
+                "description": {}, "pseudo_cells": {"scMMGPT": {"knn_accuracy": knn, "labels": np.array(["a"])}}}
+
+    summary, table = summarize_seeds({0: results(0.7, 0.5), 1: results(0.9, 0.7), 2: results(0.8, 0.6)})
+    assert summary["annotation"]["scMMGPT (retrieval)"]["accuracy"] == pytest.approx([0.8, np.std([0.7, 0.9, 0.8])])
+    assert summary["pseudo_cells"]["scMMGPT"]["knn_accuracy"][0] == pytest.approx(0.6)
+    assert "0.800 ± 0.082" in table and "seeds 0, 1, 2" in table
