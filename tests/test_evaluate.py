@@ -106,3 +106,25 @@ def test_seed_summary_is_mean_and_sd_of_each_figure():
     assert summary["annotation"]["scMMGPT (retrieval)"]["accuracy"] == pytest.approx([0.8, np.std([0.7, 0.9, 0.8])])
     assert summary["pseudo_cells"]["scMMGPT"]["knn_accuracy"][0] == pytest.approx(0.6)
     assert "0.800 ± 0.082" in table and "seeds 0, 1, 2" in table
+
+
+def test_report_writes_table_figures_and_examples(pbmc_split, tmp_path):
+    from scmmgpt_train.report import write_report
+
+    train, test, _, label_texts = pbmc_split
+    pca = fit_pca(train)
+    types = list(label_texts)
+    predicted = annotation_baselines(train, test, pca)["logistic regression (PCA)"]
+    generated, generated_labels = noisy_mean_cells(train, types, 5, noise=0.2)
+    results = {
+        "annotation": {"scMMGPT (retrieval)": {**annotation_scores(test.labels, predicted), "predictions": predicted}},
+        "description": {"scMMGPT": {**description_scores(test.texts, test.texts), "texts": test.texts}},
+        "pseudo_cells": {"scMMGPT": {**pseudo_cell_scores(test, generated, generated_labels, pca),
+                                     "expression": generated, "labels": generated_labels}},
+    }
+    report = write_report(results, test, tmp_path, types, timings={"training": 1.0}, n_examples=3)
+    text = report.read_text()
+    assert "| annotation | scMMGPT (retrieval) |" in text and "](confusion_matrix.png)" in text and "](umap.png)" in text
+    assert text.count(test.texts[0][:60]) >= 2  # an example description beside its reference
+    for png in ("confusion_matrix.png", "umap.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

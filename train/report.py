@@ -44,18 +44,21 @@ def plot_confusion_matrix(references, predictions, labels: list[str], path: Path
 
 
 def plot_cells_umap(real, real_labels, generated, generated_labels, path: Path, seed: int = 0) -> Path:
-    """UMAP (PCA fallback) of real held-out and generated cells, coloured by type; generated cells as crosses."""
+    """UMAP (PCA fallback) of real held-out cells, coloured by type, with generated cells as crosses. The embedding is
+    fitted on the real cells alone and the generated ones are placed into it (`transform`): fitted on both, tight
+    generated clusters became islands of their own and hid where they fall among real cells."""
     from sklearn.decomposition import PCA
 
     plt = _pyplot()
-    both = np.concatenate([real, generated])
-    pcs = PCA(n_components=min(30, *both.shape), random_state=seed).fit_transform(both)
+    pca = PCA(n_components=min(30, *real.shape), random_state=seed).fit(real)
+    real_pcs, generated_pcs = pca.transform(real), pca.transform(generated)
     try:
         import umap
 
-        coords, method = umap.UMAP(random_state=seed, n_neighbors=15).fit_transform(pcs), "UMAP"
+        reducer = umap.UMAP(random_state=seed, n_neighbors=15).fit(real_pcs)
+        coords, method = np.concatenate([reducer.embedding_, reducer.transform(generated_pcs)]), "UMAP"
     except ImportError:
-        coords, method = pcs[:, :2], "PCA"
+        coords, method = np.concatenate([real_pcs, generated_pcs])[:, :2], "PCA"
     labels = sorted(set(real_labels) | set(generated_labels))
     colours = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
     fig, ax = plt.subplots(figsize=(8, 6.5))
@@ -63,9 +66,10 @@ def plot_cells_umap(real, real_labels, generated, generated_labels, path: Path, 
     for k, label in enumerate(labels):
         colour = colours(k % colours.N)
         real_mask, gen_mask = np.asarray(real_labels) == label, np.asarray(generated_labels) == label
-        ax.scatter(*coords[:n_real][real_mask].T, s=8, color=colour, alpha=0.6, label=label)
-        ax.scatter(*coords[n_real:][gen_mask].T, s=40, color=colour, marker="x", linewidths=1.5)
-    ax.set_title(f"{method} of real held-out cells (dots) and scMMGPT pseudo-cells from text (crosses)")
+        ax.scatter(*coords[:n_real][real_mask].T, s=14, color=colour, alpha=0.6, label=label)
+        ax.scatter(*coords[n_real:][gen_mask].T, s=30, color=colour, marker="x", linewidths=1.2)
+    ax.set_title(f"{method} of real held-out cells (dots); scMMGPT pseudo-cells from text placed in it (crosses)",
+                 fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(fontsize=7, markerscale=2, loc="best")
