@@ -146,6 +146,15 @@ def test_stage2_lora_stays_in_the_llm_and_uses_the_processors_prompts(pbmc, mini
     collator = stage2_collator(processor, args)
     assert (collator.cell_to_text_prompt, collator.text_to_cell_prompt) == (DESCRIBE_PROMPT, GENERATE_PROMPT)
 
+    # a warmed-up decoder kept fixed: left out of LoRA's trained modules, frozen when tuning in full
+    fixed = Stage2Arguments(tuning="lora", train_expression_decoder=False)
+    _, lora = apply_tuning(build_stage2_model(stage1, llm, processor), fixed)
+    assert "expression_decoder" not in lora.modules_to_save and "text_to_cell_projector" in lora.modules_to_save
+    full, _ = apply_tuning(build_stage2_model(stage1, llm, processor), Stage2Arguments(tuning="full",
+                                                                                       train_expression_decoder=False))
+    assert not any(p.requires_grad for p in full.expression_decoder.parameters())
+    assert all(p.requires_grad for p in full.text_to_cell_projector.parameters())
+
 
 def test_decoder_warm_up_decodes_each_types_mean_state_towards_its_mean_expression(pbmc_path, minilm_tokenizer):
     """The warm-up fits the decoder on frozen stage-1 states of real PBMC cells (single cells and same-text mixtures):
