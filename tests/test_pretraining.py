@@ -1,6 +1,7 @@
 """Stage 0: the masked-value head model, and single-modal pre-training of the cell encoder and of a small LLM."""
 
 import time
+import warnings
 
 import pytest
 import torch
@@ -155,3 +156,18 @@ def test_default_budget_runs(tmp_path):
     _, _, llm_metrics = pretrain_small_llm(output_dir=str(tmp_path / "llm"), progress=False)
     print(f"small LLM defaults: {llm_metrics}")
     assert llm_metrics["perplexity_after"] < llm_metrics["perplexity_before"]
+
+
+def test_time_limit_stops_training_with_a_warning_when_steps_are_left():
+    from transformers import TrainerControl, TrainerState
+
+    from scmmgpt_train.pretrain import TimeLimitCallback
+
+    guard = TimeLimitCallback(0.0)
+    guard.on_train_begin(None, TrainerState(), TrainerControl())
+    with pytest.warns(UserWarning, match="after 3 of 10 steps"):
+        control = guard.on_step_end(None, TrainerState(global_step=3, max_steps=10), TrainerControl())
+    assert control.should_training_stop
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the last step: stopping there loses nothing, no warning
+        assert guard.on_step_end(None, TrainerState(global_step=10, max_steps=10), TrainerControl()).should_training_stop
