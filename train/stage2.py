@@ -224,6 +224,20 @@ def _first_rows(dataset, n: int) -> list[dict]:
     return list(itertools.islice(iter(dataset), n))
 
 
+@torch.no_grad()
+def true_cell_states(model: ScMMGPTForConditionalGeneration, rows, cell_tokenizer, batch_size: int = 64) -> torch.Tensor:
+    """The stage-1 Q-Former states of built rows (a list or `datasets.Dataset`), (cells, queries, hidden), on the
+    model's device: the cell states the text → cell path is trained towards."""
+    from .streaming import rows_to_cell_inputs
+
+    states = []
+    for start in range(0, len(rows), batch_size):
+        chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+        batch = {k: v.to(model.device) for k, v in rows_to_cell_inputs(chunk, cell_tokenizer).items()}
+        states.append(model.scmmgpt.query_outputs(**batch))
+    return torch.cat(states)
+
+
 def warm_up_expression_decoder(model: ScMMGPTForConditionalGeneration, rows, cell_tokenizer, steps: int,
                                batch_size: int = 16, learning_rate: float = 3e-3, mixture_size: int = 8,
                                seed: int = 0, progress: bool = False) -> list[float]:
@@ -241,7 +255,7 @@ def warm_up_expression_decoder(model: ScMMGPTForConditionalGeneration, rows, cel
     """
     from tqdm.auto import tqdm
 
-    from .streaming import N_SPECIAL, rows_to_cell_inputs
+    from .streaming import N_SPECIAL
 
     if steps <= 0:
         return []
@@ -251,10 +265,7 @@ def warm_up_expression_decoder(model: ScMMGPTForConditionalGeneration, rows, cel
     genes = torch.nonzero(expression.sum(0) > 0).squeeze(1)  # only genes seen expressed: the rest decode to 0 anyway
     expression = expression[:, genes].to(device)
     gene_ids = (genes + N_SPECIAL).to(device)
-    with torch.no_grad():
-        batches = (rows_to_cell_inputs(rows[i:i + 64], cell_tokenizer) for i in range(0, len(rows), 64))
-        states = torch.cat([model.scmmgpt.query_outputs(**{k: v.to(device) for k, v in batch.items()})
-                            for batch in batches])
+    states = true_cell_states(model, rows, cell_tokenizer).to(device)
     _, group_of = np.unique([row["text"] for row in rows], return_inverse=True)
     groups = [torch.as_tensor(np.flatnonzero(group_of == g)) for g in range(group_of.max() + 1)]
     decoder = model.expression_decoder
@@ -365,24 +376,17 @@ def generated_state_accuracy(model, label_texts: dict[str, str], rows, cell_toke
     """Share of label texts whose generated cell state (the text → cell projector's output, before the expression
     decoder) lies closest, in mean squared distance, to the mean true Q-Former state of that label's real cells: does
     the LLM read the text into the right kind of cell, whatever the decoder makes of it."""
-    from .streaming import rows_to_cell_inputs
-
     model.eval()
     processor = model._get_processor(processor)
     labels = list(label_texts)
     cells = np.asarray(rows["cell_type"])
-    states = []
-    for start in range(0, len(rows), batch_size):
-        chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
-        batch = {k: v.to(model.device) for k, v in rows_to_cell_inputs(chunk, cell_tokenizer).items()}
-        states.append(model.scmmgpt.query_outputs(**batch).float().cpu())
-    states = torch.cat(states)
+    states = true_cell_states(model, rows, cell_tokenizer, batch_size).float().cpu()
     means = torch.stack([states[torch.as_tensor(cells == label)].mean(0) for label in labels])
     generated = torch.cat([model._text_cell_states([label_texts[label]], processor) for label in labels]).float().cpu()
     distances = ((generated[:, None] - means[None]) ** 2).mean((-1, -2))
     return float((distances.argmin(1) == torch.arange(len(labels))).float().mean())
 
 
-__all__ = ["warm_up_expression_decoder", "LLM_LORA_TARGETS", "PROJECTORS", "STAGE2_LOSSES", "Stage2Arguments", "apply_tuning", "build_stage2_model",
+__all__ = ["true_cell_states", "warm_up_expression_decoder", "LLM_LORA_TARGETS", "PROJECTORS", "STAGE2_LOSSES", "Stage2Arguments", "apply_tuning", "build_stage2_model",
            "cell_expression_matrix", "generated_cell_knn_accuracy", "generated_state_accuracy", "load_language_model",
            "quantization_config_4bit", "stage2_collator", "train_stage2"]
