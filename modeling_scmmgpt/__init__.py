@@ -8,6 +8,7 @@ Importing the package registers its classes with the transformers Auto classes (
 from .configuration_scmmgpt import ScMMGPTCellConfig, ScMMGPTConfig
 from .feature_extraction_scmmgpt import ScMMGPTCellTokenizer
 from .jobs_scmmgpt import CellAnnotation, GeneratedCells
+from .modeling_cell_classification import ScMMGPTCellForClassification
 from .modeling_cell_encoder import ScMMGPTCellModel, ScMMGPTCellPreTrainedModel
 from .modeling_cell_pretraining import ScMMGPTCellForMaskedValuePrediction
 from .modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTModel, ScMMGPTPreTrainedModel
@@ -20,7 +21,8 @@ __version__ = "0.1.0"
 def register() -> None:
     """Register scMMGPT with the transformers Auto classes (idempotent) and mark the classes for `auto_map` saving."""
     from transformers import (
-        AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoProcessor,
+        AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
+        AutoModelForSequenceClassification, AutoProcessor,
     )
 
     AutoConfig.register(ScMMGPTCellConfig.model_type, ScMMGPTCellConfig, exist_ok=True)
@@ -29,6 +31,8 @@ def register() -> None:
     AutoModel.register(ScMMGPTConfig, ScMMGPTModel, exist_ok=True)
     # stage 0 (cell encoder pre-training): masked value prediction is the cell analogue of masked LM
     AutoModelForMaskedLM.register(ScMMGPTCellConfig, ScMMGPTCellForMaskedValuePrediction, exist_ok=True)
+    # fine-tuned cell type annotation: a cell is a sequence of gene tokens with one label
+    AutoModelForSequenceClassification.register(ScMMGPTCellConfig, ScMMGPTCellForClassification, exist_ok=True)
     AutoModelForCausalLM.register(ScMMGPTConfig, ScMMGPTForConditionalGeneration, exist_ok=True)
     AutoFeatureExtractor.register(ScMMGPTCellConfig, ScMMGPTCellTokenizer, exist_ok=True)
     AutoFeatureExtractor.register(ScMMGPTConfig, ScMMGPTCellTokenizer, exist_ok=True)
@@ -39,6 +43,7 @@ def register() -> None:
     ScMMGPTCellModel.register_for_auto_class("AutoModel")
     ScMMGPTModel.register_for_auto_class("AutoModel")
     ScMMGPTCellForMaskedValuePrediction.register_for_auto_class("AutoModelForMaskedLM")
+    ScMMGPTCellForClassification.register_for_auto_class("AutoModelForSequenceClassification")
     ScMMGPTForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")
     ScMMGPTCellTokenizer.register_for_auto_class("AutoFeatureExtractor")
     ScMMGPTProcessor.register_for_auto_class("AutoProcessor")
@@ -53,6 +58,7 @@ __all__ = [
     "ScMMGPTCellModel",
     "ScMMGPTCellPreTrainedModel",
     "ScMMGPTCellForMaskedValuePrediction",
+    "ScMMGPTCellForClassification",
     "ScMMGPTProcessor",
     "ScMMGPTPreTrainedModel",
     "ScMMGPTModel",

@@ -55,8 +55,10 @@ METRIC_IDS = {"accuracy": "accuracy", "macro_f1": "f1", "f1": "f1", "bleu": "ble
               "bleu_4": "bleu", "rouge_1": "rouge", "rouge_2": "rouge", "rouge_l": "rouge", "rouge": "rouge",
               "meteor": "meteor", "knn_accuracy": "accuracy"}
 DEFAULT_METRICS = {"stage2": ["accuracy", "f1", "bleu", "rouge", "meteor"], "stage1": ["accuracy", "f1"],
-                   "encoder": []}
-PIPELINE_TAGS = {"stage2": "any-to-any", "stage1": "zero-shot-classification", "encoder": "feature-extraction"}
+                   "encoder": [], "classifier": ["accuracy", "f1"]}
+PIPELINE_TAGS = {"stage2": "any-to-any", "stage1": "zero-shot-classification", "encoder": "feature-extraction",
+                 "classifier": "tabular-classification"}
+CELL_ONLY_KINDS = ("encoder", "classifier")  # folders with a cell tokenizer and no text side
 DEFAULT_DATASET = {"name": "PBMC 68k (reduced), scanpy", "type": "scanpy/pbmc68k_reduced"}
 # architecture → (config class, auto class, module) of each kind of scMMGPT folder
 ARCHITECTURES = {
@@ -65,6 +67,8 @@ ARCHITECTURES = {
     "ScMMGPTCellModel": ("encoder", "ScMMGPTCellConfig", "AutoModel", "modeling_cell_encoder"),
     "ScMMGPTCellForMaskedValuePrediction": ("encoder", "ScMMGPTCellConfig", "AutoModelForMaskedLM",
                                             "modeling_cell_pretraining"),
+    "ScMMGPTCellForClassification": ("classifier", "ScMMGPTCellConfig", "AutoModelForSequenceClassification",
+                                     "modeling_cell_classification"),
 }
 # never uploaded: pickles (we publish safetensors only) and training state
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -88,7 +92,7 @@ def _write_json(path, data):
 
 
 def model_kind(config: dict) -> str:
-    """`"stage2"`, `"stage1"` or `"encoder"` from a `config.json`; ValueError for folders that are not scMMGPT's."""
+    """`"stage2"`, `"stage1"`, `"encoder"` or `"classifier"` from a `config.json`; ValueError for folders that are not scMMGPT's."""
     for architecture in config.get("architectures") or []:
         if architecture in ARCHITECTURES:
             return ARCHITECTURES[architecture][0]
@@ -102,7 +106,7 @@ def describe_model_folder(model_dir) -> dict:
     config = _read_json(model_dir / "config.json")
     kind = model_kind(config)
     architecture = next(a for a in config["architectures"] if a in ARCHITECTURES)
-    cell = config.get("cell_config", config) if kind != "encoder" else config
+    cell = config.get("cell_config", config) if kind not in CELL_ONLY_KINDS else config
     qformer, text = config.get("qformer_config") or {}, config.get("text_config") or {}
     extractor = {}
     if (model_dir / "processor_config.json").is_file():
@@ -122,6 +126,7 @@ def describe_model_folder(model_dir) -> dict:
         "qformer_hidden": qformer.get("hidden_size"), "cross_attention_frequency": config.get("cross_attention_frequency"),
         "llm_type": text.get("model_type"), "llm_layers": text.get("num_hidden_layers", text.get("n_layer")),
         "llm_hidden": text.get("hidden_size", text.get("n_embd")), "llm_vocab": text.get("vocab_size"),
+        "classifier_pooling": config.get("classifier_pooling"), "num_labels": len(config.get("id2label") or {}),
     }
     return {"kind": kind, "architecture": architecture, "auto_class": ARCHITECTURES[architecture][2], "arch": arch,
             "config": config, "llm_name_or_path": text.get("_name_or_path")}
@@ -295,7 +300,7 @@ def render_model_card(
         card_data, template_path=_template("model_card_template.md", template_path),
         model_name=model_name, model_id=repo_id or str(model_dir), kind=kind, arch=info["arch"],
         auto_class=info["auto_class"],
-        processor_class="AutoFeatureExtractor" if kind == "encoder" else "AutoProcessor",
+        processor_class="AutoFeatureExtractor" if kind in CELL_ONLY_KINDS else "AutoProcessor",
         example_labels=json.dumps(labels),
         example_text="cell type: CD14-positive monocyte. A classical monocyte that expresses CD14 at high levels.",
         eval_rows=_eval_rows(results), training_data=training_data, species=species,
@@ -485,10 +490,12 @@ def _check_weights(folder: Path, source: Path):
 
 def _check_processor_files(folder: Path, kind: str, source: Path):
     needed = ["gene_vocab.json"]
-    needed += ["processor_config.json", "tokenizer_config.json"] if kind != "encoder" else ["preprocessor_config.json"]
+    needed += (["processor_config.json", "tokenizer_config.json"] if kind not in CELL_ONLY_KINDS
+               else ["preprocessor_config.json"])
     missing = [n for n in needed if not (folder / n).is_file()]
     if missing:
-        what = "processor.save_pretrained(folder)" if kind != "encoder" else "cell_tokenizer.save_pretrained(folder)"
+        what = ("processor.save_pretrained(folder)" if kind not in CELL_ONLY_KINDS
+                else "cell_tokenizer.save_pretrained(folder)")
         raise FileNotFoundError(f"{source} lacks {missing}: save the processor into the model folder ({what})")
 
 
@@ -551,12 +558,15 @@ import json, sys, warnings
 sys.modules["modeling_scmmgpt"] = None  # as on a machine without the package: only remote code may load
 folder = sys.argv[1]
 warnings.simplefilter("ignore")
-from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, AutoProcessor
+import transformers
+from transformers import AutoConfig, AutoFeatureExtractor, AutoProcessor
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 import os
 config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
-architectures = config.architectures or []
-auto = AutoModelForCausalLM if "ScMMGPTForConditionalGeneration" in architectures else AutoModel
+# the auto class the folder's auto_map gives its architecture (AutoModel for a bare encoder)
+auto_class = next((name for name, ref in (config.auto_map or {}).items()
+                   if name != "AutoConfig" and ref.split(".")[-1] in (config.architectures or [])), "AutoModel")
+auto = getattr(transformers, auto_class)
 model, info = auto.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
 model.eval()
 report = {"model_class": type(model).__name__,

@@ -340,6 +340,27 @@ def test_load_check_catches_incomplete_weights(saved_model, tmp_path):
         check_folder_loads(staged)
 
 
+def test_fine_tuned_classifier_folder_assembles_and_loads_as_remote_code(processor, tmp_path):
+    from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTCellForClassification
+    from modeling_scmmgpt.hub import assemble_push_folder, check_folder_loads
+
+    labels = ["B cell", "T cell", "monocyte"]
+    config = ScMMGPTCellConfig.tiny(vocab_size=len(processor.feature_extractor), num_labels=3,
+                                    id2label=dict(enumerate(labels)), classifier_pooling="expression_mean")
+    ScMMGPTCellForClassification(config).save_pretrained(tmp_path / "classifier")
+    processor.feature_extractor.save_pretrained(tmp_path / "classifier")
+    report = assemble_push_folder(tmp_path / "classifier", tmp_path / "staged", repo_id="org/classifier")
+    assert report["kind"] == "classifier" and report["card"] == "rendered"
+    config = json.loads((tmp_path / "staged" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForSequenceClassification"] == (
+        "modeling_cell_classification.ScMMGPTCellForClassification")
+    card = ModelCard.load(tmp_path / "staged" / "README.md")
+    assert card.data.pipeline_tag == "tabular-classification" and "fine-tuned cell type classifier" in card.text
+    assert "expression_mean pooling" in card.text and "Q-Former" not in card.text
+    loaded = check_folder_loads(tmp_path / "staged")
+    assert loaded["model_class"] == "ScMMGPTCellForClassification" and loaded["remote_code"]
+
+
 def test_cell_encoder_folder_assembles_without_pipelines(processor, tmp_path):
     from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTCellModel
     from modeling_scmmgpt.hub import assemble_push_folder
