@@ -36,16 +36,26 @@ def _read_h5ad(path: str):
         raise CLIError(f"{path}: not a readable .h5ad file ({type(err).__name__}: {err})") from err
 
 
-def load_model(model_dir: str):
-    """The scMMGPT model saved in `model_dir` (stage 2 if it has an LLM, else stage 1) and its processor."""
+CLASSIFIER = "ScMMGPTCellForClassification"
+
+
+def _architectures(model_dir: str) -> list[str]:
     if not os.path.isdir(model_dir) or not os.path.exists(os.path.join(model_dir, "config.json")):
         raise CLIError(f"{model_dir}: not a saved model folder (no config.json)")
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(model_dir), "architectures", None) or []
+
+
+def load_model(model_dir: str):
+    """The scMMGPT model saved in `model_dir` (stage 2 if it has an LLM, else stage 1) and its processor."""
+    from transformers import AutoProcessor
 
     from . import ScMMGPTForConditionalGeneration, ScMMGPTModel
 
-    config = AutoConfig.from_pretrained(model_dir)
-    architectures = getattr(config, "architectures", None) or []
+    architectures = _architectures(model_dir)
+    if CLASSIFIER in architectures:
+        raise CLIError(f"{model_dir} is a fine-tuned cell type classifier: it only annotates (scmmgpt annotate)")
     model_class = ScMMGPTForConditionalGeneration if "ScMMGPTForConditionalGeneration" in architectures else ScMMGPTModel
     model = model_class.from_pretrained(model_dir).eval()
     model.processor = AutoProcessor.from_pretrained(model_dir)
@@ -103,20 +113,48 @@ def annotate_main(argv=None) -> int:
                                      "obs['scmmgpt_cell_type'] and obsm['scmmgpt_cell_type_scores'].")
     _common_arguments(parser)
     parser.add_argument("--labels", nargs="+", help="candidate cell types (default: those the model was trained on)")
-    parser.add_argument("--method", choices=["retrieval", "likelihood", "generate"], default="retrieval")
+    parser.add_argument("--method", choices=["retrieval", "likelihood", "generate"], default=None,
+                        help="zero-shot method of a scMMGPT model (default: retrieval); a fine-tuned classifier "
+                             "folder uses its head")
     return _run(parser, argv, _annotate)
 
 
+def _annotate_with_classifier(args):
+    """A fine-tuned `ScMMGPTCellForClassification` folder: its own labels, probabilities as scores."""
+    from transformers import AutoFeatureExtractor
+
+    from . import ScMMGPTCellForClassification
+
+    if args.labels or args.method:
+        raise CLIError(f"{args.model} is a fine-tuned classifier with fixed labels: drop --labels / --method")
+    model = ScMMGPTCellForClassification.from_pretrained(args.model).eval()
+    adata = _read_h5ad(args.input)
+    feature_extractor = AutoFeatureExtractor.from_pretrained(args.model)
+    inputs = cell_inputs(adata, feature_extractor, args.normalize)
+    result = model.annotate(inputs.pop("cells"), feature_extractor=feature_extractor, batch_size=args.batch_size,
+                            progress=True, **inputs)
+    return adata, result
+
+
 def _annotate(args):
+    if CLASSIFIER in _architectures(args.model):
+        adata, result = _annotate_with_classifier(args)
+        _write_annotation(adata, result, args.output)
+        return
+    args.method = args.method or "retrieval"
     model, adata = load_model(args.model), _read_h5ad(args.input)
     labels, texts = _labels(args, args.model)
     inputs = cell_inputs(adata, model.processor.feature_extractor, args.normalize)
     result = model.annotate(inputs.pop("cells"), labels, method=args.method, label_texts=texts,
                             batch_size=args.batch_size, progress=True, **inputs)
+    _write_annotation(adata, result, args.output)
+
+
+def _write_annotation(adata, result, path: str):
     adata.obs["scmmgpt_cell_type"] = result.predictions
     adata.obsm["scmmgpt_cell_type_scores"] = result.scores.astype(np.float32)
-    adata.uns["scmmgpt_cell_type_labels"] = np.asarray(labels, dtype=object)
-    _write(adata, args.output)
+    adata.uns["scmmgpt_cell_type_labels"] = np.asarray(result.labels, dtype=object)
+    _write(adata, path)
 
 
 def embed_main(argv=None) -> int:

@@ -88,6 +88,8 @@ def test_pipeline_runs_every_stage_caches_and_saves_a_hub_folder(tmp_path):
     assert {"loss_lm", "loss_cell_embed", "loss_expression"} <= set(result["losses"]["stage2"])
     assert 0.0 <= result["metrics"]["stage2"]["knn_accuracy"] <= 1.0
     assert "retrieval_accuracy" in result["metrics"]["stage1"]
+    assert 0.0 <= result["metrics"]["classifier"]["accuracy"] <= 1.0  # fine-tuned from the stage-1 encoder
+    assert result["classifier_dir"] == str(out / "classifier")
     for stage in ("stage1", "stage2"):  # every process that trained left a record
         ranks = json.loads((out / stage / "ranks" / "rank-0.json").read_text())
         assert ranks["steps"] == 3 and ranks["world_size"] == 1
@@ -211,6 +213,7 @@ def test_tiny_cpu_pipeline_learns(tmp_path):
     assert last < first - 1.0
     m = result["metrics"]
     assert m["stage0_cell"]["masked_value_mse"] < m["stage0_cell"]["masked_value_mse_random_init"]
+    assert m["classifier"]["accuracy"] >= 0.8  # logistic regression on all genes: 0.88
     assert m["stage1"]["retrieval_accuracy"] > m["stage1"]["retrieval_accuracy_before"] + 0.2
     # the LLM reads each type's text into that type's cell state; the decoded profiles are still too close to the
     # average cell for a k-NN on real cells to tell most types apart (knn_accuracy ~0.2-0.3 here), so only the

@@ -37,7 +37,7 @@ def run_seed(config_path: str, output_dir: Path, seed: int | None, fresh: bool, 
     `output_dir`. Returns the evaluation results."""
     from transformers import AutoProcessor
 
-    from modeling_scmmgpt import ScMMGPTForConditionalGeneration
+    from modeling_scmmgpt import ScMMGPTCellForClassification, ScMMGPTForConditionalGeneration
 
     from .evaluate import EvalCells, evaluate_model, results_table
     from .report import write_report
@@ -66,8 +66,11 @@ def run_seed(config_path: str, output_dir: Path, seed: int | None, fresh: bool, 
     label_texts = label_texts_of(all_rows)
     (model_dir / "label_texts.json").write_text(json.dumps(label_texts, indent=1), encoding="utf-8")
     train, test = EvalCells.from_rows(train_rows, cell_tokenizer), EvalCells.from_rows(test_rows, cell_tokenizer)
+    classifier = None
+    if pipeline["classifier_dir"]:
+        classifier = ScMMGPTCellForClassification.from_pretrained(pipeline["classifier_dir"]).eval()
     results = evaluate_model(model, processor, train, test, label_texts, progress=progress,
-                             seed=config.pipeline.seed)
+                             seed=config.pipeline.seed, classifier=classifier)
     timings["evaluation"] = time.perf_counter() - start
 
     print("[3/3] writing the report", flush=True)
@@ -78,6 +81,9 @@ def run_seed(config_path: str, output_dir: Path, seed: int | None, fresh: bool, 
     print()
     print(f"report: {report}   figures: {output_dir / 'confusion_matrix.png'}, {output_dir / 'umap.png'}")
     print(f"model (Hub-ready): {model_dir}   e.g. scmmgpt annotate {model_dir} cells.h5ad -o annotated.h5ad")
+    if classifier is not None:
+        print(f"fine-tuned classifier (Hub-ready): {pipeline['classifier_dir']}   e.g. scmmgpt annotate "
+              f"{pipeline['classifier_dir']} cells.h5ad -o annotated.h5ad")
     return results
 
 

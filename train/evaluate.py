@@ -150,8 +150,9 @@ def pseudo_cell_scores(real: EvalCells, generated: np.ndarray, generated_labels,
 # ------------------------------------------------------------------------------------------------ the model
 def evaluate_model(model, processor, train: EvalCells, test: EvalCells, label_texts: dict[str, str], *,
                    methods=ANNOTATION_METHODS, n_per_type: int = 20, describe_cells: int | None = None, seed: int = 0,
-                   progress: bool = True) -> dict:
-    """Scores of the model and the baselines on the test cells. Returns
+                   progress: bool = True, classifier=None) -> dict:
+    """Scores of the model and the baselines on the test cells; `classifier`, a fine-tuned
+    `ScMMGPTCellForClassification`, adds the row "scMMGPT (fine-tuned)". Returns
     {"annotation": {name: {accuracy, macro_f1, predictions}}, "description": {name: scores + texts},
      "pseudo_cells": {name: {knn_accuracy, mean_correlation, expression, labels}}}."""
     pca = fit_pca(train, seed=seed)
@@ -171,6 +172,11 @@ def evaluate_model(model, processor, train: EvalCells, test: EvalCells, label_te
             predicted = [label_of_name[name] for name in by_name]
         results["annotation"][f"scMMGPT ({method})"] = {**annotation_scores(test.labels, predicted),
                                                         "predictions": np.asarray(predicted)}
+    if classifier is not None:
+        predicted = classifier.annotate(test.matrix, gene_names=test.gene_names, progress=progress,
+                                        normalize=False).predictions
+        results["annotation"]["scMMGPT (fine-tuned)"] = {**annotation_scores(test.labels, predicted),
+                                                         "predictions": np.asarray(predicted)}
     for name, predicted in annotation_baselines(train, test, pca).items():
         results["annotation"][name] = {**annotation_scores(test.labels, predicted), "predictions": predicted}
 

