@@ -38,7 +38,7 @@ train-tiny: setup
 
 # the demo over 3 split / training seeds: per-seed reports in eval_output/seed_*/, mean ± sd in eval_output/summary.md
 eval: setup
-	HF_HUB_OFFLINE=1 $(BIN)/scmmgpt demo --seeds 0 1 2 --output-dir eval_output
+	HF_HUB_OFFLINE=1 $(BIN)/scmmgpt demo --seeds 0 1 2 --output-dir eval_output --no-time-limits
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py

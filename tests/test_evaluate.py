@@ -1,5 +1,7 @@
 """Evaluation metrics (offline `evaluate` modules) and baselines on the real PBMC cells."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -109,7 +111,7 @@ def test_seed_summary_is_mean_and_sd_of_each_figure():
 
 
 def test_report_writes_table_figures_and_examples(pbmc_split, tmp_path):
-    from scmmgpt_train.report import write_report
+    from scmmgpt_train.report import training_steps, write_report
 
     train, test, _, label_texts = pbmc_split
     pca = fit_pca(train)
@@ -122,8 +124,13 @@ def test_report_writes_table_figures_and_examples(pbmc_split, tmp_path):
         "pseudo_cells": {"scMMGPT": {**pseudo_cell_scores(test, generated, generated_labels, pca),
                                      "expression": generated, "labels": generated_labels}},
     }
-    report = write_report(results, test, tmp_path, types, timings={"training": 1.0}, n_examples=3)
+    for stage, (run, planned) in {"stage1": (300, 300), "stage2": (158, 600)}.items():
+        (tmp_path / f"{stage}.json").write_text(json.dumps({"global_step": run, "max_steps": planned}))
+    steps = training_steps({stage: {"trainer_state": str(tmp_path / f"{stage}.json")} for stage in ("stage1", "stage2")})
+    assert steps == {"stage1": (300, 300), "stage2": (158, 600)}
+    report = write_report(results, test, tmp_path, types, timings={"training": 1.0}, n_examples=3, steps=steps)
     text = report.read_text()
+    assert "| stage1 | 300 / 300 |" in text and "| stage2 | 158 / 600 (cut short by max_seconds) |" in text
     assert "| annotation | scMMGPT (retrieval) |" in text and "](confusion_matrix.png)" in text and "](umap.png)" in text
     assert text.count(test.texts[0][:60]) >= 2  # an example description beside its reference
     for png in ("confusion_matrix.png", "umap.png"):

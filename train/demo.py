@@ -29,22 +29,28 @@ def parse_args(argv):
                              "(default: the config's seed, one run)")
     parser.add_argument("--fresh", action="store_true", help="retrain every stage instead of reusing them")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-time-limits", action="store_true",
+                        help="ignore the config's max_seconds guards, so that every stage runs all its steps whatever "
+                             "the machine's load (make eval)")
     return parser.parse_args(argv)
 
 
-def run_seed(config_path: str, output_dir: Path, seed: int | None, fresh: bool, progress: bool) -> dict:
+def run_seed(config_path: str, output_dir: Path, seed: int | None, fresh: bool, progress: bool,
+             time_limits: bool = True) -> dict:
     """Train (or reuse) every stage with `seed` as split and training seed, evaluate, write the report into
-    `output_dir`. Returns the evaluation results."""
+    `output_dir`; `time_limits=False` drops every stage's `max_seconds`. Returns the evaluation results."""
     from transformers import AutoProcessor
 
     from modeling_scmmgpt import ScMMGPTCellForClassification, ScMMGPTForConditionalGeneration
 
     from .evaluate import EvalCells, evaluate_model, results_table
-    from .report import write_report
-    from .run import load_cells, load_config, run_pipeline
+    from .report import training_steps, write_report
+    from .run import STAGES, load_cells, load_config, run_pipeline
     from .stage1 import label_texts_of
 
-    overrides = None if seed is None else {"pipeline.seed": seed, "data.seed": seed}
+    overrides = {} if seed is None else {"pipeline.seed": seed, "data.seed": seed}
+    if not time_limits:
+        overrides.update({f"{stage}.max_seconds": None for stage in STAGES})
     config = load_config(config_path, output_dir=str(output_dir), overrides=overrides)
     timings = {}
     start = time.perf_counter()
@@ -55,6 +61,11 @@ def run_seed(config_path: str, output_dir: Path, seed: int | None, fresh: bool, 
     for stage, losses in pipeline["losses"].items():
         shown = ", ".join(f"{name} {first:.3f} -> {last:.3f}" for name, (first, last) in losses.items())
         print(f"      {stage}: {shown}", flush=True)
+    steps = training_steps(pipeline["stages"])
+    for stage, (run, planned) in steps.items():
+        if run < planned:
+            print(f"      warning: {stage} ran {run} of {planned} steps (max_seconds): its figures are lower than "
+                  "a full run's", flush=True)
 
     start = time.perf_counter()
     print("[2/3] evaluating the three jobs on held-out cells against baselines", flush=True)
@@ -74,7 +85,7 @@ def run_seed(config_path: str, output_dir: Path, seed: int | None, fresh: bool, 
     timings["evaluation"] = time.perf_counter() - start
 
     print("[3/3] writing the report", flush=True)
-    report = write_report(results, test, output_dir, list(label_texts), timings)
+    report = write_report(results, test, output_dir, list(label_texts), timings, steps=steps)
     (output_dir / "results.json").write_text(json.dumps(scalar_results(results), indent=1), encoding="utf-8")
     print()
     print(results_table(results))
@@ -115,12 +126,13 @@ def main(argv=None) -> int:
     output_dir = Path(args.output_dir)
     progress = not args.no_progress
     if not args.seeds or len(args.seeds) == 1:
-        run_seed(args.config, output_dir, args.seeds[0] if args.seeds else None, args.fresh, progress)
+        run_seed(args.config, output_dir, args.seeds[0] if args.seeds else None, args.fresh, progress,
+                 not args.no_time_limits)
         return 0
     if len(set(args.seeds)) != len(args.seeds):
         raise SystemExit(f"scmmgpt demo: --seeds repeats a seed: {args.seeds}")
-    per_seed = {seed: run_seed(args.config, output_dir / f"seed_{seed}", seed, args.fresh, progress)
-                for seed in args.seeds}
+    per_seed = {seed: run_seed(args.config, output_dir / f"seed_{seed}", seed, args.fresh, progress,
+                               not args.no_time_limits) for seed in args.seeds}
     summary, table = summarize_seeds(per_seed)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")

@@ -3,6 +3,7 @@ example descriptions next to their references."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -79,9 +80,22 @@ def plot_cells_umap(real, real_labels, generated, generated_labels, path: Path, 
     return path
 
 
+def training_steps(stages: dict) -> dict[str, tuple[int, int]]:
+    """{stage: (optimiser steps run, steps planned)} from each stage's `trainer_state.json` (`run_pipeline`'s
+    `stages`); a stage with fewer steps run than planned was stopped by its wall-time guard."""
+    steps = {}
+    for name, record in stages.items():
+        path = Path(record.get("trainer_state") or "")
+        if path.is_file():
+            state = json.loads(path.read_text())
+            steps[name] = (int(state.get("global_step", 0)), int(state.get("max_steps", 0)))
+    return steps
+
+
 def write_report(results: dict, test, output_dir: Path, labels: list[str], timings: dict | None = None,
-                 n_examples: int = 6) -> Path:
-    """Writes report.md and the two figures into `output_dir`; returns the report's path."""
+                 n_examples: int = 6, steps: dict | None = None) -> Path:
+    """Writes report.md and the two figures into `output_dir`; returns the report's path. `steps`: the
+    `training_steps` of the run, listed with a warning for stages cut short."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     best = max((name for name in results["annotation"] if name.startswith("scMMGPT")),
@@ -110,6 +124,10 @@ def write_report(results: dict, test, output_dir: Path, labels: list[str], timin
     ]
     for i in range(min(n_examples, len(described))):
         lines.append(f"| {test.labels[i]} | {described[i][:200]} | {test.texts[i][:200]} |")
+    if steps:
+        lines += ["", "## Training steps", "", "| stage | steps run / planned |", "|---|---|"]
+        lines += [f"| {stage} | {run} / {planned}{' (cut short by max_seconds)' if run < planned else ''} |"
+                  for stage, (run, planned) in steps.items()]
     if timings:
         lines += ["", "## Time", "", "| step | seconds |", "|---|---|"]
         lines += [f"| {step} | {seconds:.0f} |" for step, seconds in timings.items()]
@@ -118,4 +136,4 @@ def write_report(results: dict, test, output_dir: Path, labels: list[str], timin
     return path
 
 
-__all__ = ["write_report", "plot_confusion_matrix", "plot_cells_umap"]
+__all__ = ["write_report", "training_steps", "plot_confusion_matrix", "plot_cells_umap"]
