@@ -190,6 +190,11 @@ class CellTextJobsMixin:
         text = tokenizer([processor.expand_cell_placeholders(prompt)] * batch["gene_ids"].shape[0],
                          return_tensors="pt", padding=True, padding_side="left")
         generate_kwargs.setdefault("do_sample", False)
+        # Trainer saves models with use_cache=False: without the cache every step re-encodes the cells and re-reads
+        # the whole prompt
+        generate_kwargs.setdefault("use_cache", True)
+        # text never holds cell slots: a generated <cell_i> would be read as a cell placeholder
+        generate_kwargs.setdefault("suppress_tokens", list(self.config.cell_token_ids))
         out = self.generate(input_ids=text["input_ids"].to(self.device),
                             attention_mask=text["attention_mask"].to(self.device), **batch,
                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)

@@ -296,6 +296,9 @@ class ScMMGPTForConditionalGeneration(CellTextJobsMixin, ScMMGPTPreTrainedModel,
         if language_model is not None:  # set after post_init so that pre-trained LLM weights are not re-initialised
             self.language_model = language_model
             self.config.text_config = language_model.config
+        if self.generation_config is not None and self.generation_config.temperature == config.temperature:
+            # `temperature` of the config is the contrastive one (0.07), not a sampling temperature for text
+            self.generation_config.temperature = None
 
     # with a bitsandbytes config, only the LLM's linear layers are quantised: the cell side is small and precise
     _QUANTIZATION_SKIP = ["scmmgpt", "cell_to_text_projector", "text_to_cell_projector", "expression_decoder",

@@ -165,6 +165,25 @@ def test_generate_same_with_and_without_cache_and_cells_encoded_once(processor, 
     assert len(calls) - n_cached_calls == 8  # without a cache every step re-reads the prompt, cells included
 
 
+def test_described_text_never_holds_cell_slots(processor, cells):
+    """A model whose LM head scores only two cell slot tokens (one of them positively at every step): describing must
+    neither emit a slot nor, without a cache, read an emitted one as an extra cell placeholder."""
+    model = make_generator(processor)
+    head = model.get_output_embeddings().weight
+    direction = torch.randn(head.shape[1])
+    with torch.no_grad():
+        head.zero_()
+        head[model.config.cell_token_ids[1]], head[model.config.cell_token_ids[2]] = direction, -direction
+    for use_cache in (True, False):
+        texts = model.describe(cells[:2], max_new_tokens=4, cell_kwargs={"use_raw": True}, use_cache=use_cache)
+        assert len(texts) == 2
+    batch = {k: v for k, v in processor(cells=cells[:2], text=["<cell> Describe this cell:"] * 2,
+                                        cell_kwargs={"use_raw": True}, return_tensors="pt").items()
+             if k != "token_type_ids"}
+    free = model.generate(**batch, max_new_tokens=1, do_sample=False, use_cache=True)  # unsuppressed: a slot wins
+    assert set(free[:, -1].tolist()) <= set(model.config.cell_token_ids)
+
+
 def test_jobs_run_end_to_end(processor, cells):
     model = make_generator(processor)
     kw = {"use_raw": True}

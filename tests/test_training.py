@@ -100,6 +100,9 @@ def test_pipeline_runs_every_stage_caches_and_saves_a_hub_folder(tmp_path):
     assert not any(n.endswith(".bin") for n in names)
     config = json.loads((model_dir / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"].endswith("ScMMGPTForConditionalGeneration")
+    # Trainer trains with use_cache=False; the saved model generates with its KV cache
+    assert config["text_config"]["use_cache"] is True
+    assert json.loads((model_dir / "generation_config.json").read_text())["use_cache"] is True
     model = ScMMGPTForConditionalGeneration.from_pretrained(model_dir).eval()
     assert not any("lora" in name for name, _ in model.named_parameters())  # the adapter is merged
     cells = model.generate_cells(["cell type: B cell."], n_per_text=2, seed=0)

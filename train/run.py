@@ -519,6 +519,9 @@ def _stage2(cfg: PipelineConfig, stage_dir: Path, model_dir: Path, train, all_ro
 def save_final_model(model, processor, model_dir, metrics: dict | None = None, config_path: str | None = None):
     """safetensors weights + config (with `auto_map` and the modelling code) + processor files + a model card."""
     model.processor = processor
+    # Trainer sets config.use_cache = TrainingArguments.use_cache (False) for training; a saved model generates with it
+    for config in (model.config, model.config.text_config, model.language_model.config, model.generation_config):
+        config.use_cache = True
     model.save_pretrained(str(model_dir))
     processor.save_pretrained(str(model_dir))
     try:  # the full card (metadata, jobs, evaluation table) from the Hub helpers
