@@ -57,7 +57,8 @@ def run_seed(config_path: str, output_dir: Path, seed: int | None, fresh: bool, 
     print(f"[1/3] training every stage of {Path(config_path).name} on the shipped PBMC cells -> {output_dir}/"
           + ("" if seed is None else f" (seed {seed})"), flush=True)
     pipeline = run_pipeline(config, fresh=fresh, progress=progress)
-    timings["training (cached stages reused)" if not fresh else "training"] = time.perf_counter() - start
+    cached = [stage for stage, record in pipeline["stages"].items() if record.get("cached")]
+    timings[f"training ({', '.join(cached)} reused)" if cached else "training"] = time.perf_counter() - start
     for stage, losses in pipeline["losses"].items():
         shown = ", ".join(f"{name} {first:.3f} -> {last:.3f}" for name, (first, last) in losses.items())
         print(f"      {stage}: {shown}", flush=True)
