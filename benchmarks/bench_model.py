@@ -18,6 +18,8 @@ from .common import best_time
 BENCHES = {
     "stage1_training": "stage-1 training step (GTC + GTM + LM losses, backward, AdamW) on the tiny config, cells/s",
     "stage2_training": "stage-2 training step (LM + cell-embedding MSE + expression MSE, backward, AdamW), tiny, cells/s",
+    "classifier_training": "fine-tuned annotation step (expression_mean pooling + linear head, cross-entropy, "
+                           "backward, AdamW), tiny encoder, cells/s",
     "annotation_retrieval": "batched zero-shot annotation by cell–text retrieval, tiny config, cells/s",
     "annotation_likelihood": "batched annotation by LLM likelihood ranking of 10 labels, tiny config, cells/s",
 }
@@ -79,6 +81,23 @@ def stage1_training() -> dict:
     batch = {**processor(cells=cells, cell_kwargs={"use_raw": True}, return_tensors="pt"),
              **processor.qformer_text([f"cell type: {t}." for t in cells.obs["bulk_labels"]])}
     return _training_rate(model, dict(batch))
+
+
+def classifier_training() -> dict:
+    """The `classifier` stage's step: the demo's 10 PBMC types, the head on the expression-weighted input embeddings."""
+    from modeling_scmmgpt import ScMMGPTCellForClassification
+
+    adata, processor = _parts()
+    cells = adata[:BATCH]
+    types = sorted(set(adata.obs["bulk_labels"]))
+    config = copy.deepcopy(_config(processor).cell_config)
+    config.num_labels, config.id2label = len(types), dict(enumerate(types))
+    config.classifier_pooling = "expression_mean"
+    torch.manual_seed(0)
+    model = ScMMGPTCellForClassification(config)
+    encoded = processor.feature_extractor(cells, use_raw=True, return_tensors="pt")
+    batch = {**encoded, "labels": torch.tensor([types.index(t) for t in cells.obs["bulk_labels"]])}
+    return _training_rate(model, batch)
 
 
 def _generator(processor):
