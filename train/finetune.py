@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .pretrain import LossPartsTrainer, TimeLimitCallback, _training_arguments
-from .streaming import rows_to_cell_inputs
+from .streaming import cell_input_batches, rows_to_cell_inputs
 
 
 @dataclass
@@ -68,11 +68,8 @@ def classifier_scores(model, rows, cell_tokenizer, label_column: str = "cell_typ
     model.eval()
     predicted = []
     with torch.inference_mode():
-        for start in range(0, len(rows), batch_size):
-            chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
-            batch = rows_to_cell_inputs(chunk, cell_tokenizer)
-            logits = model(batch["gene_ids"].to(model.device), batch["expression_values"].to(model.device),
-                           batch["cell_attention_mask"].to(model.device)).logits
+        for batch in cell_input_batches(rows, cell_tokenizer, batch_size, model.device):
+            logits = model(batch["gene_ids"], batch["expression_values"], batch["cell_attention_mask"]).logits
             predicted += [model.config.id2label[i] for i in logits.argmax(-1).tolist()]
     return annotation_scores([str(label) for label in rows[label_column]], predicted)
 

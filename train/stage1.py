@@ -14,7 +14,7 @@ from transformers import BertConfig, Trainer
 from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTConfig, ScMMGPTModel
 
 from .collators import Stage1Collator
-from .streaming import rows_to_cell_inputs
+from .streaming import cell_input_batches
 
 STAGE1_LOSSES = ("loss_contrastive", "loss_matching", "loss_captioning")
 
@@ -83,12 +83,8 @@ def retrieval_predictions(model, rows, cell_tokenizer, text_tokenizer, label_tex
     text = text_tokenizer([label_texts[label] for label in labels], padding=True, truncation=True,
                           max_length=model.config.max_text_length, return_tensors="pt")
     text_features = model.get_text_features(text["input_ids"].to(model.device), text["attention_mask"].to(model.device))
-    scores = []
-    for start in range(0, len(rows), batch_size):
-        chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
-        batch = {k: v.to(model.device) for k, v in rows_to_cell_inputs(chunk, cell_tokenizer).items()}
-        scores.append((model.get_cell_features(**batch) @ text_features.T).float().cpu())
-    scores = torch.cat(scores).numpy()
+    scores = torch.cat([(model.get_cell_features(**batch) @ text_features.T).float().cpu()
+                        for batch in cell_input_batches(rows, cell_tokenizer, batch_size, model.device)]).numpy()
     return [labels[i] for i in scores.argmax(1)], scores
 
 

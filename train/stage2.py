@@ -228,14 +228,10 @@ def _first_rows(dataset, n: int) -> list[dict]:
 def true_cell_states(model: ScMMGPTForConditionalGeneration, rows, cell_tokenizer, batch_size: int = 64) -> torch.Tensor:
     """The stage-1 Q-Former states of built rows (a list or `datasets.Dataset`), (cells, queries, hidden), on the
     model's device: the cell states the text → cell path is trained towards."""
-    from .streaming import rows_to_cell_inputs
+    from .streaming import cell_input_batches
 
-    states = []
-    for start in range(0, len(rows), batch_size):
-        chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
-        batch = {k: v.to(model.device) for k, v in rows_to_cell_inputs(chunk, cell_tokenizer).items()}
-        states.append(model.scmmgpt.query_outputs(**batch))
-    return torch.cat(states)
+    return torch.cat([model.scmmgpt.query_outputs(**batch)
+                      for batch in cell_input_batches(rows, cell_tokenizer, batch_size, model.device)])
 
 
 def warm_up_expression_decoder(model: ScMMGPTForConditionalGeneration, rows, cell_tokenizer, steps: int,

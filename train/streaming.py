@@ -134,10 +134,18 @@ def rows_to_cell_inputs(rows: list[dict | None], cell_tokenizer, return_tensors:
     return _to_tensors(out) if return_tensors == "pt" else out
 
 
+def cell_input_batches(rows, cell_tokenizer, batch_size: int = 64, device=None):
+    """`rows_to_cell_inputs` over built rows (a list or `datasets.Dataset`), `batch_size` at a time, as tensors on
+    `device`: for scoring a model on stored cells."""
+    for start in range(0, len(rows), batch_size):
+        chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+        yield {k: v.to(device) for k, v in rows_to_cell_inputs(chunk, cell_tokenizer).items()}
+
+
 def _to_tensors(arrays: dict) -> dict:
     import torch
 
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
 
-__all__ = ["log_normalized", "rows_to_cell_inputs", "rows_to_matrix", "stream_dataset"]
+__all__ = ["cell_input_batches", "log_normalized", "rows_to_cell_inputs", "rows_to_matrix", "stream_dataset"]
