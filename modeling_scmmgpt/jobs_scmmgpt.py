@@ -47,6 +47,22 @@ def _n_cells(cells) -> int:
     return cells.n_obs if hasattr(cells, "n_obs") else cells.shape[0]
 
 
+def cell_batches(cells, feature_extractor, gene_names, batch_size, progress, desc, device, **cell_kwargs):
+    """Yield (start, tokenised cells on `device`: `gene_ids`, `expression_values`, `cell_attention_mask`) over `cells`
+    (AnnData, scipy.sparse or numpy) in batches, through the model's cell tokenizer."""
+    total = _n_cells(cells)
+    if total == 0:
+        raise ValueError("no cells were given")
+    for start in tqdm(range(0, total, batch_size), desc=desc, disable=not progress, unit="batch"):
+        chunk = cells[start : start + batch_size]
+        encoded = feature_extractor(chunk, gene_names=gene_names, return_tensors="pt", **cell_kwargs)
+        yield start, {
+            "gene_ids": encoded["gene_ids"].to(device),
+            "expression_values": encoded["expression_values"].to(device),
+            "cell_attention_mask": encoded["attention_mask"].to(device),
+        }
+
+
 class CellTextJobsMixin:
     """Mixed into the scMMGPT models; `self.alignment_model` is the stage-1 part (the model itself in stage 1)."""
 
@@ -74,17 +90,8 @@ class CellTextJobsMixin:
 
     def _cell_batches(self, cells, processor, gene_names, batch_size, progress, desc, **cell_kwargs):
         """Yield (start, tokenised cells on the model's device) over `cells` in batches."""
-        total = _n_cells(cells)
-        if total == 0:
-            raise ValueError("no cells were given")
-        for start in tqdm(range(0, total, batch_size), desc=desc, disable=not progress, unit="batch"):
-            chunk = cells[start : start + batch_size]
-            encoded = processor.feature_extractor(chunk, gene_names=gene_names, return_tensors="pt", **cell_kwargs)
-            yield start, {
-                "gene_ids": encoded["gene_ids"].to(self.device),
-                "expression_values": encoded["expression_values"].to(self.device),
-                "cell_attention_mask": encoded["attention_mask"].to(self.device),
-            }
+        return cell_batches(cells, processor.feature_extractor, gene_names, batch_size, progress, desc, self.device,
+                            **cell_kwargs)
 
     # ---------------------------------------------------------------------------------------------- embeddings
     @torch.inference_mode()
@@ -271,4 +278,4 @@ class CellTextJobsMixin:
         return self.text_to_cell_projector(hidden[slots].view(len(texts), self.config.num_query_tokens, -1))
 
 
-__all__ = ["CellTextJobsMixin", "CellAnnotation", "GeneratedCells"]
+__all__ = ["CellTextJobsMixin", "CellAnnotation", "GeneratedCells", "cell_batches"]

@@ -16,14 +16,12 @@ Labels travel in the config (`id2label` / `label2id`); `annotate` returns the sa
 models' zero-shot methods, with class probabilities as scores.
 """
 
-import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .configuration_scmmgpt import ScMMGPTCellConfig
-from .jobs_scmmgpt import CellAnnotation, _n_cells
+from .jobs_scmmgpt import CellAnnotation, cell_batches
 from .modeling_cell_encoder import ScMMGPTCellModel, ScMMGPTCellPreTrainedModel
 from .modeling_cell_pretraining import maskable_positions
 
@@ -98,16 +96,10 @@ class ScMMGPTCellForClassification(ScMMGPTCellPreTrainedModel):
         with `gene_names`); `feature_extractor` defaults to the one saved beside the model. Scores are probabilities
         (cells × `config.num_labels`)."""
         feature_extractor = feature_extractor or self._feature_extractor()
-        total = _n_cells(cells)
-        if total == 0:
-            raise ValueError("no cells were given")
         probabilities = []
-        for start in tqdm(range(0, total, batch_size), desc="annotate (fine-tuned)", disable=not progress,
-                          unit="batch"):
-            encoded = feature_extractor(cells[start : start + batch_size], gene_names=gene_names, return_tensors="pt",
-                                        **cell_kwargs)
-            logits = self(encoded["gene_ids"].to(self.device), encoded["expression_values"].to(self.device),
-                          encoded["attention_mask"].to(self.device)).logits
+        for _, batch in cell_batches(cells, feature_extractor, gene_names, batch_size, progress,
+                                     "annotate (fine-tuned)", self.device, **cell_kwargs):
+            logits = self(batch["gene_ids"], batch["expression_values"], batch["cell_attention_mask"]).logits
             probabilities.append(logits.float().softmax(-1).cpu())
         scores = torch.cat(probabilities).numpy()
         labels = [self.config.id2label[i] for i in range(self.config.num_labels)]
