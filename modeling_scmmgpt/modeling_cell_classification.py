@@ -22,16 +22,10 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .configuration_scmmgpt import ScMMGPTCellConfig
 from .jobs_scmmgpt import CellAnnotation, cell_batches
-from .modeling_cell_encoder import ScMMGPTCellModel, ScMMGPTCellPreTrainedModel
+from .modeling_cell_encoder import ScMMGPTCellModel, ScMMGPTCellPreTrainedModel, masked_mean
 from .modeling_cell_pretraining import maskable_positions
 
 CLASSIFIER_POOLINGS = ("cls", "mean", "expression_mean")
-
-
-def _gene_mean(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted mean over gene tokens, `weights` (batch, L) zero outside them; a cell without genes gives zeros."""
-    weights = weights.unsqueeze(-1).to(states.dtype)
-    return (states * weights).sum(1) / weights.sum(1).clamp(min=1e-6)
 
 
 class ScMMGPTCellForClassification(ScMMGPTCellPreTrainedModel):
@@ -71,11 +65,11 @@ class ScMMGPTCellForClassification(ScMMGPTCellPreTrainedModel):
         genes = maskable_positions(gene_ids, attention_mask, self.config)
         if self.pooling == "expression_mean":
             inputs = self.cell_model.embed_tokens(gene_ids, expression_values, attention_mask)
-            return _gene_mean(inputs, genes * expression_values.clamp(min=0))
+            return masked_mean(inputs, genes * expression_values.clamp(min=0))
         cells = self.cell_model(gene_ids, expression_values, attention_mask)
         if self.pooling == "cls":
             return cells.cell_embeds
-        return _gene_mean(cells.last_hidden_state, genes)
+        return masked_mean(cells.last_hidden_state, genes)
 
     # no **kwargs: Trainer then scales the loss for gradient accumulation itself
     def forward(self, gene_ids, expression_values, attention_mask=None, labels=None,

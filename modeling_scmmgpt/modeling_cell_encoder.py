@@ -30,6 +30,15 @@ class ScMMGPTCellModelOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
+def masked_mean(states: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Weighted mean over the tokens of `states` (batch, tokens, hidden): `weights` (batch, tokens) is a 0/1 mask or
+    any non-negative weights, 0 outside the tokens averaged (None: all tokens alike); a row of zero weight gives 0."""
+    if weights is None:
+        return states.mean(1)
+    weights = weights.unsqueeze(-1).to(states.dtype)
+    return (states * weights).sum(1) / weights.sum(1).clamp(min=1e-6)
+
+
 class GeneEncoder(nn.Module):
     """Gene token embedding followed by LayerNorm (scGPT's `GeneEncoder`)."""
 
@@ -184,4 +193,4 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
         )
 
 
-__all__ = ["ScMMGPTCellModel", "ScMMGPTCellPreTrainedModel", "ScMMGPTCellModelOutput"]
+__all__ = ["ScMMGPTCellModel", "ScMMGPTCellPreTrainedModel", "ScMMGPTCellModelOutput", "masked_mean"]

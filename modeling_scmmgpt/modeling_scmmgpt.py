@@ -17,7 +17,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_scmmgpt import ScMMGPTConfig
 from .jobs_scmmgpt import CellTextJobsMixin
-from .modeling_cell_encoder import ScMMGPTCellModel
+from .modeling_cell_encoder import ScMMGPTCellModel, masked_mean
 from .modeling_qformer import ScMMGPTQFormer
 from .saving import SafeSerializationMixin
 
@@ -75,14 +75,6 @@ class ScMMGPTPreTrainedModel(SafeSerializationMixin, PreTrainedModel):
             init.constant_(module.logit_scale, float(torch.tensor(1.0 / self.config.temperature).log()))
 
 
-def _masked_mean(states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over the tokens of (batch, tokens, hidden) where `mask` (batch, tokens) is 1."""
-    if mask is None:
-        return states.mean(1)
-    weights = mask.unsqueeze(-1).to(states.dtype)
-    return (states * weights).sum(1) / weights.sum(1).clamp(min=1)
-
-
 def _mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, out_features))
 
@@ -138,7 +130,7 @@ class ScMMGPTModel(CellTextJobsMixin, ScMMGPTPreTrainedModel):
         only through cross-attention, whose contribution starts near 1e-3 of the residual stream, and contrastive
         training collapses to constant features (seen on PBMC); the `<cls>` output is near-constant across cells at
         initialisation too, the mean gene state is not."""
-        mean_state = _masked_mean(self.qformer.cell_layernorm(gene_states), cell_attention_mask)
+        mean_state = masked_mean(self.qformer.cell_layernorm(gene_states), cell_attention_mask)
         return self.query_tokens + self.cell_query_projection(mean_state)[:, None]
 
     def get_cell_features(self, gene_ids, expression_values, cell_attention_mask=None) -> torch.Tensor:
