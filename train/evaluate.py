@@ -148,6 +148,10 @@ def pseudo_cell_scores(real: EvalCells, generated: np.ndarray, generated_labels,
 
 
 # ------------------------------------------------------------------------------------------------ the model
+def _annotation_row(test: EvalCells, predicted) -> dict:
+    return {**annotation_scores(test.labels, predicted), "predictions": np.asarray(predicted)}
+
+
 def evaluate_model(model, processor, train: EvalCells, test: EvalCells, label_texts: dict[str, str], *,
                    methods=ANNOTATION_METHODS, n_per_type: int = 20, describe_cells: int | None = None, seed: int = 0,
                    progress: bool = True, classifier=None) -> dict:
@@ -170,15 +174,12 @@ def evaluate_model(model, processor, train: EvalCells, test: EvalCells, label_te
         else:
             by_name = model.annotate(test.matrix, list(label_of_name), method=method, **cell_kwargs).predictions
             predicted = [label_of_name[name] for name in by_name]
-        results["annotation"][f"scMMGPT ({method})"] = {**annotation_scores(test.labels, predicted),
-                                                        "predictions": np.asarray(predicted)}
+        results["annotation"][f"scMMGPT ({method})"] = _annotation_row(test, predicted)
     if classifier is not None:
-        predicted = classifier.annotate(test.matrix, gene_names=test.gene_names, progress=progress,
-                                        normalize=False).predictions
-        results["annotation"]["scMMGPT (fine-tuned)"] = {**annotation_scores(test.labels, predicted),
-                                                         "predictions": np.asarray(predicted)}
+        results["annotation"]["scMMGPT (fine-tuned)"] = _annotation_row(test, classifier.annotate(
+            test.matrix, gene_names=test.gene_names, progress=progress, normalize=False).predictions)
     for name, predicted in annotation_baselines(train, test, pca).items():
-        results["annotation"][name] = {**annotation_scores(test.labels, predicted), "predictions": predicted}
+        results["annotation"][name] = _annotation_row(test, predicted)
 
     n = len(test.labels) if describe_cells is None else min(describe_cells, len(test.labels))
     references = test.texts[:n]
@@ -190,15 +191,14 @@ def evaluate_model(model, processor, train: EvalCells, test: EvalCells, label_te
 
     generated = model.generate_cells([label_texts[t] for t in labels], n_per_text=n_per_type, processor=processor,
                                      seed=seed)
-    generated_labels = np.repeat(labels, n_per_type)
-    results["pseudo_cells"]["scMMGPT"] = {**pseudo_cell_scores(test, generated.expression, generated_labels, pca),
-                                          "expression": generated.expression, "labels": generated_labels}
-    baseline, baseline_labels = noisy_mean_cells(train, labels, n_per_type, seed=seed)
-    results["pseudo_cells"]["per-type mean + noise"] = {
-        **pseudo_cell_scores(test, baseline, baseline_labels, pca), "expression": baseline, "labels": baseline_labels}
-    real, real_labels = real_cell_draws(train, labels, n_per_type, seed=seed)
-    results["pseudo_cells"][REAL_CELLS_REFERENCE] = {
-        **pseudo_cell_scores(test, real, real_labels, pca), "expression": real, "labels": real_labels}
+    pseudo_cells = {
+        "scMMGPT": (generated.expression, np.repeat(labels, n_per_type)),
+        "per-type mean + noise": noisy_mean_cells(train, labels, n_per_type, seed=seed),
+        REAL_CELLS_REFERENCE: real_cell_draws(train, labels, n_per_type, seed=seed),
+    }
+    for name, (cells, cell_labels) in pseudo_cells.items():
+        results["pseudo_cells"][name] = {**pseudo_cell_scores(test, cells, cell_labels, pca), "expression": cells,
+                                         "labels": cell_labels}
     return results
 
 
