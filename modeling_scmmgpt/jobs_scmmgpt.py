@@ -200,8 +200,6 @@ class CellTextJobsMixin:
         # Trainer saves models with use_cache=False: without the cache every step re-encodes the cells and re-reads
         # the whole prompt
         generate_kwargs.setdefault("use_cache", True)
-        # text never holds cell slots: a generated <cell_i> would be read as a cell placeholder
-        generate_kwargs.setdefault("suppress_tokens", list(self.config.cell_token_ids))
         out = self.generate(input_ids=text["input_ids"].to(self.device),
                             attention_mask=text["attention_mask"].to(self.device), **batch,
                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)

@@ -291,6 +291,7 @@ class ScMMGPTForConditionalGeneration(CellTextJobsMixin, ScMMGPTPreTrainedModel,
         if self.generation_config is not None and self.generation_config.temperature == config.temperature:
             # `temperature` of the config is the contrastive one (0.07), not a sampling temperature for text
             self.generation_config.temperature = None
+        self._suppress_cell_tokens_in_text()
 
     # with a bitsandbytes config, only the LLM's linear layers are quantised: the cell side is small and precise
     _QUANTIZATION_SKIP = ["scmmgpt", "cell_to_text_projector", "text_to_cell_projector", "expression_decoder",
@@ -304,7 +305,9 @@ class ScMMGPTForConditionalGeneration(CellTextJobsMixin, ScMMGPTPreTrainedModel,
             quantization_config.llm_int8_skip_modules = list(cls._QUANTIZATION_SKIP)
         if quantization_config is not None:
             kwargs["quantization_config"] = quantization_config
-        return super().from_pretrained(*args, **kwargs)
+        model = super().from_pretrained(*args, **kwargs)
+        model._suppress_cell_tokens_in_text()  # folders saved before the generation config carried it
+        return model
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.language_model.get_input_embeddings()
@@ -328,6 +331,13 @@ class ScMMGPTForConditionalGeneration(CellTextJobsMixin, ScMMGPTPreTrainedModel,
         self.config.boc_token_id, self.config.eoc_token_id = processor.boc_token_id, processor.eoc_token_id
         if len(processor.tokenizer) > self.get_input_embeddings().num_embeddings:
             self.language_model.resize_token_embeddings(len(processor.tokenizer))
+        self._suppress_cell_tokens_in_text()
+
+    def _suppress_cell_tokens_in_text(self) -> None:
+        """Generated text never holds a `<cell_i>` slot token: it would be read as a cell placeholder at the next step
+        (with cells given and no KV cache: more slots than cells, an error)."""
+        if self.config.cell_token_ids and self.generation_config is not None:
+            self.generation_config.suppress_tokens = list(self.config.cell_token_ids)
 
     def get_cell_soft_tokens(self, gene_ids, expression_values, cell_attention_mask=None) -> torch.Tensor:
         """Cells → LLM input embeddings of their slots, (cells, num_query_tokens, llm_hidden)."""

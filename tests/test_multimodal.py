@@ -180,8 +180,12 @@ def test_described_text_never_holds_cell_slots(processor, cells):
     batch = {k: v for k, v in processor(cells=cells[:2], text=["<cell> Describe this cell:"] * 2,
                                         cell_kwargs={"use_raw": True}, return_tensors="pt").items()
              if k != "token_type_ids"}
-    free = model.generate(**batch, max_new_tokens=1, do_sample=False, use_cache=True)  # unsuppressed: a slot wins
-    assert set(free[:, -1].tolist()) <= set(model.config.cell_token_ids)
+    free = model.generate(**batch, max_new_tokens=1, do_sample=False, use_cache=True, suppress_tokens=[])
+    assert set(free[:, -1].tolist()) <= set(model.config.cell_token_ids)  # unsuppressed: a slot wins
+    # the model's generation config suppresses them for any generate call, cached or not
+    for use_cache in (True, False):
+        out = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False, use_cache=use_cache)
+        assert not set(out[:, batch["input_ids"].shape[1]:].flatten().tolist()) & set(model.config.cell_token_ids)
 
 
 def test_jobs_run_end_to_end(processor, cells):
