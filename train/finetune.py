@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .pretrain import LossPartsTrainer, TimeLimitCallback, _training_arguments
+from .pretrain import LossPartsTrainer, TimeLimitCallback, _first_last, _training_arguments
 from .streaming import cell_input_batches, rows_to_cell_inputs
 
 
@@ -113,9 +113,9 @@ def finetune_cell_classifier(train_rows, eval_rows, cell_tokenizer, encoder_dir:
                                data_collator=CellLabelCollator(cell_tokenizer, model.config.label2id, label_column),
                                callbacks=guard + list(callbacks or []))
     result = trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    first, last = _first_last(trainer.state.log_history, "loss")
     metrics.update(train_steps=trainer.state.global_step, train_runtime=result.metrics["train_runtime"],
-                   first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None)
+                   first_loss=first, last_loss=last)
     if eval_rows is not None:
         metrics.update(classifier_scores(model, eval_rows, cell_tokenizer, label_column))
     if save:
