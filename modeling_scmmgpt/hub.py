@@ -92,7 +92,8 @@ def _write_json(path, data):
 
 
 def model_kind(config: dict) -> str:
-    """`"stage2"`, `"stage1"`, `"encoder"` or `"classifier"` from a `config.json`; ValueError for folders that are not scMMGPT's."""
+    """`"stage2"`, `"stage1"`, `"encoder"` or `"classifier"` from a `config.json`; ValueError for folders that are not
+    scMMGPT's."""
     for architecture in config.get("architectures") or []:
         if architecture in ARCHITECTURES:
             return ARCHITECTURES[architecture][0]
