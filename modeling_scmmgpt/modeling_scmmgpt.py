@@ -305,9 +305,10 @@ class ScMMGPTForConditionalGeneration(CellTextJobsMixin, ScMMGPTPreTrainedModel,
             quantization_config.llm_int8_skip_modules = list(cls._QUANTIZATION_SKIP)
         if quantization_config is not None:
             kwargs["quantization_config"] = quantization_config
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)  # (model, loading info) with output_loading_info=True
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
         model._suppress_cell_tokens_in_text()  # folders saved before the generation config carried it
-        return model
+        return loaded
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.language_model.get_input_embeddings()
