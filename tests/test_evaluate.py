@@ -7,6 +7,7 @@ import pytest
 
 from scmmgpt_train.data import build_dataset
 from scmmgpt_train.evaluate import (
+    TYPE_MEAN_REFERENCE,
     EvalCells,
     annotation_baselines,
     annotation_scores,
@@ -68,6 +69,9 @@ def test_pseudo_cell_scores_rank_real_cells_above_noise(pbmc_split):
     print(real_like["knn_accuracy"], noisy_scores["knn_accuracy"], scrambled["knn_accuracy"])
     assert real_like["knn_accuracy"] > 0.6 and real_like["mean_correlation"] > 0.85
     assert real_like["knn_accuracy"] > noisy_scores["knn_accuracy"] - 0.1
+    centres, centre_labels = noisy_mean_cells(train, types, 1, noise=0.0)  # the types' mean expression
+    centre_scores = pseudo_cell_scores(test, centres, centre_labels, pca)
+    assert centres.shape == (len(types), 765) and centre_scores["knn_accuracy"] >= real_like["knn_accuracy"]
     assert scrambled["knn_accuracy"] < noisy_scores["knn_accuracy"]
 
 
@@ -94,7 +98,8 @@ def test_evaluate_model_end_to_end_on_a_tiny_model(pbmc_split, minilm_tokenizer)
     assert results["pseudo_cells"]["scMMGPT"]["expression"].shape == (20, 765)
     table = results_table(results)
     assert results["pseudo_cells"]["real training cells"]["expression"].shape[1] == 765
-    assert table.count("\n") == 2 + 7 + 2 + 3 - 1 and "k-NN accuracy" in table
+    assert results["pseudo_cells"][TYPE_MEAN_REFERENCE]["expression"].shape == (len(label_texts), 765)
+    assert table.count("\n") == 2 + 7 + 2 + 4 - 1 and "k-NN accuracy" in table
 
 
 def test_seed_summary_is_mean_and_sd_of_each_figure():

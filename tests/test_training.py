@@ -162,8 +162,9 @@ def test_stage2_lora_stays_in_the_llm_and_uses_the_processors_prompts(pbmc, mini
 
 
 def test_decoder_warm_up_decodes_each_types_mean_state_towards_its_mean_expression(pbmc_path, minilm_tokenizer):
-    """The warm-up fits the decoder on frozen stage-1 states of real PBMC cells (single cells and same-text mixtures):
-    its loss falls, and the decoded mean state of each cell type moves to that type's mean expression."""
+    """The warm-up fits the decoder on frozen stage-1 states of real PBMC cells (single cells, same-text mixtures and
+    whole-type means): its loss falls, and the decoded mean state of each cell type moves to that type's mean
+    expression."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from modeling_scmmgpt import ScMMGPTForConditionalGeneration
