@@ -236,7 +236,7 @@ def true_cell_states(model: ScMMGPTForConditionalGeneration, rows, cell_tokenize
 
 def warm_up_expression_decoder(model: ScMMGPTForConditionalGeneration, rows, cell_tokenizer, steps: int,
                                batch_size: int = 16, learning_rate: float = 1e-2, mixture_size: int = 8,
-                               group_means: int = 8, cosine: bool = True, seed: int = 0,
+                               group_means: int = 8, seed: int = 0,
                                progress: bool = False) -> list[float]:
     """Fit the expression decoder to the frozen stage-1 cell states of `rows` before stage 2 trains the LLM.
 
@@ -275,7 +275,7 @@ def warm_up_expression_decoder(model: ScMMGPTForConditionalGeneration, rows, cel
     decoder = model.expression_decoder
     decoder.train()
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=learning_rate)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if cosine else None
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     dirichlet = torch.distributions.Dirichlet(torch.ones(mixture_size))
     losses = []
     for _ in tqdm(range(steps), desc="stage 2: expression decoder warm-up", disable=not progress):
@@ -296,8 +296,7 @@ def warm_up_expression_decoder(model: ScMMGPTForConditionalGeneration, rows, cel
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if schedule is not None:
-            schedule.step()
+        schedule.step()
         losses.append(loss.item())
     return losses
 
