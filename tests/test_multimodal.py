@@ -95,6 +95,26 @@ def test_stage1_captioning_max_cells_captions_the_first_cells_only(processor, ce
     torch.testing.assert_close(out.loss, out.loss_contrastive + out.loss_matching)
 
 
+def test_stage1_queries_summarise_the_cell_weighted_by_expression(processor, cells):
+    torch.manual_seed(0)
+    model = ScMMGPTModel(tiny_config(len(processor.feature_extractor), len(processor.qformer_tokenizer))).eval()
+    batch = processor(cells=cells, cell_kwargs={"use_raw": True}, return_tensors="pt")
+    ids, values, mask = batch["gene_ids"], batch["expression_values"], batch["cell_attention_mask"]
+    with torch.no_grad():
+        states, queries = model._encode_cells(ids, values, mask)
+        # a gene whose value is 0 adds nothing to the summary, whatever its state
+        zeroed = values.clone()
+        zeroed[:, 1] = 0.0
+        moved = states.clone()
+        moved[:, 1] += 10.0
+        torch.testing.assert_close(model._queries(moved, ids, zeroed, mask), model._queries(states, ids, zeroed, mask))
+        # a highly expressed gene pulls the summary toward its state, so queries differ from the unweighted mean
+        normed = model.qformer.cell_layernorm(states)
+        genes = (mask.bool() & (ids != model.config.cell_config.cls_token_id)).unsqueeze(-1).float()
+        plain = model.query_tokens + model.cell_query_projection((normed * genes).sum(1) / genes.sum(1))[:, None]
+        assert (queries - plain).abs().max() > 1e-3
+        torch.testing.assert_close(model.query_outputs(ids, values, mask), model._read_cells(states, queries, mask))
+
 def test_qformer_loads_bert_checkpoint(minilm_path):
     from transformers import BertConfig
 
