@@ -160,6 +160,14 @@ def test_stage2_lora_stays_in_the_llm_and_uses_the_processors_prompts(pbmc, mini
     assert not any(p.requires_grad for p in full.expression_decoder.parameters())
     assert all(p.requires_grad for p in full.text_to_cell_projector.parameters())
 
+    # the frozen stage-1 part runs without dropout while the rest trains; tuned, it trains too
+    for tuned in (peft_model.train(), full.train()):
+        assert tuned.language_model.training and not tuned.scmmgpt.training
+        assert not tuned.scmmgpt.qformer.training and tuned.text_to_cell_projector.training
+    with_qformer, _ = apply_tuning(build_stage2_model(stage1, llm, processor),
+                                   Stage2Arguments(tuning="full", train_qformer=True))
+    assert with_qformer.train().scmmgpt.training
+
 
 def test_decoder_warm_up_decodes_each_types_mean_state_towards_its_mean_expression(pbmc_path, minilm_tokenizer):
     """The warm-up fits the decoder on frozen stage-1 states of real PBMC cells (single cells, same-text mixtures and
@@ -170,7 +178,7 @@ def test_decoder_warm_up_decodes_each_types_mean_state_towards_its_mean_expressi
     from modeling_scmmgpt import ScMMGPTForConditionalGeneration
     from scmmgpt_train.data import build_dataset
     from scmmgpt_train.stage1 import build_stage1_model
-    from scmmgpt_train.stage2 import cell_expression_matrix, warm_up_expression_decoder
+    from scmmgpt_train.stage2 import cell_expression_matrix, true_cell_states, warm_up_expression_decoder
     from scmmgpt_train.streaming import N_SPECIAL, rows_to_cell_inputs
 
     dataset, cell_tokenizer = build_dataset(pbmc_path, return_tokenizer=True, label_column="bulk_labels")
@@ -197,6 +205,13 @@ def test_decoder_warm_up_decodes_each_types_mean_state_towards_its_mean_expressi
             decoded = model.expression_decoder(mean_states, gene_ids.expand(len(types), -1)).clamp(min=0).numpy()
         return np.linalg.norm(decoded - type_means, axis=1)
 
+    # the warm-up reads eval-mode states even from a model in training mode (dropout would move them)
+    assert model.training and model.scmmgpt.qformer.config.hidden_dropout_prob > 0
+    with torch.no_grad():
+        torch.testing.assert_close(true_cell_states(model, rows, cell_tokenizer), true_cell_states(model.eval(), rows,
+                                                                                                    cell_tokenizer))
+    model.train()
+    assert model.scmmgpt.training  # restored (the stage-1 part is not frozen here)
     before = distance_to_own_type_mean()
     losses = warm_up_expression_decoder(model, rows, cell_tokenizer, steps=150, batch_size=16, seed=0)
     after = distance_to_own_type_mean()

@@ -227,11 +227,17 @@ def _first_rows(dataset, n: int) -> list[dict]:
 @torch.no_grad()
 def true_cell_states(model: ScMMGPTForConditionalGeneration, rows, cell_tokenizer, batch_size: int = 64) -> torch.Tensor:
     """The stage-1 Q-Former states of built rows (a list or `datasets.Dataset`), (cells, queries, hidden), on the
-    model's device: the cell states the text → cell path is trained towards."""
+    model's device, in eval mode (no dropout) whatever mode the model is in: the cell states the text → cell path is
+    trained towards, and the decoder warm-up's inputs, must be those seen at inference."""
     from .streaming import cell_input_batches
 
-    return torch.cat([model.scmmgpt.query_outputs(**batch)
-                      for batch in cell_input_batches(rows, cell_tokenizer, batch_size, model.device)])
+    was_training = model.scmmgpt.training
+    model.scmmgpt.eval()
+    try:
+        return torch.cat([model.scmmgpt.query_outputs(**batch)
+                          for batch in cell_input_batches(rows, cell_tokenizer, batch_size, model.device)])
+    finally:
+        model.scmmgpt.train(was_training)
 
 
 def warm_up_expression_decoder(model: ScMMGPTForConditionalGeneration, rows, cell_tokenizer, steps: int,
@@ -251,7 +257,9 @@ def warm_up_expression_decoder(model: ScMMGPTForConditionalGeneration, rows, cel
     On PBMC (3 split seeds, 15-neighbour k-NN on held-out cells) mixtures alone (600 steps) decoded the per-type mean
     states 2.0-3.6 PCA units (mean over types) from the types' mean expression, 0.6 k-NN accuracy; with 8 group means
     a batch and 2000 steps (~65 s on a laptop CPU) 1.1-1.8 units and 0.6-0.7, where the true per-type mean expression
-    scores 0.7 (the most a generator of type-typical cells can get on that held-out set).
+    scores 0.7 (the most a generator of type-typical cells can get on that held-out set). The states are read in eval
+    mode (`true_cell_states`): fitted to the dropout-perturbed states of a Q-Former left in training mode, the decoder
+    of one seed's pipeline decoded the mean states 1.84 units off on average (CD34+ 3.23), against 0.75 (0.31).
 
     Returns the loss of each step.
     """
