@@ -246,7 +246,8 @@ class ScMMGPTModel(CellTextJobsMixin, ScMMGPTPreTrainedModel):
         contrastive, logits = self._contrastive_loss(cell_embeds, text_embeds, same)
         if not return_loss:
             return ScMMGPTModelOutput(logits_per_cell=logits, cell_embeds=cell_embeds, text_embeds=text_embeds)
-        matching = self._matching_loss(gene_states, queries, cell_attention_mask, input_ids, attention_mask, logits, same)
+        matching = self._matching_loss(gene_states, queries, cell_attention_mask, input_ids, attention_mask, logits,
+                                       same)
         captioning = (self._captioning_loss(gene_states, queries, cell_attention_mask, input_ids, attention_mask)
                       if self.config.captioning_max_cells != 0 else contrastive.new_zeros(()))
         return ScMMGPTModelOutput(
