@@ -239,3 +239,22 @@ def test_tiny_cpu_pipeline_learns(tmp_path):
     # decoder's fit is checked: below the per-gene-mean baseline of its targets (0.66 on PBMC)
     assert m["stage2"]["generated_state_accuracy"] >= 0.7
     assert result["losses"]["stage2"]["loss_expression"][1] < 0.64
+
+
+def test_oversample_rare_texts_tops_each_text_up_with_text_to_cell_copies():
+    import datasets
+
+    from scmmgpt_train.collators import TEXT_TO_CELL
+    from scmmgpt_train.stage2 import oversample_rare_texts
+
+    texts = ["common"] * 5 + ["rare"] + ["scarce"] * 2
+    data = datasets.Dataset.from_dict({"cell_id": [f"c{i}" for i in range(8)], "text": texts})
+    grown = oversample_rare_texts(data, min_rows=3, seed=0)
+    assert len(grown) == 8 + 2 + 1 and grown["task"][:8] == [None] * 8
+    copies = grown.select(range(8, len(grown)))
+    assert copies["task"] == [TEXT_TO_CELL] * 3
+    assert sorted(copies["text"]) == ["rare", "rare", "scarce"]
+    assert set(copies.filter(lambda r: r["text"] == "rare")["cell_id"]) == {"c5"}  # copies of that text's own rows
+    assert oversample_rare_texts(data, min_rows=0) is data and len(oversample_rare_texts(data, min_rows=2)) == 9
+    streamed = data.to_iterable_dataset()
+    assert oversample_rare_texts(streamed, min_rows=3) is streamed
