@@ -243,6 +243,12 @@ def true_cell_states(model: ScMMGPTForConditionalGeneration, rows, cell_tokenize
         model.scmmgpt.train(was_training)
 
 
+def rows_by_text(texts) -> list[np.ndarray]:
+    """The row indices of each distinct text, one array per text (in sorted text order)."""
+    _, group_of = np.unique(texts, return_inverse=True)
+    return [np.flatnonzero(group_of == g) for g in range(group_of.max() + 1)]
+
+
 def warm_up_expression_decoder(model: ScMMGPTForConditionalGeneration, rows, cell_tokenizer, steps: int,
                                batch_size: int = 16, learning_rate: float = 1e-2, mixture_size: int = 8,
                                group_means: int = 8, seed: int = 0,
@@ -279,8 +285,7 @@ def warm_up_expression_decoder(model: ScMMGPTForConditionalGeneration, rows, cel
     expression = expression[:, genes].to(device)
     gene_ids = (genes + N_SPECIAL).to(device)
     states = true_cell_states(model, rows, cell_tokenizer).to(device)
-    _, group_of = np.unique([row["text"] for row in rows], return_inverse=True)
-    groups = [torch.as_tensor(np.flatnonzero(group_of == g)) for g in range(group_of.max() + 1)]
+    groups = [torch.as_tensor(g) for g in rows_by_text([row["text"] for row in rows])]
     group_states = torch.stack([states[g.to(device)].mean(0) for g in groups])
     group_expression = torch.stack([expression[g.to(device)].mean(0) for g in groups])
     decoder = model.expression_decoder
@@ -323,11 +328,9 @@ def oversample_rare_texts(dataset, min_rows: int, seed: int = 0, text_column: st
 
     if min_rows <= 0 or not isinstance(dataset, datasets.Dataset):
         return dataset
-    _, group_of = np.unique(dataset[text_column], return_inverse=True)
     rng = np.random.default_rng(seed)
     extra = []
-    for group in range(group_of.max() + 1):
-        members = np.flatnonzero(group_of == group)
+    for members in rows_by_text(dataset[text_column]):
         extra += rng.choice(members, max(0, min_rows - len(members))).tolist()
     if not extra:
         return dataset
