@@ -43,6 +43,57 @@ class GeneratedCells:
         return anndata.AnnData(X=self.expression.astype(np.float32), obs=obs, var=pd.DataFrame(index=self.gene_names))
 
 
+# ---------------------------------------------------------------------------------------------------- model kinds
+@dataclass(frozen=True)
+class ModelKind:
+    """One kind of saved scMMGPT folder: which class loads it (`auto_class` over `config_class`, defined in `module`)
+    and which jobs it can do."""
+
+    name: str
+    architecture: str
+    config_class: str
+    auto_class: str
+    module: str
+    jobs: tuple[str, ...]
+    annotation_methods: tuple[str, ...] = ()
+
+
+_KINDS = (
+    ModelKind("stage2", "ScMMGPTForConditionalGeneration", "ScMMGPTConfig", "AutoModelForCausalLM", "modeling_scmmgpt",
+              ("annotate", "describe", "embed", "generate_cells"), ("retrieval", "likelihood", "generate")),
+    ModelKind("stage1", "ScMMGPTModel", "ScMMGPTConfig", "AutoModel", "modeling_scmmgpt", ("annotate", "embed"),
+              ("retrieval",)),
+    ModelKind("classifier", "ScMMGPTCellForClassification", "ScMMGPTCellConfig", "AutoModelForSequenceClassification",
+              "modeling_cell_classification", ("annotate", "embed"), ("classifier",)),
+    ModelKind("encoder", "ScMMGPTCellForMaskedValuePrediction", "ScMMGPTCellConfig", "AutoModelForMaskedLM",
+              "modeling_cell_pretraining", ("embed",)),
+    ModelKind("encoder", "ScMMGPTCellModel", "ScMMGPTCellConfig", "AutoModel", "modeling_cell_encoder", ("embed",)),
+)
+# architecture (as `config.json` names it) → its kind: the one place that decides what a folder is and can do
+MODEL_KINDS = {kind.architecture: kind for kind in _KINDS}
+JOB_NAMES = {"annotate": "cell type annotation", "describe": "cell descriptions", "embed": "cell embeddings",
+             "generate_cells": "pseudo-cell generation"}
+
+
+def model_kind(config) -> ModelKind:
+    """The kind of a folder from its config (a `config.json` dict or a config object); ValueError for folders that
+    are not scMMGPT's."""
+    architectures = (config.get("architectures") if isinstance(config, dict) else config.architectures) or []
+    for architecture in architectures:
+        if architecture in MODEL_KINDS:
+            return MODEL_KINDS[architecture]
+    raise ValueError(f"the model's config names architectures {list(architectures)}, none of which is scMMGPT's "
+                     f"({sorted(MODEL_KINDS)}); save the model with save_pretrained first")
+
+
+def require_job(kind: ModelKind, job: str) -> None:
+    """One-line ValueError when a model of `kind` cannot do `job`."""
+    if job not in kind.jobs:
+        able = [k.name for k in _KINDS if job in k.jobs]
+        raise ValueError(f"{JOB_NAMES.get(job, job)} needs a {' or '.join(dict.fromkeys(able))} model; this is a "
+                         f"{kind.name} model ({kind.architecture}), which does: {', '.join(kind.jobs)}")
+
+
 def _n_cells(cells) -> int:
     return cells.n_obs if hasattr(cells, "n_obs") else cells.shape[0]
 
@@ -276,4 +327,5 @@ class CellTextJobsMixin:
         return self.text_to_cell_projector(hidden[slots].view(len(texts), self.config.num_query_tokens, -1))
 
 
-__all__ = ["CellTextJobsMixin", "CellAnnotation", "GeneratedCells", "cell_batches"]
+__all__ = ["CellTextJobsMixin", "CellAnnotation", "GeneratedCells", "MODEL_KINDS", "ModelKind", "cell_batches", "model_kind",
+           "require_job"]

@@ -39,6 +39,16 @@ def masked_mean(states: torch.Tensor, weights: torch.Tensor | None) -> torch.Ten
     return (states * weights).sum(1) / weights.sum(1).clamp(min=1e-6)
 
 
+def masked_mse(predictions: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error over the positions where `mask` is set (None: all); 0 (still in the graph) when nothing is
+    masked, never NaN. Shared by masked value prediction, the expression decoder loss and its warm-up."""
+    squared = (predictions - targets.to(predictions.dtype)) ** 2
+    if mask is None:
+        return squared.mean()
+    mask = mask.to(predictions.dtype)
+    return (squared * mask).sum() / mask.sum().clamp(min=1.0)
+
+
 class GeneEncoder(nn.Module):
     """Gene token embedding followed by LayerNorm (scGPT's `GeneEncoder`)."""
 

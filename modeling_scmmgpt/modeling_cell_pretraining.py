@@ -20,7 +20,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .configuration_scmmgpt import ScMMGPTCellConfig
-from .modeling_cell_encoder import ScMMGPTCellModel, ScMMGPTCellPreTrainedModel
+from .modeling_cell_encoder import ScMMGPTCellModel, ScMMGPTCellPreTrainedModel, masked_mse
 
 DEFAULT_MASK_RATIO = 0.4  # scGPT's pre-training default
 DEFAULT_MASK_VALUE = -1.0  # scGPT's mask value for continuous inputs; the tokenizer's pad value is -2, real values >= 0
@@ -78,12 +78,6 @@ def random_mask_positions(
     scores = scores.masked_fill(~eligible, 2.0)
     rank = scores.argsort(dim=1).argsort(dim=1)
     return rank < n_mask[:, None]
-
-
-def _masked_mse(predictions: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over `mask`; 0 (still in the graph) when nothing is masked, never NaN."""
-    mask = mask.to(predictions.dtype)
-    return ((predictions - targets.to(predictions.dtype)) ** 2 * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 class ExprDecoder(nn.Module):
@@ -193,8 +187,8 @@ class ScMMGPTCellForMaskedValuePrediction(ScMMGPTCellPreTrainedModel):
         predictions = self.decoder(cells.last_hidden_state)
         # the gene embedding alone (no value) is the query, as scGPT's `cur_gene_token_embs`
         cell_value_predictions = self.mvc_decoder(cells.cell_embeds, self.cell_model.encoder(gene_ids))
-        loss_masked_value = _masked_mse(predictions, expression_values, masked_positions)
-        loss_cell_value = _masked_mse(cell_value_predictions, expression_values, masked_positions)
+        loss_masked_value = masked_mse(predictions, expression_values, masked_positions)
+        loss_cell_value = masked_mse(cell_value_predictions, expression_values, masked_positions)
         return ScMMGPTCellMaskedValueOutput(
             loss=loss_masked_value + loss_cell_value,
             loss_masked_value=loss_masked_value,

@@ -17,7 +17,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_scmmgpt import ScMMGPTConfig
 from .jobs_scmmgpt import CellTextJobsMixin
-from .modeling_cell_encoder import ScMMGPTCellModel, masked_mean
+from .modeling_cell_encoder import ScMMGPTCellModel, masked_mean, masked_mse
 from .modeling_cell_pretraining import maskable_positions
 from .modeling_qformer import ScMMGPTQFormer
 from .saving import SafeSerializationMixin
@@ -404,8 +404,7 @@ class ScMMGPTForConditionalGeneration(CellTextJobsMixin, ScMMGPTPreTrainedModel,
         loss_cell = F.mse_loss(cell_states, true_states)
         loss_expression = None
         if expression is not None:
-            mask = torch.ones_like(decoder_targets) if decoder_mask is None else decoder_mask.to(expression.dtype)
-            loss_expression = ((expression - decoder_targets) ** 2 * mask).sum() / mask.sum().clamp(min=1)
+            loss_expression = masked_mse(expression, decoder_targets, decoder_mask)
         return loss_cell, loss_expression, cell_states, expression
 
     def forward(

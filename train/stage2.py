@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTProcessor
 from modeling_scmmgpt.processing_scmmgpt import DESCRIBE_PROMPT, GENERATE_PROMPT
+from modeling_scmmgpt.modeling_cell_encoder import masked_mse
 
 from .collators import Stage2Collator
 from .streaming import log_normalized, rows_to_matrix
@@ -196,9 +197,7 @@ def _sft_trainer_class():
                                                     inputs["target_expression_values"][rows],
                                                     inputs["target_cell_attention_mask"][rows])
             predicted = base.expression_decoder(states, inputs["decoder_gene_ids"][rows])
-            mask = inputs["decoder_mask"][rows].to(predicted.dtype)
-            squared = (predicted - inputs["decoder_targets"][rows].to(predicted.dtype)) ** 2
-            return (squared * mask).sum() / mask.sum().clamp(min=1)
+            return masked_mse(predicted, inputs["decoder_targets"][rows], inputs["decoder_mask"][rows])
 
         def log(self, logs: dict, *args, **kwargs):
             if "loss" in logs and self._part_counts:
