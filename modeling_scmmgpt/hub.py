@@ -215,7 +215,7 @@ def _eval_rows(results: dict) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------------- cards
 def _template(name: str, template_path) -> str:
-    path = Path(template_path) if template_path is not None else CARD_DIR / name
+    path = Path(template_path) if template_path is not None else PACKAGE_DIR / "hub_templates" / name
     if not path.is_file():
         raise FileNotFoundError(f"card template {path} not found (hub_cards/ ships beside the package in the "
                                 "repository; pass template_path=...)")
@@ -223,7 +223,7 @@ def _template(name: str, template_path) -> str:
 
 
 def _widget_examples() -> list[dict]:
-    path = CARD_DIR / "widget_examples.json"
+    path = PACKAGE_DIR / "hub_templates" / "widget_examples.json"
     return _read_json(path) if path.is_file() else []
 
 

@@ -510,34 +510,41 @@ def _stage2(cfg: PipelineConfig, stage_dir: Path, model_dir: Path, train, all_ro
         metrics["generated_state_accuracy"] = generated_state_accuracy(model, label_texts, all_rows, cell_tokenizer,
                                                                        processor=processor)
     if _is_main():
-        save_final_model(model, processor, model_dir, metrics=metrics, config_path=cfg.path)
+        save_final_model(model, processor, model_dir, config_path=cfg.path,
+                         label_texts=label_texts_of(all_rows) if all_rows is not None else None)
     _barrier()
     return _finish_stage("stage2", stage_dir, trainer.state.log_history, metrics, started)
 
 
 # ---------------------------------------------------------------------------------------------------- final model
-def save_final_model(model, processor, model_dir, metrics: dict | None = None, config_path: str | None = None):
-    """safetensors weights + config (with `auto_map` and the modelling code) + processor files + a model card."""
+def save_final_model(model, processor, model_dir, config_path: str | None = None,
+                     label_texts: dict[str, str] | None = None):
+    """safetensors weights + config (with `auto_map` and the modelling code) + processor files + `label_texts.json`
+    (label → text, so that `scmmgpt annotate` needs no `--labels`) + a model card named after the config. The card
+    carries no figures: the ones measured during training include training cells; the demo re-renders it with the
+    held-out figures of its evaluation."""
+    from modeling_scmmgpt.cli_jobs import LABELS_FILE
+
     model.processor = processor
     # Trainer sets config.use_cache = TrainingArguments.use_cache (False) for training; a saved model generates with it
     for config in (model.config, model.config.text_config, model.language_model.config, model.generation_config):
         config.use_cache = True
     model.save_pretrained(str(model_dir))
     processor.save_pretrained(str(model_dir))
-    try:  # the full card (metadata, jobs, evaluation table) from the Hub helpers
-        from modeling_scmmgpt.hub import render_model_card
+    if label_texts:
+        (Path(model_dir) / LABELS_FILE).write_text(json.dumps(label_texts, indent=1), encoding="utf-8")
+    try:  # the full card (metadata, jobs) from the Hub helpers
+        from modeling_scmmgpt.hub_cards import render_model_card
 
-        knn = (metrics or {}).get("knn_accuracy")
-        eval_results = {"text-to-cell": {"metrics": {"knn_accuracy": knn}}} if knn is not None else None
-        render_model_card(model_dir, eval_results, save=True)
+        render_model_card(model_dir, model_name=f"scmmgpt-{Path(config_path).stem}" if config_path else None)
     except Exception as error:  # noqa: BLE001 - a card problem must not lose a trained model; write a short one
         warnings.warn(f"model card renderer failed ({error}); writing a short card", stacklevel=2)
-        (Path(model_dir) / "README.md").write_text(model_card(model, metrics or {}, config_path))
+        (Path(model_dir) / "README.md").write_text(model_card(model, config_path))
     return str(model_dir)
 
 
-def model_card(model, metrics: dict, config_path: str | None = None) -> str:
-    """A short model card (the fallback of `modeling_scmmgpt.hub.render_model_card`)."""
+def model_card(model, config_path: str | None = None) -> str:
+    """A short model card (the fallback of `modeling_scmmgpt.hub_cards.render_model_card`), without figures."""
     c = model.config
     text = c.text_config
     lines = [
@@ -559,9 +566,6 @@ def model_card(model, metrics: dict, config_path: str | None = None) -> str:
         "model.describe(adata, processor=processor)          # cell → text",
         'model.generate_cells(["cell type: B cell."])        # text → pseudo-cell', "```", "",
     ]
-    if metrics:
-        lines += ["## Training metrics", ""] + [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}"
-                                                 for k, v in metrics.items() if not isinstance(v, dict)] + [""]
     if config_path:
         lines += [f"Trained with `scmmgpt train --config {config_path}`.", ""]
     return "\n".join(lines)
