@@ -161,7 +161,7 @@ def test_default_budget_runs(tmp_path):
 def test_time_limit_stops_training_with_a_warning_when_steps_are_left():
     from transformers import TrainerControl, TrainerState
 
-    from scmmgpt_train.pretrain import TimeLimitCallback
+    from scmmgpt_train.trainers import TimeLimitCallback
 
     guard = TimeLimitCallback(0.0)
     guard.on_train_begin(None, TrainerState(), TrainerControl())
@@ -171,3 +171,36 @@ def test_time_limit_stops_training_with_a_warning_when_steps_are_left():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the last step: stopping there loses nothing, no warning
         assert guard.on_step_end(None, TrainerState(global_step=10, max_steps=10), TrainerControl()).should_training_stop
+
+
+class _PartsModel(torch.nn.Module):
+    """A one-weight model whose output carries two loss parts; `loss_rare` is None on every other batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x, step):
+        from transformers.utils import ModelOutput
+
+        common = (self.weight * x).mean()
+        rare = common * 0 + 10.0 * step[0] if int(step[0]) % 2 == 0 else None
+        return ModelOutput(loss=common, loss_common=common, loss_rare=rare)
+
+
+def test_loss_parts_trainer_logs_each_parts_mean_over_the_logged_steps(tmp_path):
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from scmmgpt_train.trainers import LossPartsTrainer
+
+    rows = Dataset.from_dict({"x": [[1.0]] * 4, "step": [[float(i)] for i in range(4)]})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=1, learning_rate=0.0,
+                             logging_steps=2, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+                             train_sampling_strategy="sequential")
+    trainer = LossPartsTrainer(model=_PartsModel(), args=args, train_dataset=rows,
+                               loss_parts=("loss_common", "loss_rare"))
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["loss_common"] for entry in logs] == [1.0, 1.0]
+    assert [entry["loss_rare"] for entry in logs] == [0.0, 20.0]  # one batch per window had it: no zeros averaged in

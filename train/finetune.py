@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .pretrain import LossPartsTrainer, TimeLimitCallback, _first_last, _training_arguments
 from .streaming import cell_input_batches, rows_to_cell_inputs
+from .trainers import LossPartsTrainer, TimeLimitCallback, bounded_training_arguments, first_last
 
 
 @dataclass
@@ -106,14 +106,14 @@ def finetune_cell_classifier(train_rows, eval_rows, cell_tokenizer, encoder_dir:
     if eval_rows is not None:
         metrics.update({f"{k}_before": v for k, v in classifier_scores(model, eval_rows, cell_tokenizer,
                                                                       label_column).items()})
-    args = _training_arguments(output_dir, max_steps, batch_size, learning_rate, seed, progress, logging_steps,
-                               {"weight_decay": 0.1, "warmup_steps": 0.1, **training_args})
+    args = bounded_training_arguments(output_dir, max_steps, batch_size, learning_rate, seed, progress,
+                                      logging_steps, {"weight_decay": 0.1, "warmup_steps": 0.1, **training_args})
     guard = [TimeLimitCallback(max_seconds)] if max_seconds else []
     trainer = LossPartsTrainer(model=model, args=args, train_dataset=train_rows,
                                data_collator=CellLabelCollator(cell_tokenizer, model.config.label2id, label_column),
                                callbacks=guard + list(callbacks or []))
     result = trainer.train()
-    first, last = _first_last(trainer.state.log_history, "loss")
+    first, last = first_last(trainer.state.log_history, "loss")
     metrics.update(train_steps=trainer.state.global_step, train_runtime=result.metrics["train_runtime"],
                    first_loss=first, last_loss=last)
     if eval_rows is not None:

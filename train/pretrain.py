@@ -15,82 +15,17 @@ from __future__ import annotations
 
 import math
 import os
-import time
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .ontology import cell_type_text, ontology_texts
 from .streaming import rows_to_cell_inputs
+from .trainers import LossPartsTrainer, TimeLimitCallback, bounded_training_arguments, first_last
 
 TEXT_SPECIAL_TOKENS = ("<s>", "</s>", "<pad>", "<unk>")  # bos, eos, pad, unk of the trained text tokenizer
 CELL_LOSS_PARTS = ("loss_masked_value", "loss_cell_value")
-
-
-# ------------------------------------------------------------------------------------------------ shared Trainer bits
-class TimeLimitCallback(TrainerCallback):
-    """Stops training once `max_seconds` of wall time have passed since training began (checked after each step), with
-    a warning: a run cut short depends on the machine's load (PBMC stage 1 under a concurrent job: 142 of 300 steps,
-    and every figure after it fell)."""
-
-    def __init__(self, max_seconds: float):
-        self.max_seconds, self.start = float(max_seconds), None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.start is not None and time.perf_counter() - self.start >= self.max_seconds:
-            control.should_training_stop = True
-            if state.max_steps and state.global_step < state.max_steps:
-                warnings.warn(f"training stopped by max_seconds={self.max_seconds:g} after {state.global_step} of "
-                              f"{state.max_steps} steps: results depend on the machine's load", stacklevel=2)
-        return control
-
-
-class LossPartsTrainer(Trainer):
-    """A `Trainer` that also logs the mean of each of the model output's `loss_parts` (e.g. `loss_masked_value`)
-    next to `loss`, over the same steps."""
-
-    def __init__(self, *args, loss_parts=(), **kwargs):
-        super().__init__(*args, **kwargs)
-        self.loss_parts, self._sums, self._count = tuple(loss_parts), {}, 0
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if model.training and self.loss_parts:
-            for key in self.loss_parts:
-                self._sums[key] = self._sums.get(key, 0.0) + outputs[key].detach().float()
-            self._count += 1
-        return (loss, outputs) if return_outputs else loss
-
-    def log(self, logs, start_time=None):
-        if "loss" in logs and self._count:
-            logs.update({key: round(float(total) / self._count, 4) for key, total in self._sums.items()})
-            self._sums, self._count = {}, 0
-        super().log(logs, start_time)
-
-
-def _training_arguments(output_dir, max_steps, batch_size, learning_rate, seed, progress, logging_steps, overrides):
-    """`TrainingArguments` for a bounded, checkpoint-free run; `overrides` (any `TrainingArguments` field) win."""
-    import torch
-
-    defaults = dict(
-        output_dir=str(output_dir), max_steps=int(max_steps), per_device_train_batch_size=int(batch_size),
-        learning_rate=float(learning_rate), warmup_steps=0.05, lr_scheduler_type="cosine", weight_decay=0.01,
-        logging_steps=logging_steps, logging_first_step=True, save_strategy="no", eval_strategy="no",
-        report_to="none", seed=int(seed), data_seed=int(seed), disable_tqdm=not progress,
-        remove_unused_columns=False,  # the collators read the raw row fields (gene ids, expression, value kind)
-        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
-    )
-    return TrainingArguments(**{**defaults, **overrides})
-
-
-def _first_last(log_history: list[dict], key: str) -> tuple[float | None, float | None]:
-    values = [entry[key] for entry in log_history if key in entry]
-    return (values[0], values[-1]) if values else (None, None)
 
 
 # ------------------------------------------------------------------------------------------------ cells
@@ -287,15 +222,15 @@ def pretrain_cell_encoder(
         metrics["masked_value_mse_gene_mean"] = gene_mean_mse(train_cells, eval_cells, cell_tokenizer,
                                                               mask_ratio=mask_ratio, seed=seed)
 
-    args = _training_arguments(output_dir, max_steps, batch_size, learning_rate, seed, progress, logging_steps,
-                               training_args)
+    args = bounded_training_arguments(output_dir, max_steps, batch_size, learning_rate, seed, progress,
+                                      logging_steps, training_args)
     trainer = LossPartsTrainer(
         model=model, args=args, train_dataset=train_cells, data_collator=MaskedValueCollator(cell_tokenizer),
         callbacks=[TimeLimitCallback(max_seconds)] if max_seconds else None, loss_parts=CELL_LOSS_PARTS,
     )
     result = trainer.train()
     model = trainer.model
-    first, last = _first_last(trainer.state.log_history, "loss")
+    first, last = first_last(trainer.state.log_history, "loss")
     metrics.update(train_runtime=result.metrics["train_runtime"], train_steps=trainer.state.global_step,
                    first_loss=first, last_loss=last)
     if eval_cells is not None:
@@ -482,15 +417,15 @@ def pretrain_small_llm(
                "vocab_size": len(tokenizer), "n_parameters": sum(p.numel() for p in model.parameters())}
     metrics["perplexity_before"] = perplexity(model, tokenizer, eval_texts)
 
-    args = _training_arguments(output_dir, max_steps, batch_size, learning_rate, seed, progress, logging_steps,
-                               training_args)
+    args = bounded_training_arguments(output_dir, max_steps, batch_size, learning_rate, seed, progress,
+                                      logging_steps, training_args)
     trainer = LossPartsTrainer(
         model=model, args=args, train_dataset=train_blocks, data_collator=default_data_collator,
         callbacks=[TimeLimitCallback(max_seconds)] if max_seconds else None,
     )
     result = trainer.train()
     model = trainer.model
-    first, last = _first_last(trainer.state.log_history, "loss")
+    first, last = first_last(trainer.state.log_history, "loss")
     metrics.update(train_runtime=result.metrics["train_runtime"], train_steps=trainer.state.global_step,
                    first_loss=first, last_loss=last, perplexity_after=perplexity(model, tokenizer, eval_texts))
     if save:
@@ -502,9 +437,7 @@ def pretrain_small_llm(
 
 
 __all__ = [
-    "LossPartsTrainer",
     "MaskedValueCollator",
-    "TimeLimitCallback",
     "fixed_mask_batch",
     "gene_mean_mse",
     "llm_corpus",

@@ -5,8 +5,6 @@ The three losses (contrastive, matching, captioning) are logged separately besid
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 import torch
 from transformers import BertConfig, Trainer
@@ -15,6 +13,7 @@ from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTConfig, ScMMGPTModel
 
 from .collators import Stage1Collator
 from .streaming import cell_input_batches
+from .trainers import LossPartsLoggingMixin
 
 STAGE1_LOSSES = ("loss_contrastive", "loss_matching", "loss_captioning")
 
@@ -38,28 +37,10 @@ def build_stage1_model(cell_tokenizer, text_tokenizer, qformer_path: str | None 
     return model
 
 
-class Stage1Trainer(Trainer):
+class Stage1Trainer(LossPartsLoggingMixin, Trainer):
     """`Trainer` that also logs each stage-1 loss (mean over the steps since the last log)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._loss_sums: dict[str, torch.Tensor] = defaultdict(float)
-        self._loss_steps = 0
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
-        if model.training:
-            for name in STAGE1_LOSSES:
-                self._loss_sums[name] = self._loss_sums[name] + outputs[name].detach()
-            self._loss_steps += 1
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
-
-    def log(self, logs: dict, *args, **kwargs):
-        if self._loss_steps and "loss" in logs:
-            for name, total in self._loss_sums.items():
-                logs[name] = round(float(total) / self._loss_steps, 4)
-            self._loss_sums, self._loss_steps = defaultdict(float), 0
-        super().log(logs, *args, **kwargs)
+    loss_parts = STAGE1_LOSSES
 
 
 def stage1_collator(cell_tokenizer, text_tokenizer, max_text_length: int = 128) -> Stage1Collator:

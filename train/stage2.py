@@ -11,7 +11,6 @@ their weighted sum.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +23,7 @@ from modeling_scmmgpt.modeling_cell_encoder import masked_mse
 
 from .collators import Stage2Collator
 from .streaming import log_normalized, rows_to_matrix
+from .trainers import LossPartsLoggingMixin
 
 STAGE2_LOSSES = ("loss_lm", "loss_cell_embed", "loss_expression", "loss_expression_teacher")
 PROJECTORS = ["cell_to_text_projector", "text_to_cell_projector", "expression_decoder"]
@@ -157,32 +157,29 @@ def apply_tuning(model: ScMMGPTForConditionalGeneration, args: Stage2Arguments):
 def _sft_trainer_class():
     from trl import SFTTrainer
 
-    class Stage2Trainer(SFTTrainer):
+    class Stage2Trainer(LossPartsLoggingMixin, SFTTrainer):
         """`SFTTrainer` whose loss is the model's own (LM + weighted text → cell losses), each part logged as the mean
         over the steps since the last log. TRL's fused LM head is not used: the loss needs the LLM's hidden states at
         the output cell slots, which it does not return."""
 
+        loss_parts = STAGE2_LOSSES
+
         def __init__(self, *args, expression_teacher_weight: float = 0.0, **kwargs):
             super().__init__(*args, **kwargs)
             self.expression_teacher_weight = float(expression_teacher_weight)
-            self._part_sums: dict[str, float] = defaultdict(float)
-            self._part_counts: dict[str, int] = defaultdict(int)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = {**inputs, "use_cache": False}
             outputs = model(**inputs)
             loss = outputs.loss
-            parts = {name: outputs[name] for name in STAGE2_LOSSES if name in outputs}
+            parts = {name: outputs.get(name) for name in self.loss_parts}
             if self.expression_teacher_weight and model.training:
                 teacher = self._teacher_forced_expression_loss(model, inputs)
                 if teacher is not None:
                     parts["loss_expression_teacher"] = teacher
                     loss = loss + self.expression_teacher_weight * teacher
-            if model.training:
-                for name, value in parts.items():  # a batch without text → cell examples has no cell losses
-                    if value is not None:
-                        self._part_sums[name] += float(value.detach())
-                        self._part_counts[name] += 1
+            if model.training:  # a batch without text → cell examples has no cell losses (None parts are skipped)
+                self.record_loss_parts(parts)
             return (loss, outputs) if return_outputs else loss
 
         def _teacher_forced_expression_loss(self, model, inputs):
@@ -198,13 +195,6 @@ def _sft_trainer_class():
                                                     inputs["target_cell_attention_mask"][rows])
             predicted = base.expression_decoder(states, inputs["decoder_gene_ids"][rows])
             return masked_mse(predicted, inputs["decoder_targets"][rows], inputs["decoder_mask"][rows])
-
-        def log(self, logs: dict, *args, **kwargs):
-            if "loss" in logs and self._part_counts:
-                for name, count in self._part_counts.items():
-                    logs[name] = round(self._part_sums[name] / count, 4)
-                self._part_sums, self._part_counts = defaultdict(float), defaultdict(int)
-            super().log(logs, *args, **kwargs)
 
     return Stage2Trainer
 
