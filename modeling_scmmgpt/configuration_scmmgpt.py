@@ -31,6 +31,13 @@ class ScMMGPTCellConfig(PreTrainedConfig):
         max_genes: the most gene tokens per cell (the `<cls>` token comes on top).
         pad_token_id, cls_token_id: ids of `<pad>` and `<cls>` in the gene vocabulary.
         pad_value: the expression value written at padded positions.
+        mask_ratio: stage 0 (`ScMMGPTCellForMaskedValuePrediction`): share of each cell's gene tokens whose value is
+            hidden (scGPT's pre-training default 0.4).
+        mask_value: stage 0: the value written at hidden tokens (scGPT's -1 for continuous inputs; apart from the
+            pad value and from real values, which are >= 0).
+        classifier_pooling: `ScMMGPTCellForClassification`'s head input: `"cls"` (the cell embedding), `"mean"` (mean
+            gene state) or `"expression_mean"` (expression-weighted mean of the gene token inputs).
+        classifier_dropout: dropout before the classification head.
     """
 
     model_type = "scmmgpt_cell"
@@ -52,6 +59,10 @@ class ScMMGPTCellConfig(PreTrainedConfig):
     pad_token_id: int | None = 0
     cls_token_id: int = 1
     pad_value: float = -2.0
+    mask_ratio: float = 0.4
+    mask_value: float = -1.0
+    classifier_pooling: Literal["cls", "mean", "expression_mean"] = "cls"
+    classifier_dropout: float = 0.1
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):

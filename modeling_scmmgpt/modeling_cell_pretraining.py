@@ -22,8 +22,7 @@ from transformers.utils import ModelOutput
 from .configuration_scmmgpt import ScMMGPTCellConfig
 from .modeling_cell_encoder import ScMMGPTCellModel, ScMMGPTCellPreTrainedModel, masked_mse
 
-DEFAULT_MASK_RATIO = 0.4  # scGPT's pre-training default
-DEFAULT_MASK_VALUE = -1.0  # scGPT's mask value for continuous inputs; the tokenizer's pad value is -2, real values >= 0
+DEFAULT_MASK_RATIO = ScMMGPTCellConfig.mask_ratio  # scGPT's pre-training default, declared on the config
 EVAL_MASK_SEED = 0  # masks drawn outside training are seeded, so evaluation losses compare across checkpoints
 
 
@@ -116,7 +115,7 @@ class ScMMGPTCellForMaskedValuePrediction(ScMMGPTCellPreTrainedModel):
     The cell encoder with scGPT's pre-training heads (stage 0): masked value prediction (GEP) and value prediction from
     the cell embedding (GEPC). Continuous value input only: the binned encoder has no embedding for a masked value.
 
-    The mask ratio and mask value are read from the config (`mask_ratio`, `mask_value`; scGPT's 0.4 and -1 when absent)
+    The mask ratio and mask value are read from the config (`mask_ratio`, `mask_value`; scGPT's 0.4 and -1 by default)
     so that they travel with a saved checkpoint.
 
     Inputs (from `ScMMGPTCellTokenizer`; position 0 is `<cls>`):
@@ -141,11 +140,11 @@ class ScMMGPTCellForMaskedValuePrediction(ScMMGPTCellPreTrainedModel):
 
     @property
     def mask_ratio(self) -> float:
-        return float(getattr(self.config, "mask_ratio", DEFAULT_MASK_RATIO))
+        return float(self.config.mask_ratio)
 
     @property
     def mask_value(self) -> float:
-        return float(getattr(self.config, "mask_value", DEFAULT_MASK_VALUE))
+        return float(self.config.mask_value)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.cell_model.get_input_embeddings()

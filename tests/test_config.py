@@ -46,3 +46,18 @@ def test_bad_config_values_raise():
         ScMMGPTCellConfig.tiny(input_value_mode="ranked")
     with pytest.raises(ValueError, match="cross_attention_frequency"):
         ScMMGPTConfig.tiny(cross_attention_frequency=0)
+
+
+def test_training_settings_are_declared_fields_and_old_folders_load_their_defaults(tmp_path):
+    import json
+
+    declared = {"mask_ratio": 0.4, "mask_value": -1.0, "classifier_pooling": "cls", "classifier_dropout": 0.1}
+    config = ScMMGPTCellConfig.tiny()
+    assert {name: getattr(config, name) for name in declared} == declared
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for name in declared:  # a folder written before the fields were declared
+        saved.pop(name, None)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    reloaded = AutoConfig.from_pretrained(tmp_path)
+    assert {name: getattr(reloaded, name) for name in declared} == declared

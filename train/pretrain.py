@@ -111,7 +111,7 @@ def masked_value_mse(model, cells, cell_tokenizer, *, mask_ratio: float | None =
         model: a `ScMMGPTCellForMaskedValuePrediction`.
         cells: built cell rows (a `datasets.Dataset` or a list of `data.cell_features()` dicts).
         cell_tokenizer: the `ScMMGPTCellTokenizer` whose vocabulary the rows' gene ids refer to.
-        mask_ratio: share of each cell's genes hidden; the model's own (`config.mask_ratio`, else 0.4) when None.
+        mask_ratio: share of each cell's genes hidden; the model's own (`config.mask_ratio`) when None.
         seed: seeds the one mask drawn over all cells (`fixed_mask_batch`), shared by every model scored with it.
 
     Returns:
