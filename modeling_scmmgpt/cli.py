@@ -14,7 +14,7 @@ COMMANDS = {
     "build-dataset": ("scmmgpt_train.data", "build_dataset_main", "turn .h5ad files into a text-paired HF dataset"),
     "train": ("scmmgpt_train.run", "main", "train every stage from a YAML config (train/configs/*.yaml)"),
     "convert-scgpt": ("modeling_scmmgpt.convert_scgpt", "main", "convert a scGPT model folder into a from_pretrained folder"),
-    "push": ("modeling_scmmgpt.hub", "push_main", "check a saved model folder and upload it to the Hub (--dry-run lists it)"),
+    "push": ("modeling_scmmgpt.hub_push", "push_main", "check a saved model folder and upload it to the Hub (--dry-run lists it)"),
 }
 
 

@@ -18,7 +18,7 @@ Templates travel inside the package, in `hub_templates/` (`model_card_template.m
      "text-to-cell": {"metrics": {"knn_accuracy": 0.62, "mean_correlation": 0.9}}}
 
 Task keys may also be `annotation`, `description`, `generation`; an entry may be a bare `{metric: value}` dict; an
-optional `method` names how the task was done (it becomes part of the task name); a missing dataset defaults to the
+optional `method` names how the task was done (it becomes part of the metric names); a missing dataset defaults to the
 card's first training dataset.
 """
 
@@ -153,8 +153,14 @@ def normalize_eval_results(eval_results: dict | None, default_dataset: dict | No
     return out
 
 
-def _task_name(task: str, method: str | None) -> str:
-    return TASK_TITLES[task] + (f" ({method})" if method else "")
+def _with_method(name: str, method: str | None) -> str:
+    return name + (f" ({method})" if method else "")
+
+
+def _metric_name(metric: str, method: str | None) -> str | None:
+    """The model-index metric name; it carries the method, since the Hub merges results that differ only in task
+    name (one result per task, dataset and split)."""
+    return _with_method(METRIC_NAMES.get(metric, metric), method) if method or metric in METRIC_NAMES else None
 
 
 def _to_eval_result_objects(results: dict) -> list:
@@ -166,18 +172,18 @@ def _to_eval_result_objects(results: dict) -> list:
             dataset = entry["dataset"]
             for metric, value in entry["metrics"].items():
                 objects.append(EvalResult(
-                    task_type=task, task_name=_task_name(task, entry.get("method")), dataset_type=dataset["type"],
+                    task_type=task, task_name=TASK_TITLES[task], dataset_type=dataset["type"],
                     dataset_name=dataset["name"], dataset_split=dataset.get("split"),
                     dataset_config=dataset.get("config"), metric_type=metric, metric_value=value,
-                    metric_name=METRIC_NAMES.get(metric),
+                    metric_name=_metric_name(metric, entry.get("method")),
                 ))
     return objects
 
 
 def _method_of(result) -> str | None:
-    """The method a model-index task name carries (`"Cell type annotation (retrieval)"` → `"retrieval"`)."""
-    prefix = TASK_TITLES.get(result.task_type, "") + " ("
-    name = result.task_name or ""
+    """The method a model-index metric name carries (`"macro-F1 (retrieval)"` → `"retrieval"`)."""
+    prefix = METRIC_NAMES.get(result.metric_type, result.metric_type) + " ("
+    name = result.metric_name or ""
     return name[len(prefix):-1] if name.startswith(prefix) and name.endswith(")") else None
 
 
@@ -205,7 +211,8 @@ def _eval_rows(results: dict) -> list[dict]:
     for task, entries in results.items():
         for entry in entries:
             for metric, value in entry["metrics"].items():
-                rows.append({"task": _task_name(task, entry.get("method")), "dataset": entry["dataset"]["name"],
+                rows.append({"task": _with_method(TASK_TITLES[task], entry.get("method")),
+                             "dataset": entry["dataset"]["name"],
                              "split": entry["dataset"].get("split", "–"), "metric": METRIC_NAMES.get(metric, metric),
                              "value": f"{value:.4g}" if isinstance(value, float) else value})
     return rows

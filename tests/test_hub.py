@@ -12,16 +12,16 @@ from huggingface_hub import ModelCard
 
 from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTModel
 from modeling_scmmgpt.cli import main as cli_main
-from modeling_scmmgpt.hub import (
-    CARD_DIR,
+from modeling_scmmgpt.hub_cards import (
     REQUIRED_TAGS,
+    TEMPLATE_DIR,
     eval_results_from_card,
     normalize_eval_results,
-    push_model,
     render_dataset_card,
     render_model_card,
     validate_card_metadata,
 )
+from modeling_scmmgpt.hub_push import assemble_push_folder, check_folder_loads, push_model
 
 from .test_pipelines import LABELS, TEXTS, make_processor, make_stage2, tiny_config
 
@@ -70,7 +70,7 @@ def test_model_card_metadata_parses_back_equal(saved_model, tmp_path):
     assert loaded.data.to_dict() == card.data.to_dict()
     assert eval_results_from_card(loaded) == normalize_eval_results(EVAL_RESULTS)
     data = loaded.data.to_dict()
-    widget = json.loads((CARD_DIR / "widget_examples.json").read_text())
+    widget = json.loads((TEMPLATE_DIR / "widget_examples.json").read_text())
     assert data["library_name"] == "transformers" and data["pipeline_tag"] == "any-to-any"
     assert set(REQUIRED_TAGS) | {"pbmc"} <= set(data["tags"])
     assert data["base_model"] == "meta-llama/Llama-2-7b-hf" and data["datasets"] == ["org/pbmc-text"]
@@ -87,7 +87,8 @@ def test_model_card_metadata_parses_back_equal(saved_model, tmp_path):
                  "PeftModel.from_pretrained"):
         assert code in body
     assert "| Cell type annotation | PBMC 68k (reduced) | test | accuracy | 0.875 |" in body
-    assert "| Text-conditioned pseudo-cell generation | PBMC 68k (reduced) | – | knn_accuracy | 0.5 |" in body
+    assert ("| Text-conditioned pseudo-cell generation | PBMC 68k (reduced) | – | k-NN accuracy of generated cells "
+            "| 0.5 |") in body
     assert "- Tiny random weights." in body
 
 
@@ -123,6 +124,101 @@ def test_bad_metadata_and_eval_results_are_refused(saved_model):
         "metrics": {"accuracy": 1}}]}
 
 
+# ---------------------------------------------------------------------------------------------------- the demo's card
+def evaluation_results() -> dict:
+    """What `evaluate_model` returns, model rows and baselines, with the arrays and texts it carries."""
+    annotation = {"accuracy": 0.9, "macro_f1": 0.8, "predictions": np.array(["a", "b"])}
+    description = {"bleu2": 0.3, "bleu4": 0.1, "rouge1": 0.5, "rouge2": 0.2, "rougeL": 0.4, "meteor": 0.35,
+                   "texts": ["x", "y"]}
+    return {
+        "annotation": {"scMMGPT (retrieval)": annotation, "scMMGPT (likelihood)": {**annotation, "accuracy": 0.7},
+                       "scMMGPT (fine-tuned)": {**annotation, "accuracy": 0.95},
+                       "logistic regression": {**annotation, "accuracy": 0.123}},
+        "description": {"scMMGPT": description, "nearest training cell": {**description, "bleu2": 0.456}},
+        "pseudo_cells": {"scMMGPT": {"knn_accuracy": np.float32(0.69), "mean_correlation": 0.93,
+                                    "expression": np.zeros((2, 3)), "labels": np.array(["a", "b"])},
+                         "per-type mean + noise": {"knn_accuracy": 0.789, "mean_correlation": 0.9}},
+    }
+
+
+def copy_folder(source: Path, target: Path) -> Path:
+    for name, data in snapshot(source).items():
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        (target / name).write_bytes(data)
+    return target
+
+
+def test_demo_card_carries_the_held_out_figures_of_the_report(saved_model, tmp_path):
+    from types import SimpleNamespace
+
+    from scmmgpt_train.report import write_model_card
+
+    folder = copy_folder(saved_model, tmp_path / "model")
+    data = SimpleNamespace(h5ad=None, dataset_dir=None, label_column="bulk_labels", test_size=0.2, split_by="cell",
+                           seed=3)
+    path = write_model_card(folder, evaluation_results(), SimpleNamespace(data=data, path="configs/tiny-cpu.yaml"))
+    card = ModelCard.load(path)
+    validate_card_metadata(card)
+    assert card.data.to_dict()["model-index"][0]["name"] == "scmmgpt-tiny-cpu"
+    held_out = {"name": "PBMC 68k (reduced), scanpy: held-out test split", "type": "scanpy/pbmc68k_reduced",
+                "split": "test"}
+    assert eval_results_from_card(card) == {
+        "cell-annotation": [
+            {"dataset": held_out, "method": method, "metrics": {"accuracy": accuracy, "macro_f1": 0.8}}
+            for method, accuracy in (("retrieval", 0.9), ("likelihood", 0.7), ("fine-tuned", 0.95))],
+        "cell-description": [{"dataset": held_out, "metrics": {
+            "bleu_2": 0.3, "bleu_4": 0.1, "rouge_1": 0.5, "rouge_2": 0.2, "rouge_l": 0.4, "meteor": 0.35}}],
+        "text-to-cell": [{"dataset": held_out, "metrics": {"knn_accuracy": pytest.approx(0.69),
+                                                           "mean_correlation": 0.93}}],
+    }
+    assert "| Cell type annotation (fine-tuned) | PBMC 68k (reduced), scanpy: held-out test split | test | macro-F1 " \
+        "| 0.8 |" in card.text
+    assert "seed 3" in card.text and "held out" in card.text
+    for baseline in ("0.123", "0.456", "0.789"):  # the baselines' figures belong to the report, not the card
+        assert baseline not in str(card)
+
+
+def test_a_trained_model_folder_carries_label_texts_and_no_training_figures(processor, pbmc, tmp_path):
+    import anndata
+
+    from scmmgpt_train.run import save_final_model
+
+    label_texts = {label: f"cell type: {label}." for label in LABELS}
+    folder = tmp_path / "model"
+    save_final_model(make_stage2(processor), processor, folder, config_path="train/configs/tiny-cpu.yaml",
+                     label_texts=label_texts)
+    assert json.loads((folder / "label_texts.json").read_text()) == label_texts
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.model_name == "scmmgpt-tiny-cpu" and card.data.eval_results is None
+    assert "knn_accuracy" not in str(card) and "No evaluation results" in card.text
+    cells = tmp_path / "cells.h5ad"
+    anndata.AnnData(X=pbmc.raw.X[:6], var=pbmc.raw.var).write_h5ad(cells)
+    assert cli_main(["annotate", str(folder), str(cells), "-o", str(tmp_path / "out.h5ad")]) == 0  # no --labels
+    assert set(anndata.read_h5ad(tmp_path / "out.h5ad").obs["scmmgpt_cell_type"]) <= set(LABELS)
+
+
+def test_model_name_is_never_a_generic_folder_name(saved_model, tmp_path):
+    folder = copy_folder(saved_model, tmp_path / "model")
+    assert render_model_card(folder, save=False).data.model_name == "scmmgpt-stage2"
+    assert render_model_card(folder, model_name="scmmgpt-pbmc", save=False).data.model_name == "scmmgpt-pbmc"
+    assert render_model_card(saved_model, save=False).data.model_name == "trained"
+
+
+def test_load_check_is_a_module_that_imports_nothing_of_the_package():
+    """The child runs hub_load_check.py by path where the package must not be importable: it may import only
+    outside modules."""
+    import ast
+
+    import modeling_scmmgpt.hub_load_check as load_check
+
+    tree = ast.parse(Path(load_check.__file__).read_text())
+    imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level]
+    assert not [name for name in imported if name.startswith("modeling_scmmgpt")]
+    assert callable(load_check.main)
+
+
 # ---------------------------------------------------------------------------------------------------- dataset card
 def test_dataset_card_from_a_built_dataset(pbmc_path, tmp_path):
     from datasets import load_dataset
@@ -155,7 +251,8 @@ def test_push_dry_run_lists_the_assembled_folder(saved_model, capsys, monkeypatc
     listed = {line.split("  (")[0].strip() for line in out.splitlines() if line.startswith("  ") and "(" in line
               and not line.strip().startswith("left out")}
     kept = {name for name in before if not name.endswith((".bin", ".pt")) and not name.startswith("checkpoint-")}
-    assert listed == kept | {"README.md", "pipeline_scmmgpt.py", "handler.py", "requirements.txt"}
+    code = {name for name in listed - kept if name.endswith(".py")}  # the pipelines and what they import
+    assert listed == kept | code | {"README.md", "requirements.txt"} and {"pipeline_scmmgpt.py", "handler.py"} <= code
     assert {"model.safetensors", "config.json", "modeling_scmmgpt.py", "processor_config.json", "gene_vocab.json",
             "tokenizer.json", "qformer_tokenizer/tokenizer.json"} <= listed
     for left_out in ("training_args.bin (pickle", "optimizer.pt (pickle", "checkpoint-10/ (training artefact)"):
@@ -326,8 +423,6 @@ def test_language_model_loads_in_4bit_on_cuda(processor, pbmc, tmp_path):
 def test_load_check_catches_incomplete_weights(saved_model, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from modeling_scmmgpt.hub import assemble_push_folder, check_folder_loads
-
     staged = tmp_path / "staged"
     assemble_push_folder(saved_model, staged, repo_id="org/x")
     weights = staged / "model.safetensors"
@@ -342,7 +437,6 @@ def test_load_check_catches_incomplete_weights(saved_model, tmp_path):
 
 def test_fine_tuned_classifier_folder_assembles_and_loads_as_remote_code(processor, tmp_path):
     from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTCellForClassification
-    from modeling_scmmgpt.hub import assemble_push_folder, check_folder_loads
 
     labels = ["B cell", "T cell", "monocyte"]
     config = ScMMGPTCellConfig.tiny(vocab_size=len(processor.feature_extractor), num_labels=3,
@@ -363,7 +457,6 @@ def test_fine_tuned_classifier_folder_assembles_and_loads_as_remote_code(process
 
 def test_cell_encoder_folder_assembles_without_pipelines(processor, tmp_path):
     from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTCellModel
-    from modeling_scmmgpt.hub import assemble_push_folder
 
     encoder = ScMMGPTCellModel(ScMMGPTCellConfig.tiny(vocab_size=len(processor.feature_extractor)))
     encoder.save_pretrained(tmp_path / "encoder")

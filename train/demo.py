@@ -42,9 +42,10 @@ def run_seed(config_path: str, output_dir: Path, seed: int | None, fresh: bool, 
     from transformers import AutoProcessor
 
     from modeling_scmmgpt import ScMMGPTCellForClassification, ScMMGPTForConditionalGeneration
+    from modeling_scmmgpt.cli_jobs import LABELS_FILE
 
     from .evaluate import EvalCells, evaluate_model, results_table
-    from .report import training_steps, write_report
+    from .report import training_steps, write_model_card, write_report
     from .run import STAGES, load_cells, load_config, run_pipeline
     from .stage1 import label_texts_of
 
@@ -76,7 +77,8 @@ def run_seed(config_path: str, output_dir: Path, seed: int | None, fresh: bool, 
     model.processor = processor
     train_rows, test_rows, all_rows, cell_tokenizer = load_cells(config.data)
     label_texts = label_texts_of(all_rows)
-    (model_dir / "label_texts.json").write_text(json.dumps(label_texts, indent=1), encoding="utf-8")
+    if not (model_dir / LABELS_FILE).is_file():  # a model trained before `scmmgpt train` wrote its label texts
+        (model_dir / LABELS_FILE).write_text(json.dumps(label_texts, indent=1), encoding="utf-8")
     train, test = EvalCells.from_rows(train_rows, cell_tokenizer), EvalCells.from_rows(test_rows, cell_tokenizer)
     classifier = None
     if pipeline["classifier_dir"]:
@@ -88,10 +90,12 @@ def run_seed(config_path: str, output_dir: Path, seed: int | None, fresh: bool, 
     print("[3/3] writing the report", flush=True)
     report = write_report(results, test, output_dir, list(label_texts), timings, steps=steps)
     (output_dir / "results.json").write_text(json.dumps(scalar_results(results), indent=1), encoding="utf-8")
+    card = write_model_card(model_dir, results, config)  # the held-out figures replace the card's empty table
     print()
     print(results_table(results))
     print()
-    print(f"report: {report}   figures: {output_dir / 'confusion_matrix.png'}, {output_dir / 'umap.png'}")
+    print(f"report: {report}   figures: {output_dir / 'confusion_matrix.png'}, {output_dir / 'umap.png'}   "
+          f"model card: {card}")
     print(f"model (Hub-ready): {model_dir}   e.g. scmmgpt annotate {model_dir} cells.h5ad -o annotated.h5ad")
     if classifier is not None:
         print(f"fine-tuned classifier (Hub-ready): {pipeline['classifier_dir']}   e.g. scmmgpt annotate "
