@@ -106,7 +106,6 @@ def _generator(processor):
     torch.manual_seed(0)
     model = ScMMGPTForConditionalGeneration(_config(processor))
     model.set_cell_token_ids(processor)
-    model.processor = processor
     return model
 
 
@@ -140,13 +139,15 @@ def stage2_training() -> dict:
 
 def _annotation_rate(method: str) -> dict:
     adata, processor = _parts()
-    model = _generator(processor).eval()
+    from modeling_scmmgpt import ScMMGPTJobs
+
+    jobs = ScMMGPTJobs(_generator(processor), processor, progress=False, verbose=False)
     labels = sorted(set(adata.obs["bulk_labels"]))
     cells = adata[:256]
-    model.annotate(cells[:8], labels, method=method, use_raw=True)  # warm-up
+    jobs.annotate(cells[:8], labels, method=method)  # warm-up
 
     def run():
-        model.annotate(cells, labels, method=method, batch_size=64, use_raw=True)
+        jobs.annotate(cells, labels, method=method, batch_size=64)
 
     seconds, repeats = best_time(run, min_repeats=1, min_seconds=2.0)
     return {"cells": len(cells), "labels": len(labels), "seconds": round(seconds, 3), "repeats": repeats,

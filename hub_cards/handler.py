@@ -6,15 +6,17 @@ Requests (JSON):
      "task": "annotate" | "describe" | "generate",
      "parameters": {...}}
 
-- `annotate`: `parameters.labels` (required), `method` (`retrieval` | `likelihood` | `generate`), `label_texts`,
-  `top_k`, `batch_size`, `normalize`, `max_genes` → one `{"cell", "label", "score", "top_labels"}` per cell;
+- `annotate`: `parameters.labels` (default: the cell types the model was trained on), `method` (`retrieval` |
+  `likelihood` | `generate`), `label_texts`, `top_k`, `batch_size`, `normalize` → one `{"cell", "label", "score",
+  "top_labels"}` per cell;
 - `describe`: `max_new_tokens`, `prompt`, `do_sample`, `temperature`, `top_p`, `num_beams`, `repetition_penalty`,
   `batch_size`, ... → one `{"cell", "generated_text"}` per cell;
 - `generate`: `inputs` is `{"texts": [...]}` (or a text, or a list of texts); `n_per_text`, `seed`, `genes`,
   `noise_scale`, `batch_size` → `{"gene_names": [...], "cells": [{"text", "expression"}, ...]}`.
 
 A request that is malformed, too large or refused by the model gets `{"error": "..."}` naming the problem; the handler
-never raises on a request. The model code comes from the repository itself (`trust_remote_code`), so the endpoint
+never raises on a request. It checks only the endpoint's own limits: the values are checked by the pipelines' jobs
+(`jobs_scmmgpt`), with the same messages as the Python API and the CLI. The model code comes from the repository itself (`trust_remote_code`), so the endpoint
 needs only `requirements.txt`, not the scMMGPT package.
 """
 
@@ -24,7 +26,8 @@ import math
 import os
 import warnings
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
+import transformers
+from transformers import AutoConfig, AutoFeatureExtractor, AutoProcessor
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 logger = logging.getLogger(__name__)
@@ -73,85 +76,62 @@ def _bool(params, name):
     return value
 
 
-def _strings(value, what, max_items, distinct=False):
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
-        raise RequestError(f"{what} must be a non-empty list of non-empty strings")
-    if len(value) > max_items:
-        raise RequestError(f"{what} has {len(value)} entries; at most {max_items} per request")
-    if distinct and len(set(value)) != len(value):
-        duplicated = sorted({v for v in value if value.count(v) > 1})
-        raise RequestError(f"{what} has duplicates: {duplicated[:10]}")
-    return value
-
-
 def _check_unknown(params, allowed, task):
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise RequestError(f"unknown parameters for task {task!r}: {unknown}; allowed: {sorted(allowed)}")
 
 
-def validate_cells(inputs) -> dict:
-    """`{"genes": [...], "counts": [[...]], "cell_ids": [...]}` checked for types, shapes, values and size."""
+def _size(value) -> int:
+    return len(value) if isinstance(value, (list, tuple)) else 0
+
+
+def check_cells(inputs) -> dict:
+    """The endpoint's limits on a cells payload; its values are checked by the jobs' reader."""
     if not isinstance(inputs, dict):
         raise RequestError('"inputs" must be an object {"genes": [...], "counts": [[...], ...]} for this task')
     unknown = sorted(set(inputs) - {"genes", "counts", "cell_ids"})
     if unknown:
         raise RequestError(f'"inputs" has unknown keys {unknown}; expected "genes", "counts" and optionally "cell_ids"')
-    genes = _strings(inputs.get("genes"), '"inputs.genes"', MAX_GENES, distinct=True)
-    counts = inputs.get("counts")
-    if not isinstance(counts, list) or not counts or not all(isinstance(row, list) for row in counts):
-        raise RequestError('"inputs.counts" must be a non-empty list of cells, each a list of one count per gene')
-    if len(counts) > MAX_CELLS:
-        raise RequestError(f'"inputs.counts" has {len(counts)} cells; at most {MAX_CELLS} per request')
-    if len(counts) * len(genes) > MAX_VALUES:
-        raise RequestError(f"{len(counts)} cells × {len(genes)} genes is over the limit of {MAX_VALUES} values")
-    for i, row in enumerate(counts):
-        if len(row) != len(genes):
-            raise RequestError(f'"inputs.counts"[{i}] has {len(row)} values but "inputs.genes" has {len(genes)}')
-        for j, value in enumerate(row):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise RequestError(f'"inputs.counts"[{i}][{j}] (gene {genes[j]}) must be a number, got {value!r}')
-            if not math.isfinite(value) or value < 0:
-                raise RequestError(f'"inputs.counts"[{i}][{j}] (gene {genes[j]}) is {value}; counts must be finite '
-                                   "and non-negative")
-    cells = {"genes": genes, "counts": counts}
-    if inputs.get("cell_ids") is not None:
-        ids = inputs["cell_ids"]
-        if not isinstance(ids, list) or len(ids) != len(counts) or not all(isinstance(c, (str, int)) for c in ids):
-            raise RequestError(f'"inputs.cell_ids" must be a list of {len(counts)} names, one per cell')
-        cells["cell_ids"] = [str(c) for c in ids]
-    return cells
+    n_cells, n_genes = _size(inputs.get("counts")), _size(inputs.get("genes"))
+    if n_genes > MAX_GENES:
+        raise RequestError(f'"inputs.genes" has {n_genes} genes; at most {MAX_GENES} per request')
+    if n_cells > MAX_CELLS:
+        raise RequestError(f'"inputs.counts" has {n_cells} cells; at most {MAX_CELLS} per request')
+    if n_cells * n_genes > MAX_VALUES:
+        raise RequestError(f"{n_cells} cells × {n_genes} genes is over the limit of {MAX_VALUES} values")
+    return inputs
 
 
-def validate_texts(inputs) -> list:
+def check_texts(inputs):
     if isinstance(inputs, dict):
         unknown = sorted(set(inputs) - {"texts", "text"})
         if unknown:
             raise RequestError(f'"inputs" has unknown keys {unknown}; expected "texts"')
         inputs = inputs.get("texts", inputs.get("text"))
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    texts = _strings(inputs, '"inputs.texts"', MAX_TEXTS)
-    long = [i for i, t in enumerate(texts) if len(t) > MAX_TEXT_CHARS]
-    if long:
-        raise RequestError(f"texts {long[:5]} are longer than {MAX_TEXT_CHARS} characters")
-    return texts
+    if _size(inputs) > MAX_TEXTS:
+        raise RequestError(f'"inputs.texts" has {_size(inputs)} texts; at most {MAX_TEXTS} per request')
+    if isinstance(inputs, (list, tuple)) and any(isinstance(t, str) and len(t) > MAX_TEXT_CHARS for t in inputs):
+        raise RequestError(f"a text is longer than {MAX_TEXT_CHARS} characters")
+    return inputs
 
 
-CELL_OPTIONS = ("batch_size", "normalize", "max_genes")
+CELL_OPTIONS = ("batch_size", "normalize")
+GENERATION = ("do_sample", "temperature", "top_p", "num_beams", "repetition_penalty")
 
 
-def _cell_options(params) -> dict:
-    options = {
-        "batch_size": _int(params, "batch_size", 1, MAX_BATCH_SIZE),
-        "normalize": _bool(params, "normalize"),
-        "max_genes": _int(params, "max_genes", 1, MAX_GENES),
-    }
-    return {k: v for k, v in options.items() if v is not None}
+def _options(params, ranges: dict) -> dict:
+    """The parameters checked against the endpoint's ranges (`name → (low, high, kind)`)."""
+    checks = {"int": _int, "float": _float}
+    out = {}
+    for name, (low, high, kind) in ranges.items():
+        value = _bool(params, name) if kind == "bool" else checks[kind](params, name, low, high)
+        if value is not None:
+            out[name] = value
+    return out
 
 
-def validate_request(data) -> tuple[str, object, dict]:
-    """A request (dict, or JSON text / bytes) → (task, pipeline input, pipeline keyword arguments)."""
+def _parse(data) -> dict:
     if isinstance(data, (bytes, bytearray)):
         data = data.decode("utf-8", errors="replace")
     if isinstance(data, str):
@@ -164,70 +144,49 @@ def validate_request(data) -> tuple[str, object, dict]:
     unknown = sorted(set(data) - {"inputs", "task", "parameters"})
     if unknown:
         raise RequestError(f"unknown request keys {unknown}; expected \"inputs\", \"task\", \"parameters\"")
-    task = data.get("task", "annotate")
-    if task not in TASKS:
-        raise RequestError(f'"task" must be one of {sorted(TASKS)}, got {task!r}')
+    if data.get("task", "annotate") not in TASKS:
+        raise RequestError(f'"task" must be one of {sorted(TASKS)}, got {data.get("task")!r}')
     if "inputs" not in data:
         raise RequestError('the request has no "inputs"')
-    params = data.get("parameters") or {}
-    if not isinstance(params, dict):
+    if not isinstance(data.get("parameters") or {}, dict):
         raise RequestError('"parameters" must be an object')
+    return data
 
+
+def validate_request(data) -> tuple[str, object, dict]:
+    """A request (dict, or JSON text / bytes) → (task, pipeline input, pipeline keyword arguments), within the
+    endpoint's limits; the values themselves are checked by the pipeline's jobs, with the same messages as the
+    Python API and the CLI."""
+    data = _parse(data)
+    task, params = data.get("task", "annotate"), dict(data.get("parameters") or {})
+    cell_ranges = {"batch_size": (1, MAX_BATCH_SIZE, "int"), "normalize": (None, None, "bool")}
     if task == "annotate":
         _check_unknown(params, ("labels", "method", "label_texts", "top_k") + CELL_OPTIONS, task)
-        if "labels" not in params:
-            raise RequestError('task "annotate" needs parameters.labels, the candidate cell types')
-        kwargs = {"labels": _strings(params["labels"], "parameters.labels", MAX_LABELS, distinct=True),
-                  **_cell_options(params)}
-        method = params.get("method", "retrieval")
-        if method not in ("retrieval", "likelihood", "generate"):
-            raise RequestError(f"parameters.method must be retrieval, likelihood or generate, got {method!r}")
-        kwargs["method"] = method
-        if params.get("label_texts") is not None:
-            kwargs["label_texts"] = _strings(params["label_texts"], "parameters.label_texts", MAX_LABELS)
-            if len(kwargs["label_texts"]) != len(kwargs["labels"]):
-                raise RequestError("parameters.label_texts must have one text per label")
-        top_k = _int(params, "top_k", 1, MAX_LABELS)
-        if top_k is not None:
-            kwargs["top_k"] = top_k
-        return task, validate_cells(data["inputs"]), kwargs
-
+        kwargs = {k: params[k] for k in ("labels", "method", "label_texts") if params.get(k) is not None}
+        kwargs.update(_options(params, {**cell_ranges, "top_k": (1, MAX_LABELS, "int")}))
+        if _size(kwargs.get("labels")) > MAX_LABELS:
+            raise RequestError(f"parameters.labels has more than {MAX_LABELS} labels")
+        return task, check_cells(data["inputs"]), kwargs
     if task == "describe":
-        generation = ("do_sample", "temperature", "top_p", "num_beams", "repetition_penalty")
-        _check_unknown(params, ("max_new_tokens", "prompt", *generation) + CELL_OPTIONS, task)
-        kwargs = _cell_options(params)
-        max_new_tokens = _int(params, "max_new_tokens", 1, MAX_NEW_TOKENS)
-        if max_new_tokens is not None:
-            kwargs["max_new_tokens"] = max_new_tokens
+        _check_unknown(params, ("max_new_tokens", "prompt", *GENERATION) + CELL_OPTIONS, task)
+        kwargs = _options(params, {**cell_ranges, "max_new_tokens": (1, MAX_NEW_TOKENS, "int")})
         if params.get("prompt") is not None:
-            prompt = params["prompt"]
-            if not isinstance(prompt, str) or prompt.count("<cell>") != 1 or len(prompt) > MAX_TEXT_CHARS:
-                raise RequestError("parameters.prompt must be a text with exactly one <cell> placeholder")
-            kwargs["prompt"] = prompt
-        generate_kwargs = {k: v for k, v in {
-            "do_sample": _bool(params, "do_sample"),
-            "temperature": _float(params, "temperature", 1e-3, 100.0),
-            "top_p": _float(params, "top_p", 0.0, 1.0),
-            "num_beams": _int(params, "num_beams", 1, 16),
-            "repetition_penalty": _float(params, "repetition_penalty", 0.0, 100.0),
-        }.items() if v is not None}
+            kwargs["prompt"] = params["prompt"]
+        generate_kwargs = _options(params, {"do_sample": (None, None, "bool"), "temperature": (1e-3, 100.0, "float"),
+                                            "top_p": (0.0, 1.0, "float"), "num_beams": (1, 16, "int"),
+                                            "repetition_penalty": (0.0, 100.0, "float")})
         if generate_kwargs:
             kwargs["generate_kwargs"] = generate_kwargs
-        return task, validate_cells(data["inputs"]), kwargs
-
+        return task, check_cells(data["inputs"]), kwargs
     _check_unknown(params, ("n_per_text", "seed", "genes", "noise_scale", "batch_size"), task)
-    kwargs = {k: v for k, v in {
-        "n_per_text": _int(params, "n_per_text", 1, MAX_PER_TEXT),
-        "seed": _int(params, "seed", 0, 2**63 - 1),
-        "noise_scale": _float(params, "noise_scale", 0.0, 100.0),
-        "batch_size": _int(params, "batch_size", 1, MAX_BATCH_SIZE),
-    }.items() if v is not None}
+    kwargs = _options(params, {"n_per_text": (1, MAX_PER_TEXT, "int"), "seed": (0, 2**63 - 1, "int"),
+                               "noise_scale": (0.0, 100.0, "float"), "batch_size": (1, MAX_BATCH_SIZE, "int")})
     if params.get("genes") is not None:
-        kwargs["genes"] = _strings(params["genes"], "parameters.genes", MAX_GENES, distinct=True)
-    texts = validate_texts(data["inputs"])
-    n_cells = len(texts) * kwargs.get("n_per_text", 1)
+        kwargs["genes"] = params["genes"]
+    texts = check_texts(data["inputs"])
+    n_cells = max(_size(texts), 1) * kwargs.get("n_per_text", 1)
     if n_cells > MAX_CELLS:
-        raise RequestError(f"{len(texts)} texts × n_per_text is {n_cells} cells; at most {MAX_CELLS} per request")
+        raise RequestError(f"{_size(texts)} texts × n_per_text is {n_cells} cells; at most {MAX_CELLS} per request")
     return task, texts, kwargs
 
 
@@ -238,10 +197,11 @@ class EndpointHandler:
     def __init__(self, path: str = ""):
         path = path or "."
         config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-        architectures = config.architectures or []
-        auto = AutoModelForCausalLM if "ScMMGPTForConditionalGeneration" in architectures else AutoModel
-        self.model = auto.from_pretrained(path, trust_remote_code=True).eval()
-        self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+        # the folder's own registry of kinds (remote code) decides which class loads it, as everywhere else
+        kind = get_class_from_dynamic_module("jobs_scmmgpt.model_kind", path)(config)
+        self.model = getattr(transformers, kind.auto_class).from_pretrained(path, trust_remote_code=True).eval()
+        loader = AutoProcessor if kind.name in ("stage1", "stage2") else AutoFeatureExtractor
+        self.processor = loader.from_pretrained(path, trust_remote_code=True)
         self.pipelines = {}
         for task, info in (getattr(config, "custom_pipelines", None) or {}).items():
             pipeline_class = get_class_from_dynamic_module(info["impl"], path)

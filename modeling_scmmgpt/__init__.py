@@ -7,7 +7,7 @@ Importing the package registers its classes with the transformers Auto classes (
 
 from .configuration_scmmgpt import ScMMGPTCellConfig, ScMMGPTConfig
 from .feature_extraction_scmmgpt import ScMMGPTCellTokenizer
-from .jobs_scmmgpt import CellAnnotation, GeneratedCells
+from .jobs_scmmgpt import MODEL_KINDS, CellAnnotation, GeneratedCells, ScMMGPTJobs, model_kind
 from .modeling_cell_classification import ScMMGPTCellForClassification
 from .modeling_cell_encoder import ScMMGPTCellModel, ScMMGPTCellPreTrainedModel
 from .modeling_cell_pretraining import ScMMGPTCellForMaskedValuePrediction
@@ -63,6 +63,9 @@ __all__ = [
     "ScMMGPTPreTrainedModel",
     "ScMMGPTModel",
     "ScMMGPTForConditionalGeneration",
+    "ScMMGPTJobs",
+    "MODEL_KINDS",
+    "model_kind",
     "CellAnnotation",
     "GeneratedCells",
     "CellAnnotationPipeline",

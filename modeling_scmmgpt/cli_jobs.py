@@ -1,160 +1,209 @@
-"""`scmmgpt annotate | embed | describe | generate`: the jobs on any AnnData, from the command line.
+"""`scmmgpt annotate | embed | describe | generate`: the jobs on any `.h5ad`, from the command line.
 
-Each reads an `.h5ad`, runs the model from a saved folder, and writes an `.h5ad` with the results in `obs` / `obsm`.
-Gene names are matched to the model's vocabulary from `var_names` or the `var` column that matches most genes
-(Ensembl IDs in `var_names` with symbols in `feature_name`, as CELLxGENE writes them, work as they are). Raw counts are
-normalised (total 1e4 + log1p) like the training data; log-normalised input is used as it is.
+Each job reads its `.h5ad` backed (the matrix stays on disk and is read chunk by chunk), runs `ScMMGPTJobs` on the
+model folder, and writes a copy of the input with the results added in `obs` / `obsm` and the input decision in
+`uns['scmmgpt']`: the copy is written beside the output under a temporary name and renamed when complete, so that a
+crash never leaves a half-written file, and the input is never overwritten. Bad input gets one line on stderr and
+exit status 2.
 """
 
 import argparse
-import json
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 
 import numpy as np
 
-LABELS_FILE = "label_texts.json"  # label → text, saved beside a trained model by the training pipeline
+from .inputs_scmmgpt import NORMALIZE_CHOICES, read_h5ad
+from .jobs_scmmgpt import LABELS_FILE, ScMMGPTJobs, model_kind, require_job
 
 
 class CLIError(Exception):
     """A problem with the user's input, reported as one line and exit status 2."""
 
 
-def _read_h5ad(path: str):
-    if not os.path.exists(path):
-        raise CLIError(f"{path}: no such file")
-    if not path.endswith((".h5ad", ".h5")):
-        raise CLIError(f"{path}: expected an AnnData .h5ad file")
-    import anndata
-
+def _positive_int(text: str) -> int:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return anndata.read_h5ad(path)
-    except Exception as err:  # h5py / anndata raise many types for a damaged file
-        raise CLIError(f"{path}: not a readable .h5ad file ({type(err).__name__}: {err})") from err
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
-CLASSIFIER = "ScMMGPTCellForClassification"
-
-
-def _architectures(model_dir: str) -> list[str]:
-    if not os.path.isdir(model_dir) or not os.path.exists(os.path.join(model_dir, "config.json")):
+# ---------------------------------------------------------------------------------------------------- loading
+def load_jobs(model_dir: str, job: str) -> ScMMGPTJobs:
+    """The jobs of the model saved in `model_dir`, after checking that its kind can do `job`."""
+    if not os.path.isdir(model_dir) or not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise CLIError(f"{model_dir}: not a saved model folder (no config.json)")
     from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
 
-    return getattr(AutoConfig.from_pretrained(model_dir), "architectures", None) or []
-
-
-def load_model(model_dir: str):
-    """The scMMGPT model saved in `model_dir` (stage 2 if it has an LLM, else stage 1) and its processor."""
-    from transformers import AutoProcessor
-
-    from . import ScMMGPTForConditionalGeneration, ScMMGPTModel
-
-    architectures = _architectures(model_dir)
-    if CLASSIFIER in architectures:
-        raise CLIError(f"{model_dir} is a fine-tuned cell type classifier: it only annotates (scmmgpt annotate)")
-    model_class = ScMMGPTForConditionalGeneration if "ScMMGPTForConditionalGeneration" in architectures else ScMMGPTModel
-    model = model_class.from_pretrained(model_dir).eval()
-    model.processor = AutoProcessor.from_pretrained(model_dir)
-    return model
+    if not sys.stderr.isatty():  # progress bars only where someone watches them
+        hf_logging.disable_progress_bar()
+    require_job(model_kind(AutoConfig.from_pretrained(model_dir)), job)
+    return ScMMGPTJobs.from_pretrained(model_dir)
 
 
-def cell_inputs(adata, tokenizer, normalize: str = "auto") -> dict:
-    """The matrix, gene names and normalisation to hand the cell tokenizer for this AnnData."""
-    candidates = {"var_names": [str(g) for g in adata.var_names]}
-    for column in adata.var.columns:
-        if adata.var[column].dtype == object or str(adata.var[column].dtype) == "category":
-            candidates[column] = [str(g) for g in adata.var[column]]
-    hits = {name: int((tokenizer.convert_genes_to_ids(genes) >= 0).sum()) for name, genes in candidates.items()}
-    best = max(hits, key=hits.get)
-    if hits[best] == 0:
-        raise CLIError(f"none of the {adata.n_vars} genes (var_names or any var column) is in the model's vocabulary "
-                       f"of {len(tokenizer.gene_names)} genes; first genes: {candidates['var_names'][:5]}")
-    matrix = adata.X
-    if normalize == "auto":
-        sample = matrix[: min(200, adata.n_obs)]
-        values = sample.data if hasattr(sample, "data") else np.asarray(sample).ravel()
-        normalize = "yes" if values.size and np.allclose(values, np.round(values)) else "no"
-    return {"cells": matrix, "gene_names": candidates[best], "normalize": normalize == "yes"}
+def _check_paths(input_path: str | None, output: str):
+    if not output.endswith(".h5ad"):
+        raise CLIError(f"-o {output}: the output must be an .h5ad file")
+    if os.path.isdir(output):
+        raise CLIError(f"-o {output} is a folder; give an .h5ad file name")
+    if input_path is not None:
+        if not os.path.isfile(input_path):
+            raise CLIError(f"{input_path}: no such file")
+        if os.path.abspath(input_path) == os.path.abspath(output) or (
+                os.path.exists(output) and os.path.samefile(input_path, output)):
+            raise CLIError(f"-o {output} is the input file; write the results to a new file")
 
 
-def _common_arguments(parser: argparse.ArgumentParser, with_input: bool = True):
+def _input_options(args) -> dict:
+    return {"layer": args.layer, "use_raw": args.use_raw or None, "gene_column": args.gene_column,
+            "normalize": args.normalize}
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def _temporary_beside(path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=".scmmgpt-", suffix=".h5ad.tmp", dir=folder)
+    os.close(handle)
+    return tmp
+
+
+def write_results(input_path: str, output: str, obs: dict | None = None, obsm: dict | None = None,
+                  uns: dict | None = None):
+    """A copy of `input_path` with `obs` columns, `obsm` arrays and `uns['scmmgpt']` added, written to a temporary
+    file and renamed to `output`. The matrices are copied as bytes, never loaded, except from files written before
+    anndata's current on-disk format (read whole and written anew)."""
+    import h5py
+
+    tmp = _temporary_beside(output)
+    try:
+        shutil.copyfile(input_path, tmp)
+        with h5py.File(tmp, "r+") as f:
+            current = isinstance(f.get("obs"), h5py.Group) and "encoding-type" in f["obs"].attrs
+            if current:
+                _add_results(f, obs or {}, obsm or {}, uns)
+        if not current:
+            _add_results_in_memory(input_path, tmp, obs or {}, obsm or {}, uns)
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    print(f"wrote {output}", file=sys.stderr)
+
+
+def _add_results(f, obs: dict, obsm: dict, uns: dict | None):
+    from anndata.io import read_elem, write_elem
+
+    if obs:
+        table = read_elem(f["obs"])
+        for column, values in obs.items():
+            table[column] = values
+        del f["obs"]
+        write_elem(f, "obs", table)
+    for key, array in obsm.items():
+        group = f.require_group("obsm")
+        if key in group:
+            del group[key]
+        write_elem(group, key, array)
+    if uns:
+        group = f.require_group("uns")
+        if "scmmgpt" in group:
+            del group["scmmgpt"]
+        write_elem(group, "scmmgpt", uns)
+
+
+def _add_results_in_memory(input_path: str, tmp: str, obs: dict, obsm: dict, uns: dict | None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adata = read_h5ad(input_path, backed=False)
+    for column, values in obs.items():
+        adata.obs[column] = values
+    for key, array in obsm.items():
+        adata.obsm[key] = array
+    if uns:
+        adata.uns["scmmgpt"] = uns
+    adata.write_h5ad(tmp)
+
+
+def _write_anndata(adata, output: str):
+    tmp = _temporary_beside(output)
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    print(f"wrote {output} ({adata.n_obs} cells)", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------- the jobs
+def _common_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("model", help="a saved scMMGPT model folder")
-    if with_input:
-        parser.add_argument("input", help="input .h5ad (cells × genes; raw counts or log-normalised)")
-    parser.add_argument("-o", "--output", required=True, help="output .h5ad")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--normalize", choices=["auto", "yes", "no"], default="auto",
-                        help="normalise total counts + log1p (auto: when the values are integer counts)")
+    parser.add_argument("input", help="input .h5ad (cells × genes: raw counts or log-normalised; see --layer)")
+    parser.add_argument("-o", "--output", required=True, help="output .h5ad (a copy of the input with the results)")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="cells per forward pass")
+    parser.add_argument("--layer", help="read layers[LAYER] instead of .X (e.g. a counts layer)")
+    parser.add_argument("--use-raw", action="store_true",
+                        help="read .raw (default: .X, or .raw when .X holds scaled values and .raw does not)")
+    parser.add_argument("--gene-column", help="var column with gene symbols or Ensembl IDs (default: the one that "
+                                              "matches the model's vocabulary best)")
+    parser.add_argument("--normalize", choices=NORMALIZE_CHOICES, default="auto",
+                        help="normalise to 10k per cell + log1p (auto: when the values are counts or normalised but "
+                             "not logged; log1p data is used as it is)")
 
 
-def _labels(args, model_dir: str) -> tuple[list[str], list[str] | None]:
-    if args.labels:
-        return list(args.labels), None
-    path = os.path.join(model_dir, LABELS_FILE)
-    if not os.path.exists(path):
-        raise CLIError(f"give --labels: {model_dir} has no {LABELS_FILE} with the cell types it was trained on")
-    with open(path, encoding="utf-8") as f:
-        texts = json.load(f)
-    return list(texts), list(texts.values())
+def _run(parser, argv, job) -> int:
+    args = parser.parse_args(argv)
+    try:
+        job(args)
+    except (CLIError, ValueError, TypeError, FileNotFoundError, ImportError) as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
 
 
-def _write(adata, path: str):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    adata.write_h5ad(path)
-    print(f"wrote {path} ({adata.n_obs} cells)")
+def _cell_job(args, job: str):
+    """(jobs, the input's backed AnnData, its CellInputs) after checking paths, model and input."""
+    _check_paths(args.input, args.output)
+    jobs = load_jobs(args.model, job)
+    adata = read_h5ad(args.input, backed=True)
+    return jobs, jobs.read(adata, **_input_options(args))
 
 
 def annotate_main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="scmmgpt annotate", description="Cell type annotation: writes "
                                      "obs['scmmgpt_cell_type'] and obsm['scmmgpt_cell_type_scores'].")
     _common_arguments(parser)
-    parser.add_argument("--labels", nargs="+", help="candidate cell types (default: those the model was trained on)")
+    parser.add_argument("--labels", nargs="+",
+                        help=f"candidate cell types (default: those the model was trained on, its {LABELS_FILE})")
     parser.add_argument("--method", choices=["retrieval", "likelihood", "generate"], default=None,
                         help="zero-shot method of a scMMGPT model (default: retrieval); a fine-tuned classifier "
                              "folder uses its head")
     return _run(parser, argv, _annotate)
 
 
-def _annotate_with_classifier(args):
-    """A fine-tuned `ScMMGPTCellForClassification` folder: its own labels, probabilities as scores."""
-    from transformers import AutoFeatureExtractor
-
-    from . import ScMMGPTCellForClassification
-
-    if args.labels or args.method:
-        raise CLIError(f"{args.model} is a fine-tuned classifier with fixed labels: drop --labels / --method")
-    model = ScMMGPTCellForClassification.from_pretrained(args.model).eval()
-    adata = _read_h5ad(args.input)
-    feature_extractor = AutoFeatureExtractor.from_pretrained(args.model)
-    inputs = cell_inputs(adata, feature_extractor, args.normalize)
-    result = model.annotate(inputs.pop("cells"), feature_extractor=feature_extractor, batch_size=args.batch_size,
-                            progress=True, **inputs)
-    return adata, result
-
-
 def _annotate(args):
-    if CLASSIFIER in _architectures(args.model):
-        adata, result = _annotate_with_classifier(args)
-        _write_annotation(adata, result, args.output)
-        return
-    args.method = args.method or "retrieval"
-    model, adata = load_model(args.model), _read_h5ad(args.input)
-    labels, texts = _labels(args, args.model)
-    inputs = cell_inputs(adata, model.processor.feature_extractor, args.normalize)
-    result = model.annotate(inputs.pop("cells"), labels, method=args.method, label_texts=texts,
-                            batch_size=args.batch_size, progress=True, **inputs)
-    _write_annotation(adata, result, args.output)
+    import pandas as pd
 
-
-def _write_annotation(adata, result, path: str):
-    adata.obs["scmmgpt_cell_type"] = result.predictions
-    adata.obsm["scmmgpt_cell_type_scores"] = result.scores.astype(np.float32)
-    adata.uns["scmmgpt_cell_type_labels"] = np.asarray(result.labels, dtype=object)
-    _write(adata, path)
+    jobs, cells = _cell_job(args, "annotate")
+    if jobs.kind.name == "classifier" and (args.labels or args.method):
+        raise CLIError(f"{args.model} is a fine-tuned classifier with fixed labels: drop --labels / --method")
+    result = jobs.annotate(cells, args.labels, method=args.method, batch_size=args.batch_size)
+    write_results(args.input, args.output,
+                  obs={"scmmgpt_cell_type": pd.Categorical(result.predictions, categories=result.labels)},
+                  obsm={"scmmgpt_cell_type_scores": result.scores.astype(np.float32)},
+                  uns={**cells.record(), "job": "annotate", "method": args.method or jobs.kind.annotation_methods[0],
+                       "labels": np.asarray(result.labels, dtype=object)})
 
 
 def embed_main(argv=None) -> int:
@@ -166,29 +215,27 @@ def embed_main(argv=None) -> int:
 
 
 def _embed(args):
-    model, adata = load_model(args.model), _read_h5ad(args.input)
-    inputs = cell_inputs(adata, model.processor.feature_extractor, args.normalize)
-    adata.obsm["X_scmmgpt"] = model.embed(inputs.pop("cells"), space=args.space, batch_size=args.batch_size,
-                                          progress=True, **inputs)
-    _write(adata, args.output)
+    jobs, cells = _cell_job(args, "embed")
+    embeddings = jobs.embed(cells, space=args.space, batch_size=args.batch_size)
+    write_results(args.input, args.output, obsm={"X_scmmgpt": embeddings},
+                  uns={**cells.record(), "job": "embed", "space": args.space})
 
 
 def describe_main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="scmmgpt describe",
                                      description="Cell descriptions: writes obs['scmmgpt_description'].")
     _common_arguments(parser)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.set_defaults(batch_size=16)
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                        help="length limit (default: long enough for the longest label text the model learned)")
     return _run(parser, argv, _describe)
 
 
 def _describe(args):
-    model, adata = load_model(args.model), _read_h5ad(args.input)
-    inputs = cell_inputs(adata, model.processor.feature_extractor, args.normalize)
-    normalize = inputs.pop("normalize")
-    adata.obs["scmmgpt_description"] = model.describe(
-        inputs.pop("cells"), gene_names=inputs["gene_names"], batch_size=args.batch_size, progress=True,
-        max_new_tokens=args.max_new_tokens, cell_kwargs={"normalize": normalize})
-    _write(adata, args.output)
+    jobs, cells = _cell_job(args, "describe")
+    texts = jobs.describe(cells, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    write_results(args.input, args.output, obs={"scmmgpt_description": np.asarray(texts, dtype=object)},
+                  uns={**cells.record(), "job": "describe"})
 
 
 def generate_main(argv=None) -> int:
@@ -196,28 +243,20 @@ def generate_main(argv=None) -> int:
                                      description="Pseudo-cells from text: an AnnData of N cells over the model's genes.")
     parser.add_argument("model", help="a saved scMMGPT model folder")
     parser.add_argument("text", nargs="+", help="one or more prompts, e.g. 'cell type: CD14-positive monocyte.'")
-    parser.add_argument("-n", type=int, default=10, help="cells per prompt")
+    parser.add_argument("-n", type=_positive_int, default=10, help="cells per prompt")
     parser.add_argument("-o", "--output", required=True, help="output .h5ad")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=_positive_int, default=256, help="cells decoded at a time")
     return _run(parser, argv, _generate)
 
 
 def _generate(args):
-    if args.n < 1:
-        raise CLIError("-n must be at least 1")
-    model = load_model(args.model)
-    cells = model.generate_cells(args.text, n_per_text=args.n, seed=args.seed).to_anndata()
-    _write(cells, args.output)
+    _check_paths(None, args.output)
+    jobs = load_jobs(args.model, "generate_cells")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        cells = jobs.generate_cells(args.text, n_per_text=args.n, seed=args.seed, batch_size=args.batch_size)
+    _write_anndata(cells.to_anndata(), args.output)
 
 
-def _run(parser, argv, job) -> int:
-    args = parser.parse_args(argv)
-    try:
-        job(args)
-    except (CLIError, ValueError) as err:
-        print(f"scmmgpt: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-__all__ = ["annotate_main", "embed_main", "describe_main", "generate_main", "load_model", "cell_inputs"]
+__all__ = ["annotate_main", "embed_main", "describe_main", "generate_main", "load_jobs", "write_results"]

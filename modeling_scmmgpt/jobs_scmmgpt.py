@@ -1,46 +1,35 @@
-"""The jobs of scMMGPT as model methods: `embed`, `annotate`, `describe`, `generate_cells`.
+"""The jobs of scMMGPT — `annotate`, `describe`, `embed`, `generate_cells` — over any saved scMMGPT model.
 
-They take cells as an AnnData, a scipy.sparse matrix or a numpy array (with `gene_names`), batch them, and need the
-model's `ScMMGPTProcessor`: pass `processor=`, attach one with `model.processor = processor`, or load the model from a
-folder that holds one.
+    jobs = ScMMGPTJobs.from_pretrained("demo_output/model")      # any kind of folder: stage 2, stage 1, classifier
+    jobs.annotate("pbmc.h5ad").predictions                     # labels: those the model was trained on
+    jobs.describe(adata[:5]); jobs.embed(adata); jobs.generate_cells("cell type: B cell.", n_per_text=50, seed=0)
+
+This is the one layer that the Python API, the pipelines, the CLI, the endpoint handler and the evaluation call. It
+decides once what the models leave open: which kind of folder can do which job (`MODEL_KINDS`), how cells are read
+(`inputs_scmmgpt.read_cells`: which matrix, which values, chunk by chunk), and how every job checks its arguments.
+Cells in which no gene of the vocabulary is expressed get no answer (no label, NaN scores and embedding, an empty
+description) and one warning with their count.
 """
 
+import difflib
+import json
+import os
+import re
+import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .inputs_scmmgpt import CellInputs, read_cells
 from .processing_scmmgpt import ANNOTATE_PROMPT, DESCRIBE_PROMPT, GENERATE_PROMPT
 
+LABELS_FILE = "label_texts.json"  # label → text, saved beside a trained model by the training pipeline
 LIKELIHOOD_SEQUENCES_PER_FORWARD = 256  # (cells × labels) sequences scored per LLM forward
-
-
-@dataclass
-class CellAnnotation:
-    """`predictions[i]` is the label of cell i; `scores` (cells × labels) the method's score of each label."""
-
-    predictions: list[str]
-    scores: np.ndarray
-    labels: list[str]
-
-
-@dataclass
-class GeneratedCells:
-    """Pseudo-cells: `expression` (cells × genes) log1p-normalised expression, one row per (text, draw)."""
-
-    expression: np.ndarray
-    gene_names: list[str]
-    texts: list[str]
-
-    def to_anndata(self):
-        import anndata  # optional dependency, needed only here
-
-        import pandas as pd
-
-        obs = pd.DataFrame({"prompt": self.texts}, index=[f"pseudo_{i}" for i in range(len(self.texts))])
-        return anndata.AnnData(X=self.expression.astype(np.float32), obs=obs, var=pd.DataFrame(index=self.gene_names))
+READ_CHUNK = 2048  # cells read from the input at a time (a backed file is read this much at once)
+DEFAULT_DESCRIPTION_TOKENS = 128  # describe's length when the model carries no label texts to size it by
 
 
 # ---------------------------------------------------------------------------------------------------- model kinds
@@ -86,6 +75,13 @@ def model_kind(config) -> ModelKind:
                      f"({sorted(MODEL_KINDS)}); save the model with save_pretrained first")
 
 
+def kind_of_model(model) -> ModelKind:
+    """The kind of a loaded model (a PEFT wrapper reads as its base model); by class, as an unsaved model's config
+    names no architecture yet."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return MODEL_KINDS.get(type(base).__name__) or model_kind(base.config)
+
+
 def require_job(kind: ModelKind, job: str) -> None:
     """One-line ValueError when a model of `kind` cannot do `job`."""
     if job not in kind.jobs:
@@ -94,238 +90,423 @@ def require_job(kind: ModelKind, job: str) -> None:
                          f"{kind.name} model ({kind.architecture}), which does: {', '.join(kind.jobs)}")
 
 
-def _n_cells(cells) -> int:
-    return cells.n_obs if hasattr(cells, "n_obs") else cells.shape[0]
+# ---------------------------------------------------------------------------------------------------- results
+@dataclass
+class CellAnnotation:
+    """`predictions[i]` is the label of cell i (None for a cell with no known gene expressed); `scores` (cells ×
+    labels) the method's score of each label (NaN rows for such cells)."""
+
+    predictions: list
+    scores: np.ndarray
+    labels: list[str]
 
 
-def cell_batches(cells, feature_extractor, gene_names, batch_size, progress, desc, device, **cell_kwargs):
-    """Yield (start, tokenised cells on `device`: `gene_ids`, `expression_values`, `cell_attention_mask`) over `cells`
-    (AnnData, scipy.sparse or numpy) in batches, through the model's cell tokenizer."""
-    total = _n_cells(cells)
-    if total == 0:
-        raise ValueError("no cells were given")
-    for start in tqdm(range(0, total, batch_size), desc=desc, disable=not progress, unit="batch"):
-        chunk = cells[start : start + batch_size]
-        encoded = feature_extractor(chunk, gene_names=gene_names, return_tensors="pt", **cell_kwargs)
-        yield start, {
-            "gene_ids": encoded["gene_ids"].to(device),
-            "expression_values": encoded["expression_values"].to(device),
-            "cell_attention_mask": encoded["attention_mask"].to(device),
-        }
+@dataclass
+class GeneratedCells:
+    """Pseudo-cells: `expression` (cells × genes) log1p-normalised expression, one row per (text, draw)."""
+
+    expression: np.ndarray
+    gene_names: list[str]
+    texts: list[str]
+
+    def to_anndata(self):
+        import anndata  # optional dependency, needed only here
+        import pandas as pd
+
+        obs = pd.DataFrame({"prompt": self.texts}, index=[f"pseudo_{i}" for i in range(len(self.texts))])
+        return anndata.AnnData(X=self.expression.astype(np.float32), obs=obs, var=pd.DataFrame(index=self.gene_names))
 
 
-class CellTextJobsMixin:
-    """Mixed into the scMMGPT models; `self.alignment_model` is the stage-1 part (the model itself in stage 1)."""
+def ontology_name(text: str) -> str:
+    """The cell-type name of a cell text `"cell type: {name}. {definition}"` (the name the LLM learned)."""
+    return text.removeprefix("cell type: ").split(". ")[0].rstrip(".")
 
-    processor = None
 
-    @property
-    def alignment_model(self):
-        return getattr(self, "scmmgpt", self)
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
-    # ---------------------------------------------------------------------------------------------- helpers
-    def _get_processor(self, processor):
-        processor = processor or self.processor
-        if processor is None and getattr(self, "name_or_path", None):
-            from transformers import AutoProcessor
 
-            try:
-                processor = AutoProcessor.from_pretrained(self.name_or_path, trust_remote_code=True)
-            except (OSError, ValueError):
-                processor = None
-            self.processor = processor
-        if processor is None:
-            raise ValueError("this job needs the model's ScMMGPTProcessor: pass processor=..., set model.processor, "
-                             "or save the processor into the model folder")
-        return processor
+def _names(values, what: str) -> list[str]:
+    if isinstance(values, str) or not isinstance(values, (list, tuple, np.ndarray)):
+        raise ValueError(f"{what} must be a list of names, got {type(values).__name__} {values!r}")
+    names = [str(v) for v in values]
+    if not names or not all(n.strip() for n in names):
+        raise ValueError(f"{what} must be a non-empty list of non-empty names")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what} has duplicates: {sorted({n for n in names if names.count(n) > 1})[:10]}")
+    return names
 
-    def _cell_batches(self, cells, processor, gene_names, batch_size, progress, desc, **cell_kwargs):
-        """Yield (start, tokenised cells on the model's device) over `cells` in batches."""
-        return cell_batches(cells, processor.feature_extractor, gene_names, batch_size, progress, desc, self.device,
-                            **cell_kwargs)
+
+def _tidy_description(text: str, cut: bool) -> str:
+    """One "cell type:" prefix, and a text cut by the length limit ends at its last full sentence."""
+    text = re.sub(r"^(cell type:\s*)+", "cell type: ", text.strip())
+    if cut and not text.endswith("."):
+        end = text.rfind(". ")
+        text = text[: end + 1] if end > 0 else text.rsplit(" ", 1)[0]
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------- the jobs
+class ScMMGPTJobs:
+    r"""
+    The jobs of one loaded model. `model` is any scMMGPT model (see `MODEL_KINDS`); `processor` its
+    `ScMMGPTProcessor` (stage 1 / 2) or `ScMMGPTCellTokenizer` (classifier / encoder); `label_texts` (label → text)
+    the cell types the model was trained on, the default label set of `annotate`.
+
+    Cell arguments of every job: `cells` (AnnData, `.h5ad` path, matrix with `gene_names`, gene → count dicts, the
+    endpoint payload, or an already read `CellInputs`), and the input options `layer`, `use_raw`, `gene_column`,
+    `normalize` (`"auto"`, True, False) of `inputs_scmmgpt.read_cells`; `batch_size` cells per forward pass.
+    """
+
+    def __init__(self, model, processor, label_texts: dict | None = None, progress: bool | None = None,
+                 verbose: bool = True):
+        self.model = model.eval()
+        self.kind = kind_of_model(model)
+        self.processor = processor
+        self.cell_tokenizer = getattr(processor, "feature_extractor", processor)
+        if self.cell_tokenizer is None or not hasattr(self.cell_tokenizer, "convert_genes_to_ids"):
+            raise ValueError(f"the {self.kind.name} model's jobs need its processor (ScMMGPTProcessor or "
+                             "ScMMGPTCellTokenizer); load both from the model folder")
+        self.label_texts = dict(label_texts) if label_texts else None
+        self.progress = sys.stderr.isatty() if progress is None else bool(progress)
+        self.verbose = verbose
+
+    @classmethod
+    def from_pretrained(cls, path, progress: bool | None = None, verbose: bool = True, **kwargs) -> "ScMMGPTJobs":
+        """Load any kind of scMMGPT folder (local or Hub id) with its processor and label texts; `kwargs` go to
+        `from_pretrained` (`trust_remote_code`, `revision`, `dtype`, `device_map`, ...)."""
+        import transformers
+
+        hub = {k: kwargs[k] for k in ("trust_remote_code", "revision", "token", "cache_dir") if k in kwargs}
+        try:
+            kind = model_kind(transformers.AutoConfig.from_pretrained(path, **hub))
+            model = getattr(transformers, kind.auto_class).from_pretrained(path, **kwargs)
+            loader = transformers.AutoProcessor if kind.name in ("stage1", "stage2") else transformers.AutoFeatureExtractor
+            processor = loader.from_pretrained(path, **hub)
+        except OSError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{path}: cannot load the model folder ({first})") from err
+        return cls(model, processor, _read_label_texts(path, **hub), progress=progress, verbose=verbose)
+
+    # ---------------------------------------------------------------------------------------------- cells
+    def read(self, cells, gene_names=None, **input_options) -> CellInputs:
+        """Cells → `CellInputs` (the same decision for every job); says the decision and unknown genes once."""
+        if isinstance(cells, CellInputs):
+            return cells
+        inputs = read_cells(cells, self.cell_tokenizer, gene_names, **input_options)
+        known = self.cell_tokenizer.convert_genes_to_ids(inputs.gene_names) >= 0
+        self._say(inputs.decision)
+        if not known.all():
+            missing = [g for g, k in zip(inputs.gene_names, known) if not k]
+            self._say(f"{len(missing)} of {len(known)} genes are not in the model's vocabulary and are ignored "
+                      f"(e.g. {missing[:5]})")
+        return inputs
+
+    def _say(self, line: str):
+        if self.verbose:
+            print(f"scmmgpt: {line}", file=sys.stderr)
+
+    def _batches(self, inputs: CellInputs, batch_size: int, desc: str):
+        """Yield (start, tokenised cells on the model's device, mask of cells with no known gene expressed)."""
+        batch_size = _positive_int(batch_size, "batch_size")
+        bar = tqdm(total=inputs.n_cells, desc=desc, unit="cell", disable=not self.progress)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not in the vocabulary.*")  # said once, in `read`
+            for start, chunk in inputs.chunks(max(READ_CHUNK, batch_size)):
+                for offset in range(0, chunk.shape[0], batch_size):
+                    encoded = self.cell_tokenizer(chunk[offset : offset + batch_size], gene_names=inputs.gene_names,
+                                                  normalize=inputs.normalize, return_tensors="pt")
+                    mask = encoded["attention_mask"]
+                    yield start + offset, {
+                        "gene_ids": encoded["gene_ids"].to(self.model.device),
+                        "expression_values": encoded["expression_values"].to(self.model.device),
+                        "cell_attention_mask": mask.to(self.model.device),
+                    }, (mask.sum(1) <= 1).numpy()
+                    bar.update(mask.shape[0])
+        bar.close()
+
+    def _warn_empty(self, empty: np.ndarray, what: str):
+        if empty.any():
+            warnings.warn(f"{int(empty.sum())} of {empty.size} cells have no expressed gene of the model's vocabulary: "
+                          f"{what}", stacklevel=3)
 
     # ---------------------------------------------------------------------------------------------- embeddings
     @torch.inference_mode()
-    def embed(self, cells, gene_names=None, processor=None, space: str = "encoder", batch_size: int = 64,
-              progress: bool = False, **cell_kwargs) -> np.ndarray:
-        """Cell embeddings, (cells, dim): `space="encoder"` gives the cell encoder's `<cls>` embedding (scGPT's cell
-        embedding), `space="aligned"` the normalised features in the shared cell–text space."""
+    def embed(self, cells, space: str = "encoder", batch_size: int = 64, gene_names=None,
+              **input_options) -> np.ndarray:
+        """Cell embeddings (cells, dim), float32: `space="encoder"` the cell encoder's `<cls>` embedding (scGPT's
+        cell embedding), `"aligned"` the normalised features in the shared cell–text space (stage 1 / 2)."""
+        require_job(self.kind, "embed")
         if space not in ("encoder", "aligned"):
             raise ValueError(f"space must be 'encoder' or 'aligned', got {space!r}")
-        processor, model = self._get_processor(processor), self.alignment_model
-        out = []
-        for _, batch in self._cell_batches(cells, processor, gene_names, batch_size, progress, "embed", **cell_kwargs):
-            if space == "encoder":
-                out.append(model.cell_model(batch["gene_ids"], batch["expression_values"], batch["cell_attention_mask"]).cell_embeds)
-            else:
-                out.append(model.get_cell_features(**batch))
-        return torch.cat(out).float().cpu().numpy()
+        if space == "aligned" and self.kind.name not in ("stage1", "stage2"):
+            raise ValueError(f"space='aligned' needs a stage-1 or stage-2 model; this is a {self.kind.name} model")
+        inputs = self.read(cells, gene_names, **input_options)
+        out, empty = None, np.zeros(inputs.n_cells, dtype=bool)
+        for start, batch, none in self._batches(inputs, batch_size, "embed"):
+            vectors = self._embed_batch(batch, space)
+            if out is None:
+                out = np.empty((inputs.n_cells, vectors.shape[1]), dtype=np.float32)
+            # a copy into the result: a view would keep the batch's hidden states alive
+            out[start : start + len(vectors)] = vectors.float().cpu().numpy()
+            empty[start : start + len(vectors)] = none
+        out[empty] = np.nan
+        self._warn_empty(empty, "their embeddings are NaN")
+        return out
+
+    def _embed_batch(self, batch, space):
+        if space == "aligned":
+            return self.model.get_cell_features(**batch)
+        encoder = self.model.base_model
+        encoder = getattr(encoder, "cell_model", encoder)
+        return encoder(batch["gene_ids"], batch["expression_values"], batch["cell_attention_mask"]).cell_embeds
 
     # ---------------------------------------------------------------------------------------------- annotation
-    @torch.inference_mode()
-    def label_text_features(self, label_texts: list[str], processor=None) -> torch.Tensor:
-        processor = self._get_processor(processor)
-        encoded = processor.qformer_text(label_texts, max_length=self.config.max_text_length)
-        return self.alignment_model.get_text_features(encoded["input_ids"].to(self.device),
-                                                      encoded["attention_mask"].to(self.device))
+    def _label_set(self, labels, label_texts):
+        """(labels, their texts or None) with the model's own label texts as the default."""
+        if labels is None:
+            if self.label_texts is None:
+                raise ValueError("give labels: this model carries no label texts (label_texts.json) of the cell "
+                                 "types it was trained on")
+            labels, label_texts = list(self.label_texts), list(self.label_texts.values())
+        labels = _names(labels, "labels")
+        if label_texts is None and self.label_texts and all(label in self.label_texts for label in labels):
+            label_texts = [self.label_texts[label] for label in labels]
+        if label_texts is not None:
+            if isinstance(label_texts, str) or len(label_texts) != len(labels):
+                raise ValueError(f"label_texts must be a list of one text per label ({len(labels)} labels)")
+            label_texts = [str(t) for t in label_texts]
+        return labels, label_texts
 
     @torch.inference_mode()
-    def annotate(self, cells, labels: list[str], method: str = "retrieval", label_texts: list[str] | None = None,
-                 gene_names=None, processor=None, batch_size: int = 64, progress: bool = False,
-                 **cell_kwargs) -> CellAnnotation:
-        """Assign each cell one of `labels`.
+    def annotate(self, cells, labels=None, method: str | None = None, label_texts=None, batch_size: int = 64,
+                 gene_names=None, **input_options) -> CellAnnotation:
+        """Assign each cell one of `labels` (default: the cell types the model was trained on).
 
-        - `"retrieval"` (zero-shot, stage 1 and 2): cosine similarity of cell features to the features of
-          `label_texts` (default `"cell type: {label}."`; give `"cell type: X. <definition>"` texts for better recall);
-        - `"likelihood"` (stage 2): mean log-probability of each label name after `ANNOTATE_PROMPT` under the LLM,
-          all labels of a batch of cells in one forward pass;
-        - `"generate"` (stage 2): greedy generation after the same prompt, matched to the closest label.
+        - `"retrieval"` (zero-shot, stage 1 and 2): cosine similarity of cell features to the features of the
+          label texts (`label_texts`, the model's own texts for labels it knows, else `"cell type: {label}."`);
+        - `"likelihood"` (stage 2): mean log-probability of each label's name after `ANNOTATE_PROMPT` under the LLM,
+          where the name is the ontology name in the label's text ("CD14-positive monocyte" for "CD14+ Monocyte");
+        - `"generate"` (stage 2): greedy generation after the same prompt, matched to the closest name;
+        - a fine-tuned classifier uses its head and its own labels (`"classifier"`).
         """
-        labels = [str(label) for label in labels]
-        if not labels or len(set(labels)) != len(labels):
-            raise ValueError("labels must be a non-empty list of distinct names")
-        if label_texts is not None and len(label_texts) != len(labels):
-            raise ValueError(f"{len(label_texts)} label_texts for {len(labels)} labels")
-        processor = self._get_processor(processor)
-        batches = self._cell_batches(cells, processor, gene_names, batch_size, progress, f"annotate ({method})",
-                                     **cell_kwargs)
-        if method == "retrieval":
-            text = self.label_text_features(label_texts or [f"cell type: {label}." for label in labels], processor)
-            scores = [self.alignment_model.get_cell_features(**batch) @ text.T for _, batch in batches]
-        elif method == "likelihood":
-            self._require_language_model(method)
-            scores = [self._label_log_likelihoods(batch, labels, processor) for _, batch in batches]
-        elif method == "generate":
-            self._require_language_model(method)
-            scores = [self._generated_label_scores(batch, labels, processor) for _, batch in batches]
+        require_job(self.kind, "annotate")
+        method = method or self.kind.annotation_methods[0]
+        if method not in self.kind.annotation_methods:
+            raise ValueError(f"method {method!r} is not one of this {self.kind.name} model's: "
+                             f"{list(self.kind.annotation_methods)}")
+        if method == "classifier":
+            if labels is not None or label_texts is not None:
+                raise ValueError("a fine-tuned classifier annotates with its own labels: drop labels / label_texts")
+            labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         else:
-            raise ValueError(f"method must be 'retrieval', 'likelihood' or 'generate', got {method!r}")
-        scores = torch.cat([torch.as_tensor(s) for s in scores]).float().cpu().numpy()
-        return CellAnnotation(predictions=[labels[i] for i in scores.argmax(1)], scores=scores, labels=labels)
+            labels, label_texts = self._label_set(labels, label_texts)
+        inputs = self.read(cells, gene_names, **input_options)
+        score = self._label_scorer(method, labels, label_texts)
+        scores, empty = np.empty((inputs.n_cells, len(labels)), dtype=np.float32), np.zeros(inputs.n_cells, bool)
+        for start, batch, none in self._batches(inputs, batch_size, f"annotate ({method})"):
+            part = torch.as_tensor(score(batch)).float().cpu().numpy()
+            scores[start : start + len(part)], empty[start : start + len(part)] = part, none
+        scores[empty] = np.nan
+        self._warn_empty(empty, "they get no label")
+        best = np.nan_to_num(scores, nan=-np.inf).argmax(1)
+        predictions = [None if e else labels[i] for i, e in zip(best, empty)]
+        return CellAnnotation(predictions=predictions, scores=scores, labels=labels)
 
-    def _require_language_model(self, job: str):
-        if getattr(self, "language_model", None) is None:
-            raise ValueError(f"{job} needs the stage-2 model (ScMMGPTForConditionalGeneration) with its LLM")
+    def _label_scorer(self, method, labels, label_texts):
+        """batch → (cells, labels) scores for `method`."""
+        if method == "classifier":
+            return lambda batch: self.model(batch["gene_ids"], batch["expression_values"],
+                                            batch["cell_attention_mask"]).logits.float().softmax(-1)
+        if method == "retrieval":
+            text = self._text_features(label_texts or [f"cell type: {label}." for label in labels])
+            return lambda batch: self.model.get_cell_features(**batch) @ text.T
+        names = [ontology_name(t) for t in label_texts] if label_texts else labels
+        if method == "likelihood":
+            return lambda batch: self._label_log_likelihoods(batch, names)
+        return lambda batch: self._generated_label_scores(batch, names)
 
-    @torch.inference_mode()
-    def _label_log_likelihoods(self, batch, labels, processor) -> torch.Tensor:
-        """(cells, labels) mean token log-probability of each label name continuing the annotation prompt."""
-        tokenizer = processor.tokenizer
-        prompt = tokenizer(processor.expand_cell_placeholders(ANNOTATE_PROMPT), return_tensors="pt")["input_ids"][0]
-        candidates = [tokenizer(" " + label, add_special_tokens=False)["input_ids"] for label in labels]
-        n_cells, n_labels, n_prompt = batch["gene_ids"].shape[0], len(labels), len(prompt)
+    def _text_features(self, texts: list[str]) -> torch.Tensor:
+        encoded = self.processor.qformer_text(texts, max_length=self.model.config.max_text_length)
+        return self.model.get_text_features(encoded["input_ids"].to(self.model.device),
+                                            encoded["attention_mask"].to(self.model.device))
+
+    def _label_log_likelihoods(self, batch, names: list[str]) -> torch.Tensor:
+        """(cells, labels) mean token log-probability of each name continuing the annotation prompt; each cell's soft
+        tokens are computed once and shared by its label sequences."""
+        tokenizer, device = self.processor.tokenizer, self.model.device
+        prompt = tokenizer(self.processor.expand_cell_placeholders(ANNOTATE_PROMPT), return_tensors="pt")["input_ids"][0]
+        candidates = [tokenizer(" " + name, add_special_tokens=False)["input_ids"] for name in names]
+        n_labels, n_prompt = len(names), len(prompt)
         width = n_prompt + max(len(c) for c in candidates)
         ids = torch.full((n_labels, width), tokenizer.pad_token_id, dtype=torch.long)
         target = torch.zeros(n_labels, width, dtype=torch.bool)
-        for j, cand in enumerate(candidates):
-            ids[j, :n_prompt], ids[j, n_prompt : n_prompt + len(cand)] = prompt, torch.tensor(cand)
-            target[j, n_prompt : n_prompt + len(cand)] = True
-        ids, target = ids.to(self.device), target.to(self.device)
-        attention = ((ids != tokenizer.pad_token_id) | target | (torch.arange(width, device=self.device) < n_prompt)).long()
-        candidate_ids, candidate_mask = ids[:, n_prompt:], target[:, n_prompt:]
-        # the cell's soft tokens are computed once per cell and shared by its label sequences
-        soft = self.get_cell_soft_tokens(**batch)  # (cells, queries, hidden)
-        label_embeds = self.get_input_embeddings()(ids)
-        slots = self._cell_slot_mask(ids)[None, :, :, None]
+        for j, candidate in enumerate(candidates):
+            ids[j, :n_prompt], ids[j, n_prompt : n_prompt + len(candidate)] = prompt, torch.tensor(candidate)
+            target[j, n_prompt : n_prompt + len(candidate)] = True
+        ids, target = ids.to(device), target.to(device)
+        attention = (target | (torch.arange(width, device=device) < n_prompt)).long()
+        soft = self.model.get_cell_soft_tokens(**batch)  # (cells, queries, hidden)
+        label_embeds = self.model.get_input_embeddings()(ids)
+        slots = self.model.get_placeholder_mask(ids)[None, :, :, None]
         per_forward = max(1, LIKELIHOOD_SEQUENCES_PER_FORWARD // n_labels)  # bounds the logits' memory
         scores = []
-        for start in range(0, n_cells, per_forward):
+        for start in range(0, soft.shape[0], per_forward):
             cells = soft[start : start + per_forward]
             embeds = label_embeds[None].expand(len(cells), -1, -1, -1)
-            embeds = embeds.masked_scatter(slots.expand_as(embeds), cells[:, None].expand(-1, n_labels, -1, -1).to(embeds.dtype))
+            embeds = embeds.masked_scatter(slots.expand_as(embeds),
+                                           cells[:, None].expand(-1, n_labels, -1, -1).to(embeds.dtype))
             # logits only where a label token is predicted: positions n_prompt-1 … width-2
-            logits = self.language_model(inputs_embeds=embeds.flatten(0, 1), attention_mask=attention.repeat(len(cells), 1),
-                                         logits_to_keep=width - n_prompt + 1).logits[:, :-1].float()
+            logits = self.model(inputs_embeds=embeds.flatten(0, 1), attention_mask=attention.repeat(len(cells), 1),
+                                logits_to_keep=width - n_prompt + 1).logits[:, :-1].float()
             logits = logits.view(len(cells), n_labels, width - n_prompt, -1)
-            token_log_probs = logits.gather(-1, candidate_ids[None, ..., None].expand(len(cells), -1, -1, 1)).squeeze(-1)
-            token_log_probs = (token_log_probs - logits.logsumexp(-1)) * candidate_mask
-            scores.append(token_log_probs.sum(-1) / candidate_mask.sum(-1).clamp(min=1))
+            picked = logits.gather(-1, ids[None, :, n_prompt:, None].expand(len(cells), -1, -1, 1)).squeeze(-1)
+            picked = (picked - logits.logsumexp(-1)) * target[:, n_prompt:]
+            scores.append(picked.sum(-1) / target[:, n_prompt:].sum(-1).clamp(min=1))
         return torch.cat(scores)
 
-    def _generate_text(self, batch, prompt, processor, max_new_tokens, **generate_kwargs) -> list[str]:
-        tokenizer = processor.tokenizer
-        # decoder-only batches pad on the left
-        text = tokenizer([processor.expand_cell_placeholders(prompt)] * batch["gene_ids"].shape[0],
-                         return_tensors="pt", padding=True, padding_side="left")
-        generate_kwargs.setdefault("do_sample", False)
-        # Trainer saves models with use_cache=False: without the cache every step re-encodes the cells and re-reads
-        # the whole prompt
-        generate_kwargs.setdefault("use_cache", True)
-        out = self.generate(input_ids=text["input_ids"].to(self.device),
-                            attention_mask=text["attention_mask"].to(self.device), **batch,
-                            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
-        return [t.strip() for t in tokenizer.batch_decode(out[:, text["input_ids"].shape[1] :], skip_special_tokens=True)]
-
-    def _generated_label_scores(self, batch, labels, processor) -> torch.Tensor:
-        import difflib
-
-        texts = self._generate_text(batch, ANNOTATE_PROMPT, processor, max_new_tokens=16)
-        scores = torch.zeros(len(texts), len(labels))
+    def _generated_label_scores(self, batch, names: list[str]) -> torch.Tensor:
+        texts, _ = self._generate_text(batch, ANNOTATE_PROMPT, max_new_tokens=16)
+        scores = torch.zeros(len(texts), len(names))
         for i, text in enumerate(texts):
             head = text.split(".")[0].strip().lower()
-            ratios = [difflib.SequenceMatcher(None, head, label.lower()).ratio() for label in labels]
+            ratios = [difflib.SequenceMatcher(None, head, name.lower()).ratio() for name in names]
             scores[i, int(np.argmax(ratios))] = 1.0
         return scores
 
     # ---------------------------------------------------------------------------------------------- description
+    def _generate_text(self, batch, prompt, max_new_tokens, **generate_kwargs) -> tuple[list[str], list[bool]]:
+        """(texts, whether each hit `max_new_tokens`) generated after `prompt` for each cell of `batch`."""
+        tokenizer = self.processor.tokenizer
+        text = tokenizer([self.processor.expand_cell_placeholders(prompt)] * batch["gene_ids"].shape[0],
+                         return_tensors="pt", padding=True, padding_side="left")  # decoder-only batches pad left
+        generate_kwargs.setdefault("do_sample", False)
+        # Trainer saves models with use_cache=False: without the cache every step re-encodes the cells
+        generate_kwargs.setdefault("use_cache", True)
+        out = self.model.generate(input_ids=text["input_ids"].to(self.model.device),
+                                  attention_mask=text["attention_mask"].to(self.model.device), **batch,
+                                  max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                  **generate_kwargs)
+        new = out[:, text["input_ids"].shape[1] :]
+        stops = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+        cut = [len(row) >= max_new_tokens and int(row[-1]) not in stops for row in new.tolist()]
+        return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)], cut
+
+    def default_description_tokens(self) -> int:
+        """Long enough for the longest label text the model learned (descriptions are such texts), else 128."""
+        if not self.label_texts:
+            return DEFAULT_DESCRIPTION_TOKENS
+        lengths = [len(self.processor.tokenizer(t, add_special_tokens=False)["input_ids"])
+                   for t in self.label_texts.values()]
+        return max(lengths) + 8
+
     @torch.inference_mode()
-    def describe(self, cells, prompt: str | None = None, gene_names=None, processor=None, batch_size: int = 16,
-                 max_new_tokens: int = 64, progress: bool = False, cell_kwargs: dict | None = None,
-                 **generate_kwargs) -> list[str]:
-        """A written description of each cell (greedy by default; any `generate` argument is accepted)."""
-        self._require_language_model("describe")
-        processor = self._get_processor(processor)
+    def describe(self, cells, prompt: str | None = None, max_new_tokens: int | None = None, batch_size: int = 16,
+                 gene_names=None, generate_kwargs: dict | None = None, **input_options) -> list[str]:
+        """A written description of each cell (greedy by default; `generate_kwargs` go to `generate`). An empty
+        string for a cell with no known gene expressed."""
+        require_job(self.kind, "describe")
         prompt = prompt or DESCRIBE_PROMPT
-        if prompt.count("<cell>") != 1:
+        if not isinstance(prompt, str) or prompt.count("<cell>") != 1:
             raise ValueError(f"the prompt must contain exactly one <cell> placeholder, got {prompt!r}")
-        out = []
-        for _, batch in self._cell_batches(cells, processor, gene_names, batch_size, progress, "describe",
-                                           **(cell_kwargs or {})):
-            out += self._generate_text(batch, prompt, processor, max_new_tokens, **generate_kwargs)
+        if max_new_tokens is None:
+            max_new_tokens = self.default_description_tokens()
+        max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
+        inputs = self.read(cells, gene_names, **input_options)
+        out, empty = [], np.zeros(inputs.n_cells, dtype=bool)
+        for start, batch, none in self._batches(inputs, batch_size, "describe"):
+            texts, cut = self._generate_text(batch, prompt, max_new_tokens, **dict(generate_kwargs or {}))
+            out += ["" if e else _tidy_description(t, c) for t, c, e in zip(texts, cut, none)]
+            empty[start : start + len(texts)] = none
+        self._warn_empty(empty, "they get no description")
         return out
 
     # ---------------------------------------------------------------------------------------------- text → cell
+    def _check_prompts(self, texts) -> list[str]:
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, (list, tuple)) or not texts:
+            raise ValueError("give a text or a non-empty list of texts")
+        if not all(isinstance(t, str) and t.strip() for t in texts):
+            raise ValueError("every text must be a non-empty string (an empty prompt says nothing about the cell)")
+        tokenizer, budget = self.processor.tokenizer, self._prompt_budget()
+        out = []
+        for text in texts:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > budget:
+                warnings.warn(f"a prompt of {len(ids)} tokens is longer than the model reads ({budget}); it is "
+                              f"truncated: {text[:60]!r}…", stacklevel=3)
+                text = tokenizer.decode(ids[:budget])
+            out.append(text)
+        return out
+
+    def _prompt_budget(self) -> int:
+        """Text tokens a prompt may have: the LLM's positions less the prompt frame and the cell slots."""
+        config = self.model.config.text_config
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+        frame = len(self.processor.tokenizer(GENERATE_PROMPT.format(text="") + self.processor.cell_slot_text)["input_ids"])
+        return max(1, positions - frame)
+
     @torch.inference_mode()
-    def generate_cells(self, texts: str | list[str], n_per_text: int = 1, genes: list[str] | None = None,
-                       seed: int | None = None, noise_scale: float = 0.1, processor=None,
-                       batch_size: int = 32) -> GeneratedCells:
-        """Pseudo-cells from text prompts: the LLM reads `"Generate a cell. {text} Cell:"` followed by the output
-        cell slots, their states are projected to a cell state and decoded to log1p expression of `genes` (default:
-        the whole gene vocabulary). A text's reading is deterministic; draws beyond the first add seeded Gaussian
-        noise of `noise_scale` × the state's std, so `n_per_text` cells scatter around it."""
-        self._require_language_model("generate_cells")
-        processor = self._get_processor(processor)
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts:
-            raise ValueError("no texts were given")
-        genes = list(processor.feature_extractor.gene_names) if genes is None else [str(g) for g in genes]
-        gene_ids = torch.as_tensor(processor.feature_extractor.convert_genes_to_ids(genes))
+    def generate_cells(self, texts, n_per_text: int = 1, genes: list[str] | None = None, seed: int | None = None,
+                       noise_scale: float = 0.1, batch_size: int = 32) -> GeneratedCells:
+        """Pseudo-cells from text prompts: the LLM reads `"Generate a cell. {text} Cell:"` and the output cell slots,
+        whose states are projected to a cell state and decoded to log1p expression of `genes` (default: the whole
+        vocabulary). A text's reading is deterministic; draws beyond the first add seeded Gaussian noise of
+        `noise_scale` × the state's std, so `n_per_text` cells scatter around it."""
+        require_job(self.kind, "generate_cells")
+        texts = self._check_prompts(texts)
+        n_per_text, batch_size = _positive_int(n_per_text, "n_per_text"), _positive_int(batch_size, "batch_size")
+        if not (isinstance(noise_scale, (int, float)) and np.isfinite(noise_scale) and noise_scale >= 0):
+            raise ValueError(f"noise_scale must be a non-negative number, got {noise_scale!r}")
+        genes = list(self.cell_tokenizer.gene_names) if genes is None else _names(genes, "genes")
+        gene_ids = torch.as_tensor(self.cell_tokenizer.convert_genes_to_ids(genes))
         if (gene_ids < 0).any():
             unknown = [g for g, i in zip(genes, gene_ids.tolist()) if i < 0]
             raise ValueError(f"{len(unknown)} requested genes are not in the model's vocabulary: {unknown[:10]}")
-        states = torch.cat([self._text_cell_states(texts[i : i + batch_size], processor)
-                            for i in range(0, len(texts), batch_size)])
-        states = states.repeat_interleave(n_per_text, dim=0)
-        draw = torch.arange(len(states)) % n_per_text
-        generator = torch.Generator().manual_seed(0 if seed is None else seed)
-        noise = torch.randn(states.shape, generator=generator).to(states)
-        scale = noise_scale * states.std(dim=(1, 2), keepdim=True)
-        states = states + noise * scale * (draw > 0).to(states)[:, None, None]
-        expression = torch.cat([self.expression_decoder(states[i : i + batch_size], gene_ids.to(self.device).expand(
-            len(states[i : i + batch_size]), -1)) for i in range(0, len(states), batch_size)])
-        return GeneratedCells(expression=expression.clamp(min=0).float().cpu().numpy(), gene_names=genes,
-                              texts=[t for t in texts for _ in range(n_per_text)])
+        states = torch.cat([self.text_cell_states(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
+        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        expression = np.empty((len(texts) * n_per_text, len(genes)), dtype=np.float32)
+        bar = tqdm(total=len(expression), desc="generate", unit="cell", disable=not self.progress)
+        for start in range(0, len(expression), batch_size):
+            rows = torch.arange(start, min(start + batch_size, len(expression)))
+            drawn = states[rows // n_per_text]
+            noise = torch.randn(drawn.shape, generator=generator).to(drawn)
+            scale = noise_scale * drawn.std(dim=(1, 2), keepdim=True) * (rows % n_per_text > 0).to(drawn)[:, None, None]
+            decoded = self.model.decode_expression(drawn + noise * scale,
+                                                   gene_ids.to(self.model.device).expand(len(rows), -1))
+            expression[start : start + len(rows)] = decoded.clamp(min=0).float().cpu().numpy()
+            bar.update(len(rows))
+        bar.close()
+        return GeneratedCells(expression=expression, gene_names=genes, texts=[t for t in texts for _ in range(n_per_text)])
 
-    def _text_cell_states(self, texts, processor) -> torch.Tensor:
-        prompts = [GENERATE_PROMPT.format(text=t) + processor.cell_slot_text for t in texts]
-        tokenizer = processor.tokenizer
+    @torch.inference_mode()
+    def text_cell_states(self, texts: list[str]) -> torch.Tensor:
+        """The cell state each text is read into, (texts, num_query_tokens, qformer_hidden): what `generate_cells`
+        decodes (before its noise)."""
+        prompts = [GENERATE_PROMPT.format(text=t) + self.processor.cell_slot_text for t in texts]
         # left padding: the slots end every row at the same positions
-        encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-        ids, mask = encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
-        hidden = self.language_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
-        slots = self._cell_slot_mask(ids)
-        return self.text_to_cell_projector(hidden[slots].view(len(texts), self.config.num_query_tokens, -1))
+        encoded = self.processor.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+        return self.model.get_text_cell_states(encoded["input_ids"].to(self.model.device),
+                                               encoded["attention_mask"].to(self.model.device))
 
 
-__all__ = ["CellTextJobsMixin", "CellAnnotation", "GeneratedCells", "MODEL_KINDS", "ModelKind", "cell_batches", "model_kind",
-           "require_job"]
+def _read_label_texts(path, **hub) -> dict | None:
+    """The folder's `label_texts.json` (label → text), or None."""
+    from transformers.utils import cached_file
+
+    if os.path.isdir(path):
+        file = os.path.join(path, LABELS_FILE)
+        file = file if os.path.isfile(file) else None
+    else:
+        file = cached_file(path, LABELS_FILE, _raise_exceptions_for_missing_entries=False, **hub)
+    if file is None:
+        return None
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
+
+
+__all__ = ["ScMMGPTJobs", "CellAnnotation", "GeneratedCells", "MODEL_KINDS", "ModelKind", "model_kind", "kind_of_model",
+           "require_job",
+           "ontology_name", "LABELS_FILE"]

@@ -12,8 +12,8 @@ stage-0 / stage-1 / converted scGPT folder loads into it) with a linear head ove
   0.786 / 0.750 / 0.743 for `"cls"` and 0.750 / 0.807 / 0.757 for `"mean"`; unweighted it scored 0.850 / 0.857 / 0.821
   (4-fold cross-validation on the training cells chose the weighting: 0.822 against 0.793).
 
-Labels travel in the config (`id2label` / `label2id`); `annotate` returns the same `CellAnnotation` as the scMMGPT
-models' zero-shot methods, with class probabilities as scores.
+Labels travel in the config (`id2label` / `label2id`); `ScMMGPTJobs.annotate` (jobs_scmmgpt) gives the same
+`CellAnnotation` as the scMMGPT models' zero-shot methods, with class probabilities as scores.
 """
 
 import torch
@@ -21,7 +21,6 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .configuration_scmmgpt import ScMMGPTCellConfig
-from .jobs_scmmgpt import CellAnnotation, cell_batches
 from .modeling_cell_encoder import ScMMGPTCellModel, ScMMGPTCellPreTrainedModel, masked_mean
 from .modeling_cell_pretraining import maskable_positions
 
@@ -33,7 +32,8 @@ class ScMMGPTCellForClassification(ScMMGPTCellPreTrainedModel):
     The cell encoder with a cell type classification head, fine-tuned with cross-entropy.
 
     Config fields read here: `num_labels` / `id2label` (the cell types), `classifier_pooling` (one of
-    `CLASSIFIER_POOLINGS`, default `"cls"`) and `classifier_dropout` (default 0.1), so that they travel with a checkpoint.
+    `CLASSIFIER_POOLINGS`) and `classifier_dropout`, declared fields of `ScMMGPTCellConfig`, so that they travel with a
+    checkpoint.
 
     Inputs (from `ScMMGPTCellTokenizer`; position 0 is `<cls>`): gene_ids (`(batch, L)` int64), expression_values
     (`(batch, L)` float), attention_mask (`(batch, L)`, 1 for real tokens), labels (`(batch,)` class ids, optional).
@@ -46,13 +46,13 @@ class ScMMGPTCellForClassification(ScMMGPTCellPreTrainedModel):
         if self.pooling not in CLASSIFIER_POOLINGS:
             raise ValueError(f"classifier_pooling must be one of {CLASSIFIER_POOLINGS}, got {self.pooling!r}")
         self.cell_model = ScMMGPTCellModel(config)
-        self.dropout = nn.Dropout(float(getattr(config, "classifier_dropout", 0.1)))
+        self.dropout = nn.Dropout(float(config.classifier_dropout))
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
     @property
     def pooling(self) -> str:
-        return getattr(self.config, "classifier_pooling", "cls")
+        return self.config.classifier_pooling
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.cell_model.get_input_embeddings()
@@ -82,32 +82,6 @@ class ScMMGPTCellForClassification(ScMMGPTCellPreTrainedModel):
                                  f"{labels.min().item()}..{labels.max().item()}")
             loss = nn.functional.cross_entropy(logits.float(), labels.long())
         return SequenceClassifierOutput(loss=loss, logits=logits)
-
-    @torch.inference_mode()
-    def annotate(self, cells, gene_names=None, feature_extractor=None, batch_size: int = 64, progress: bool = False,
-                 **cell_kwargs) -> CellAnnotation:
-        """The fine-tuned cell type of each cell: `cells` as the scMMGPT jobs take them (AnnData, scipy.sparse or numpy
-        with `gene_names`); `feature_extractor` defaults to the one saved beside the model. Scores are probabilities
-        (cells × `config.num_labels`)."""
-        feature_extractor = feature_extractor or self._feature_extractor()
-        probabilities = []
-        for _, batch in cell_batches(cells, feature_extractor, gene_names, batch_size, progress,
-                                     "annotate (fine-tuned)", self.device, **cell_kwargs):
-            logits = self(batch["gene_ids"], batch["expression_values"], batch["cell_attention_mask"]).logits
-            probabilities.append(logits.float().softmax(-1).cpu())
-        scores = torch.cat(probabilities).numpy()
-        labels = [self.config.id2label[i] for i in range(self.config.num_labels)]
-        return CellAnnotation(predictions=[labels[i] for i in scores.argmax(1)], scores=scores, labels=labels)
-
-    def _feature_extractor(self):
-        if getattr(self, "feature_extractor", None) is None:
-            from transformers import AutoFeatureExtractor
-
-            if not getattr(self, "name_or_path", None):
-                raise ValueError("pass feature_extractor=... (the model's ScMMGPTCellTokenizer) or load the model from "
-                                 "a folder that holds one")
-            self.feature_extractor = AutoFeatureExtractor.from_pretrained(self.name_or_path)
-        return self.feature_extractor
 
 
 __all__ = ["ScMMGPTCellForClassification", "CLASSIFIER_POOLINGS"]

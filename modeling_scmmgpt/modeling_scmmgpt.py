@@ -16,7 +16,6 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_scmmgpt import ScMMGPTConfig
-from .jobs_scmmgpt import CellTextJobsMixin
 from .modeling_cell_encoder import ScMMGPTCellModel, masked_mean, masked_mse
 from .modeling_cell_pretraining import maskable_positions
 from .modeling_qformer import ScMMGPTQFormer
@@ -80,7 +79,7 @@ def _mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, out_features))
 
 
-class ScMMGPTModel(CellTextJobsMixin, ScMMGPTPreTrainedModel):
+class ScMMGPTModel(ScMMGPTPreTrainedModel):
     r"""
     Stage 1: cell encoder + Q-Former + projection heads, trained with cell–text contrastive, matching and captioning.
 
@@ -277,7 +276,7 @@ class ExpressionDecoder(nn.Module):
         return self.mlp(torch.cat([context, genes, context * genes], dim=-1)).squeeze(-1)
 
 
-class ScMMGPTForConditionalGeneration(CellTextJobsMixin, ScMMGPTPreTrainedModel, GenerationMixin):
+class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
     r"""
     Stage 2: the stage-1 model (`scmmgpt`), a cell→text projector into the LLM's `<cell_i>` slots, the causal LLM
     (`language_model`), and the text→cell path (`text_to_cell_projector` + `expression_decoder`).
@@ -345,7 +344,8 @@ class ScMMGPTForConditionalGeneration(CellTextJobsMixin, ScMMGPTPreTrainedModel,
         return self.language_model.get_output_embeddings()
 
     # ------------------------------------------------------------------------------------------------ cell ↔ text
-    def _cell_slot_mask(self, input_ids: torch.LongTensor) -> torch.Tensor:
+    def get_placeholder_mask(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """(batch, length) bool: the `<cell_i>` slot tokens, which cells fill (inputs) or are read from (outputs)."""
         if not self.config.cell_token_ids:
             raise ValueError("config.cell_token_ids is not set: build the model with the processor's special tokens "
                              "(model.set_cell_token_ids(processor))")
@@ -364,6 +364,14 @@ class ScMMGPTForConditionalGeneration(CellTextJobsMixin, ScMMGPTPreTrainedModel,
         (with cells given and no KV cache: more slots than cells, an error)."""
         if self.config.cell_token_ids and self.generation_config is not None:
             self.generation_config.suppress_tokens = list(self.config.cell_token_ids)
+
+    def get_cell_features(self, gene_ids, expression_values, cell_attention_mask=None) -> torch.Tensor:
+        """Normalised cell features in the shared cell–text space, (batch, embed_dim) (the stage-1 part's)."""
+        return self.scmmgpt.get_cell_features(gene_ids, expression_values, cell_attention_mask)
+
+    def get_text_features(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """Normalised text features of Q-Former-tokenised text, (batch, embed_dim) (the stage-1 part's)."""
+        return self.scmmgpt.get_text_features(input_ids, attention_mask)
 
     def get_cell_soft_tokens(self, gene_ids, expression_values, cell_attention_mask=None) -> torch.Tensor:
         """Cells → LLM input embeddings of their slots, (cells, num_query_tokens, llm_hidden)."""
@@ -394,8 +402,21 @@ class ScMMGPTForConditionalGeneration(CellTextJobsMixin, ScMMGPTPreTrainedModel,
         """LLM states at output slots (n, num_query_tokens, llm_hidden) → (cell states (n, slots, qformer_hidden),
         predicted log1p expression (n, genes) of `gene_ids`, or None)."""
         cell_states = self.text_to_cell_projector(slot_states)
-        expression = None if gene_ids is None else self.expression_decoder(cell_states, gene_ids)
+        expression = None if gene_ids is None else self.decode_expression(cell_states, gene_ids)
         return cell_states, expression
+
+    def decode_expression(self, cell_states: torch.Tensor, gene_ids: torch.LongTensor) -> torch.Tensor:
+        """Cell states (n, slots, qformer_hidden) → predicted log1p expression (n, genes) of `gene_ids` (n, genes)."""
+        return self.expression_decoder(cell_states, gene_ids)
+
+    def get_text_cell_states(self, input_ids: torch.LongTensor, attention_mask=None) -> torch.Tensor:
+        """The cell states a text describes, (batch, num_query_tokens, qformer_hidden): the LLM reads `input_ids`,
+        each row ending in one cell's output slots (left-padded), and its last hidden states at the slots are
+        projected back to the cell side."""
+        hidden = self.language_model(input_ids=input_ids, attention_mask=attention_mask,
+                                     output_hidden_states=True).hidden_states[-1]
+        slots = self.get_placeholder_mask(input_ids)
+        return self.text_to_cell_projector(hidden[slots].view(len(input_ids), self.config.num_query_tokens, -1))
 
     def _text_to_cell_losses(self, slot_states, target_cells, decoder_gene_ids, decoder_targets, decoder_mask):
         cell_states, expression = self.decode_cell_states(slot_states, decoder_gene_ids)
@@ -428,7 +449,7 @@ class ScMMGPTForConditionalGeneration(CellTextJobsMixin, ScMMGPTPreTrainedModel,
     ) -> ScMMGPTCausalLMOutput:
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        slots = self._cell_slot_mask(input_ids) if input_ids is not None else None
+        slots = self.get_placeholder_mask(input_ids) if input_ids is not None else None
         output_slots = slots & (labels != -100) if labels is not None and slots is not None else None
         if gene_ids is not None:
             input_slots = slots & ~output_slots if output_slots is not None else slots

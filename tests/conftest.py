@@ -53,3 +53,37 @@ def run_fresh_python(code: str, cwd: str, timeout: int = 300) -> str:
     )
     assert proc.returncode == 0, f"fresh process failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     return proc.stdout
+
+
+TINY_LABEL_TEXTS = {
+    "Dendritic": "cell type: dendritic cell. A cell of hematopoietic origin that processes and presents antigen.",
+    "CD14+ Monocyte": "cell type: CD14-positive monocyte. A monocyte that expresses CD14 and is CD16-negative.",
+    "CD19+ B": "cell type: B cell. A lymphocyte of B lineage that is capable of B cell mediated immunity.",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(pbmc, minilm_tokenizer, tmp_path_factory):
+    """A saved tiny stage-2 folder (random weights) over PBMC's genes, with its label texts and pipelines, as
+    `scmmgpt train` writes one."""
+    import copy
+    import json
+
+    import torch
+
+    from modeling_scmmgpt import ScMMGPTCellTokenizer, ScMMGPTForConditionalGeneration, ScMMGPTProcessor
+    from modeling_scmmgpt.pipeline_scmmgpt import save_pipelines
+
+    from .test_multimodal import tiny_config
+
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    cell_tokenizer = ScMMGPTCellTokenizer(gene_names=list(pbmc.raw.var_names), max_genes=64)
+    processor = ScMMGPTProcessor(cell_tokenizer, copy.deepcopy(minilm_tokenizer), num_query_tokens=4)
+    torch.manual_seed(0)
+    model = ScMMGPTForConditionalGeneration(tiny_config(len(cell_tokenizer), len(processor.tokenizer)))
+    model.set_cell_token_ids(processor)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    save_pipelines(folder)
+    (folder / "label_texts.json").write_text(json.dumps(TINY_LABEL_TEXTS))
+    return folder

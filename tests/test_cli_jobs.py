@@ -1,37 +1,30 @@
-"""`scmmgpt annotate | embed | describe | generate` on the shipped PBMC file and on a raw-count file whose genes differ
-from the model's (extra genes, missing genes, Ensembl IDs in var_names with symbols in a var column)."""
+"""`scmmgpt annotate | embed | describe | generate` on the shipped PBMC file as it is (scaled `.X`, log-normalised
+`.raw`), on a raw-count file whose genes differ from the model's (extra genes, missing genes, Ensembl IDs in var_names
+with symbols in a var column), with --layer / --use-raw; outputs written atomically; one-line errors."""
 
-import copy
 import json
+import os
+import shutil
 import warnings
 
 import anndata
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from scipy import sparse
 
-from modeling_scmmgpt import ScMMGPTCellTokenizer, ScMMGPTForConditionalGeneration, ScMMGPTProcessor
+from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTCellModel, ScMMGPTModel
 from modeling_scmmgpt.cli import main
 
+from .conftest import TINY_LABEL_TEXTS
 from .test_multimodal import tiny_config
 
-TYPES = ["Dendritic", "CD14+ Monocyte", "CD19+ B"]
+TYPES = list(TINY_LABEL_TEXTS)
 
 
 @pytest.fixture(scope="module")
-def model_dir(pbmc, minilm_tokenizer, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cli") / "model"
-    cell_tokenizer = ScMMGPTCellTokenizer(gene_names=list(pbmc.raw.var_names), max_genes=64, normalize=False)
-    processor = ScMMGPTProcessor(cell_tokenizer, copy.deepcopy(minilm_tokenizer), num_query_tokens=4)
-    torch.manual_seed(0)
-    model = ScMMGPTForConditionalGeneration(tiny_config(len(cell_tokenizer), len(processor.tokenizer)))
-    model.set_cell_token_ids(processor)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    (folder / "label_texts.json").write_text(json.dumps({t: f"cell type: {t}." for t in TYPES}))
-    return folder
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +54,10 @@ def _read(path):
         return anndata.read_h5ad(path)
 
 
-@pytest.mark.parametrize("input_name", ["pbmc_file", "counts_file"])
+@pytest.mark.parametrize("input_name", ["pbmc_file", "counts_file", "pbmc_path"])
 def test_annotate_embed_describe_write_their_fields(request, model_dir, tmp_path, input_name):
     source = str(request.getfixturevalue(input_name))
+    before = open(source, "rb").read()
     out = tmp_path / "out.h5ad"
     assert main(["annotate", str(model_dir), source, "-o", str(out)]) == 0
     annotated = _read(out)
@@ -76,7 +70,48 @@ def test_annotate_embed_describe_write_their_fields(request, model_dir, tmp_path
     embedded = _read(out)
     assert embedded.obsm["X_scmmgpt"].shape == (embedded.n_obs, 32) and np.isfinite(embedded.obsm["X_scmmgpt"]).all()
     assert main(["describe", str(model_dir), source, "-o", str(out), "--max-new-tokens", "3"]) == 0
-    assert _read(out).obs["scmmgpt_description"].map(type).eq(str).all()
+    described = _read(out)
+    assert described.obs["scmmgpt_description"].map(type).eq(str).all()
+    assert described.uns["scmmgpt"]["job"] == "describe" and "decision" in described.uns["scmmgpt"]
+    assert open(source, "rb").read() == before  # the input is never written
+
+
+def test_the_shipped_pbmc_file_is_read_from_raw_and_said_so(model_dir, pbmc_path, tmp_path, capsys):
+    out = tmp_path / "annotated.h5ad"
+    assert main(["annotate", str(model_dir), pbmc_path, "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "from .raw (.X holds scaled values)" in err and "log1p-normalised values: used as they are" in err
+    annotated = _read(out)
+    assert annotated.uns["scmmgpt"]["source"] == ".raw" and annotated.uns["scmmgpt"]["method"] == "retrieval"
+    assert annotated.X.shape == (700, 765) and annotated.raw is not None  # everything else is kept
+    assert list(annotated.uns["scmmgpt"]["labels"]) == TYPES
+
+
+def test_layer_and_use_raw_choose_the_matrix(model_dir, pbmc, tmp_path, capsys):
+    counts = np.round(np.expm1(pbmc.raw.X[:10].toarray()) * 2).astype(np.float32)
+    adata = anndata.AnnData(X=pbmc.X[:10].copy(), var=pbmc.var.copy(), layers={"counts": counts})
+    path = tmp_path / "layered.h5ad"
+    adata.write_h5ad(path)
+    out = tmp_path / "out.h5ad"
+    assert main(["embed", str(model_dir), str(path), "-o", str(out)]) == 2
+    assert "--layer NAME" in capsys.readouterr().err
+    assert main(["embed", str(model_dir), str(path), "-o", str(out), "--layer", "counts"]) == 0
+    assert "layers['counts']" in capsys.readouterr().err and _read(out).uns["scmmgpt"]["value_kind"] == "counts"
+    assert main(["embed", str(model_dir), str(path), "-o", str(out), "--use-raw"]) == 2
+    assert "no .raw" in capsys.readouterr().err
+
+
+def test_a_failed_write_leaves_no_output_and_no_temporary_file(model_dir, pbmc_file, tmp_path, monkeypatch, capsys):
+    import anndata.io
+
+    def broken(*args, **kwargs):
+        raise ValueError("disk full")
+
+    monkeypatch.setattr(anndata.io, "write_elem", broken)
+    out = tmp_path / "out" / "embedded.h5ad"
+    assert main(["embed", str(model_dir), str(pbmc_file), "-o", str(out)]) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert os.listdir(out.parent) == []
 
 
 def test_generate_writes_pseudo_cells_over_the_models_genes(model_dir, tmp_path, pbmc):
@@ -88,21 +123,65 @@ def test_generate_writes_pseudo_cells_over_the_models_genes(model_dir, tmp_path,
     assert (cells.X >= 0).all() and list(cells.obs["prompt"][:4]) == ["cell type: CD14-positive monocyte."] * 4
 
 
-def test_clear_errors(model_dir, tmp_path, capsys):
+def test_clear_errors(model_dir, pbmc_file, tmp_path, capsys):
     out = str(tmp_path / "o.h5ad")
-    assert main(["annotate", str(model_dir), str(tmp_path / "missing.h5ad"), "-o", out]) == 2
-    assert "no such file" in capsys.readouterr().err
+
+    def error_of(*argv) -> str:
+        try:
+            status = main(list(argv))
+        except SystemExit as stop:  # argparse's own checks: its usage line, then the error
+            status = stop.code
+        assert status == 2
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err and "error:" in err.splitlines()[-1], err
+        return err.splitlines()[-1]
+
+    assert "no such file" in error_of("annotate", str(model_dir), str(tmp_path / "missing.h5ad"), "-o", out)
     (tmp_path / "cells.csv").write_text("a,b\n1,2\n")
-    assert main(["embed", str(model_dir), str(tmp_path / "cells.csv"), "-o", out]) == 2
-    assert "expected an AnnData .h5ad" in capsys.readouterr().err
+    assert "expected an AnnData .h5ad" in error_of("embed", str(model_dir), str(tmp_path / "cells.csv"), "-o", out)
     (tmp_path / "broken.h5ad").write_bytes(b"not hdf5 at all")
-    assert main(["embed", str(model_dir), str(tmp_path / "broken.h5ad"), "-o", out]) == 2
-    assert "not a readable .h5ad" in capsys.readouterr().err
+    assert "not a readable .h5ad" in error_of("embed", str(model_dir), str(tmp_path / "broken.h5ad"), "-o", out)
     alien = tmp_path / "alien.h5ad"
     anndata.AnnData(X=np.ones((3, 2), dtype=np.float32), var=pd.DataFrame(index=["FOO1", "BAR2"])).write_h5ad(alien)
-    assert main(["annotate", str(model_dir), str(alien), "-o", out]) == 2
-    assert "none of the 2 genes" in capsys.readouterr().err
-    assert main(["embed", str(tmp_path), str(alien), "-o", out]) == 2
-    assert "not a saved model folder" in capsys.readouterr().err
+    assert "none of the 2 genes" in error_of("annotate", str(model_dir), str(alien), "-o", out)
+    assert "not a saved model folder" in error_of("embed", str(tmp_path), str(alien), "-o", out)
+    assert "is the input file" in error_of("embed", str(model_dir), str(pbmc_file), "-o", str(pbmc_file))
+    (tmp_path / "folder.h5ad").mkdir()
+    assert "is a folder" in error_of("embed", str(model_dir), str(pbmc_file), "-o", str(tmp_path / "folder.h5ad"))
+    assert "must be an .h5ad" in error_of("embed", str(model_dir), str(pbmc_file), "-o", str(tmp_path / "out.csv"))
+    assert "positive integer" in error_of("embed", str(model_dir), str(pbmc_file), "-o", out, "--batch-size", "0")
+    assert "non-empty string" in error_of("generate", str(model_dir), "", "-o", out)
+    assert "positive integer" in error_of("generate", str(model_dir), "cell type: B cell.", "-n", "0", "-o", out)
+    assert not os.path.exists(out)
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
+
+
+def test_wrong_model_kinds_and_broken_folders_get_one_line_errors(model_dir, pbmc, pbmc_file, tmp_path, capsys):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    config = tiny_config(len(processor.feature_extractor), len(processor.tokenizer))
+    ScMMGPTModel(config).save_pretrained(tmp_path / "stage1")
+    processor.save_pretrained(tmp_path / "stage1")
+    ScMMGPTCellModel(ScMMGPTCellConfig.tiny(vocab_size=len(processor.feature_extractor))).save_pretrained(
+        tmp_path / "encoder")
+    processor.feature_extractor.save_pretrained(tmp_path / "encoder")
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "model.safetensors").unlink()
+    out = str(tmp_path / "o.h5ad")
+    capsys.readouterr()
+    cases = [
+        (["describe", str(tmp_path / "stage1")], "cell descriptions needs a stage2 model; this is a stage1 model"),
+        (["annotate", str(tmp_path / "encoder")], "cell type annotation needs a stage2 or stage1 or classifier model"),
+        (["embed", str(broken)], "cannot load the model folder"),
+    ]
+    for argv, message in cases:
+        assert main(argv + [str(pbmc_file), "-o", out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "Traceback" not in err and err.count("\n") == 0, err
+    # the kinds that can do a job do it: a stage-1 folder annotates by retrieval and embeds, an encoder embeds
+    assert main(["annotate", str(tmp_path / "stage1"), str(pbmc_file), "-o", out, "--labels", "B cell", "T cell"]) == 0
+    assert main(["embed", str(tmp_path / "encoder"), str(pbmc_file), "-o", out]) == 0
+    assert _read(out).obsm["X_scmmgpt"].shape == (20, 32)

@@ -73,27 +73,27 @@ BAD_REQUESTS = [
     ([1, 2, 3], "must be a JSON object"),
     ({"inputs": {}, "task": "cluster"}, '"task" must be one of'),
     ({"task": "annotate", "parameters": {"labels": ["a"]}}, 'no "inputs"'),
-    ({"inputs": {"genes": ["LYZ"], "counts": [[1]]}, "task": "annotate"}, "needs parameters.labels"),
+    ({"inputs": {"genes": ["LYZ"], "counts": [[1]]}, "task": "annotate"}, "give labels"),
     ({"inputs": {"genes": ["LYZ"], "counts": [[1]]}, "task": "annotate", "parameters": {"labels": []}},
-     "parameters.labels must be a non-empty list"),
+     "labels must be a non-empty list"),
     ({"inputs": {"genes": ["LYZ"], "counts": [[1]]}, "task": "annotate", "parameters": {"labels": ["a", "a"]}},
      "has duplicates"),
     ({"inputs": {"genes": ["LYZ", "NKG7"], "counts": [[1, 2], [3]]}, "task": "annotate",
-      "parameters": {"labels": ["a"]}}, '"inputs.counts"[1] has 1 values but "inputs.genes" has 2'),
+      "parameters": {"labels": ["a"]}}, '"counts"[1] has 1 values but "genes" has 2'),
     ({"inputs": {"genes": ["LYZ"], "counts": [["many"]]}, "task": "annotate", "parameters": {"labels": ["a"]}},
-     "(gene LYZ) must be a number"),
+     "(gene 'LYZ') must be a number"),
     ({"inputs": {"genes": ["LYZ"], "counts": [[-3]]}, "task": "annotate", "parameters": {"labels": ["a"]}},
-     "finite and non-negative"),
+     "scaled / centred values (negative entries)"),
     ({"inputs": {"genes": ["LYZ"], "counts": [[True]]}, "task": "annotate", "parameters": {"labels": ["a"]}},
      "must be a number"),
     ({"inputs": {"genes": "LYZ", "counts": [[1]]}, "task": "annotate", "parameters": {"labels": ["a"]}},
-     '"inputs.genes" must be a non-empty list'),
+     '"genes" must be a non-empty list'),
     ({"inputs": {"genes": ["LYZ"], "counts": 5}, "task": "annotate", "parameters": {"labels": ["a"]}},
-     '"inputs.counts" must be a non-empty list'),
+     '"counts" must be a non-empty list'),
     ({"inputs": {"genes": ["LYZ"], "counts": [[1]], "extra": 1}, "task": "annotate", "parameters": {"labels": ["a"]}},
      "unknown keys ['extra']"),
     ({"inputs": {"genes": ["LYZ"], "counts": [[1]]}, "task": "annotate",
-      "parameters": {"labels": ["a"], "method": "vote"}}, "parameters.method must be"),
+      "parameters": {"labels": ["a"], "method": "vote"}}, "method 'vote' is not one of"),
     ({"inputs": {"genes": ["LYZ"], "counts": [[1]]}, "task": "annotate",
       "parameters": {"labels": ["a"], "batch_size": 0}}, "parameters.batch_size must be an integer from 1"),
     ({"inputs": {"genes": ["LYZ"], "counts": [[1]]}, "task": "annotate",
@@ -102,13 +102,14 @@ BAD_REQUESTS = [
      "parameters.max_new_tokens must be an integer from 1 to 512"),
     ({"inputs": {"genes": ["LYZ"], "counts": [[1]]}, "task": "describe", "parameters": {"prompt": "no placeholder"}},
      "exactly one <cell>"),
-    ({"inputs": {"texts": []}, "task": "generate"}, '"inputs.texts" must be a non-empty list'),
+    ({"inputs": {"texts": []}, "task": "generate"}, "give a text or a non-empty list of texts"),
+    ({"inputs": {"texts": [""]}, "task": "generate"}, "every text must be a non-empty string"),
     ({"inputs": {"texts": ["x"]}, "task": "generate", "parameters": {"n_per_text": 0}},
      "parameters.n_per_text must be an integer from 1"),
     ({"inputs": {"texts": ["x"]}, "task": "generate", "parameters": {"genes": ["NOT_A_GENE"]}},
      "not in the model's vocabulary"),
     ({"inputs": {"genes": ["NOT_A_GENE"], "counts": [[1]]}, "task": "annotate", "parameters": {"labels": ["a"]}},
-     "none of the 1 genes is in the vocabulary"),
+     "none of the 1 genes"),
 ]
 
 
@@ -156,7 +157,7 @@ def test_handler_runs_where_scmmgpt_is_not_installed(model_dir, handler, tmp_pat
     )
     results = json.loads(out.split("RESULTS", 1)[1])
     assert [r["label"] for r in results["good"]] == [r["label"] for r in expected]
-    assert "non-negative" in results["bad"]["error"]
+    assert "negative entries" in results["bad"]["error"]
 
 
 def test_requirements_cover_the_handler_imports():

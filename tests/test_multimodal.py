@@ -12,9 +12,11 @@ from modeling_scmmgpt import (
     ScMMGPTCellTokenizer,
     ScMMGPTConfig,
     ScMMGPTForConditionalGeneration,
+    ScMMGPTJobs,
     ScMMGPTModel,
     ScMMGPTProcessor,
 )
+from modeling_scmmgpt.pipeline_scmmgpt import save_pipelines
 
 from modeling_scmmgpt.processing_scmmgpt import ANNOTATE_PROMPT
 
@@ -51,7 +53,6 @@ def make_generator(processor, text_config=None):
     config = tiny_config(len(processor.feature_extractor), len(processor.tokenizer), text_config)
     model = ScMMGPTForConditionalGeneration(config)
     model.set_cell_token_ids(processor)
-    model.processor = processor
     return model.eval()
 
 
@@ -194,8 +195,9 @@ def test_described_text_never_holds_cell_slots(processor, cells):
     with torch.no_grad():
         head.zero_()
         head[model.config.cell_token_ids[1]], head[model.config.cell_token_ids[2]] = direction, -direction
+    jobs = ScMMGPTJobs(model, processor, verbose=False)
     for use_cache in (True, False):
-        texts = model.describe(cells[:2], max_new_tokens=4, cell_kwargs={"use_raw": True}, use_cache=use_cache)
+        texts = jobs.describe(cells[:2], max_new_tokens=4, use_raw=True, generate_kwargs={"use_cache": use_cache})
         assert len(texts) == 2
     batch = {k: v for k, v in processor(cells=cells[:2], text=["<cell> Describe this cell:"] * 2,
                                         cell_kwargs={"use_raw": True}, return_tensors="pt").items()
@@ -210,12 +212,13 @@ def test_described_text_never_holds_cell_slots(processor, cells):
 
 def test_jobs_run_end_to_end(processor, cells):
     model = make_generator(processor)
+    jobs = ScMMGPTJobs(model, processor, verbose=False)
     kw = {"use_raw": True}
     for method in ("retrieval", "likelihood", "generate"):
-        result = model.annotate(cells, TYPES, method=method, **kw)
+        result = jobs.annotate(cells, TYPES, method=method, **kw)
         assert len(result.predictions) == 6 and result.scores.shape == (6, 3) and set(result.predictions) <= set(TYPES)
     # likelihood scores equal a direct per-label computation through forward
-    scores = model.annotate(cells[:1], TYPES, method="likelihood", **kw).scores[0]
+    scores = jobs.annotate(cells[:1], TYPES, method="likelihood", **kw).scores[0]
     manual = []
     for label in TYPES:
         prompt = processor(cells=cells[:1], text=[ANNOTATE_PROMPT], cell_kwargs=kw, return_tensors="pt")
@@ -228,19 +231,19 @@ def test_jobs_run_end_to_end(processor, cells):
         logp = torch.log_softmax(logits[0, n_prompt - 1 : -1], -1).gather(-1, ids[0, :, None]).mean()
         manual.append(float(logp))
     np.testing.assert_allclose(scores, manual, atol=1e-4)
-    texts = model.describe(cells[:2], max_new_tokens=4, cell_kwargs=kw)
+    texts = jobs.describe(cells[:2], max_new_tokens=4, **kw)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
-    generated = model.generate_cells(["cell type: monocyte.", "cell type: B cell."], n_per_text=3, seed=0)
+    generated = jobs.generate_cells(["cell type: monocyte.", "cell type: B cell."], n_per_text=3, seed=0)
     assert generated.expression.shape == (6, len(processor.feature_extractor.gene_names))
     assert (generated.expression >= 0).all()
-    again = model.generate_cells(["cell type: monocyte.", "cell type: B cell."], n_per_text=3, seed=0)
+    again = jobs.generate_cells(["cell type: monocyte.", "cell type: B cell."], n_per_text=3, seed=0)
     np.testing.assert_array_equal(generated.expression, again.expression)
     assert not np.allclose(generated.expression[0], generated.expression[1])  # draws differ
-    assert model.embed(cells, **kw).shape == (6, 32) and model.embed(cells, space="aligned", **kw).shape == (6, 16)
+    assert jobs.embed(cells, **kw).shape == (6, 32) and jobs.embed(cells, space="aligned", **kw).shape == (6, 16)
     with pytest.raises(ValueError, match="not in the model's vocabulary"):
-        model.generate_cells("x", genes=["NOT_A_GENE"])
-    with pytest.raises(ValueError, match="distinct"):
-        model.annotate(cells, ["a", "a"])
+        jobs.generate_cells("x", genes=["NOT_A_GENE"])
+    with pytest.raises(ValueError, match="duplicates"):
+        jobs.annotate(cells, ["a", "a"])
 
 
 def test_save_load_round_trip_with_llm_and_remote_code(processor, cells, tmp_path):
@@ -248,21 +251,25 @@ def test_save_load_round_trip_with_llm_and_remote_code(processor, cells, tmp_pat
     folder = tmp_path / "model"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    save_pipelines(folder)
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForCausalLM"] == "modeling_scmmgpt.ScMMGPTForConditionalGeneration"
-    loaded = ScMMGPTForConditionalGeneration.from_pretrained(folder).eval()
-    expected = model.annotate(cells, TYPES, method="likelihood", use_raw=True).scores
+    expected = ScMMGPTJobs(model, processor, verbose=False).annotate(cells, TYPES, method="likelihood",
+                                                                     use_raw=True).scores
+    loaded = ScMMGPTJobs.from_pretrained(folder, verbose=False)
     np.testing.assert_allclose(loaded.annotate(cells, TYPES, method="likelihood", use_raw=True).scores, expected,
                                atol=1e-5)
     np.save(tmp_path / "expected.npy", expected)
     out = run_fresh_python(
         f"""
         import anndata, numpy as np, scanpy, os
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, pipeline
         model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules")
         adata = anndata.read_h5ad(os.path.join(os.path.dirname(scanpy.__file__), "datasets", "10x_pbmc68k_reduced.h5ad"))
-        scores = model.annotate(adata[:6], {TYPES!r}, method="likelihood", use_raw=True).scores
+        annotate = pipeline("cell-annotation", model={str(folder)!r}, trust_remote_code=True)
+        out = annotate(adata[:6], labels={TYPES!r}, method="likelihood", use_raw=True, top_k=3)
+        scores = np.array([[dict((t["label"], t["score"]) for t in o["top_labels"])[l] for l in {TYPES!r}] for o in out])
         print("maxdiff", np.abs(scores - np.load({str(tmp_path / "expected.npy")!r})).max())
         """,
         cwd=str(tmp_path),

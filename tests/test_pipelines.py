@@ -4,6 +4,7 @@ saving into a model folder, and loading by `pipeline(task, model=folder, trust_r
 import copy
 import json
 
+import anndata
 import numpy as np
 import pytest
 import torch
@@ -16,6 +17,7 @@ from modeling_scmmgpt import (
     ScMMGPTCellTokenizer,
     ScMMGPTConfig,
     ScMMGPTForConditionalGeneration,
+    ScMMGPTJobs,
     ScMMGPTModel,
     ScMMGPTProcessor,
 )
@@ -23,9 +25,9 @@ from modeling_scmmgpt.pipeline_scmmgpt import (
     CellAnnotationPipeline,
     CellDescriptionPipeline,
     TextToCellPipeline,
-    load_cells,
     save_pipelines,
 )
+from modeling_scmmgpt.inputs_scmmgpt import read_cells
 
 from .conftest import run_fresh_python
 
@@ -52,7 +54,6 @@ def make_stage2(processor, seed: int = 0) -> ScMMGPTForConditionalGeneration:
     torch.manual_seed(seed)
     model = ScMMGPTForConditionalGeneration(tiny_config(processor))
     model.set_cell_token_ids(processor)
-    model.processor = processor
     return model.eval()
 
 
@@ -81,6 +82,11 @@ def processor(pbmc, minilm_tokenizer):
 @pytest.fixture(scope="module")
 def model(processor):
     return make_stage2(processor)
+
+
+@pytest.fixture(scope="module")
+def jobs(model, processor):
+    return ScMMGPTJobs(model, processor, verbose=False)
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +125,9 @@ def test_pipeline_save_pretrained_keeps_every_task(annotator, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- in process
-def test_cell_inputs_agree_and_batch_size_leaves_results_unchanged(annotator, model, pbmc, pbmc_path):
+def test_cell_inputs_agree_and_batch_size_leaves_results_unchanged(annotator, jobs, pbmc, pbmc_path):
     cells = pbmc[:12]
-    expected = model.annotate(cells, LABELS, use_raw=True).scores
+    expected = jobs.annotate(cells, LABELS, use_raw=True).scores
     by_anndata = annotator(cells, labels=LABELS, use_raw=True, top_k=len(LABELS))
     assert [r["cell"] for r in by_anndata] == list(cells.obs_names)
     scores = np.array([[{t["label"]: t["score"] for t in r["top_labels"]}[label] for label in LABELS] for r in by_anndata])
@@ -149,18 +155,18 @@ def test_cell_inputs_agree_and_batch_size_leaves_results_unchanged(annotator, mo
     json.dumps(from_path)
 
 
-def test_description_and_text_to_cell_outputs(model, processor, pbmc):
+def test_description_and_text_to_cell_outputs(model, jobs, processor, pbmc):
     describe = pipeline("cell-description", model=model, processor=processor)
     assert isinstance(describe, CellDescriptionPipeline)
     out = describe(pbmc[:3], use_raw=True, max_new_tokens=4, batch_size=2)
     assert [o["cell"] for o in out] == list(pbmc.obs_names[:3])
-    assert [o["generated_text"] for o in out] == model.describe(pbmc[:3], max_new_tokens=4, cell_kwargs={"use_raw": True})
+    assert [o["generated_text"] for o in out] == jobs.describe(pbmc[:3], max_new_tokens=4, use_raw=True)
     json.dumps(out)
 
     to_cells = pipeline("text-to-cell", model=model, processor=processor)
     assert isinstance(to_cells, TextToCellPipeline)
     out = to_cells(TEXTS, n_per_text=2, seed=3, genes=["LYZ", "MS4A1", "NKG7"], batch_size=1)
-    expected = model.generate_cells(TEXTS, n_per_text=2, seed=3, genes=["LYZ", "MS4A1", "NKG7"])
+    expected = jobs.generate_cells(TEXTS, n_per_text=2, seed=3, genes=["LYZ", "MS4A1", "NKG7"])
     assert out["gene_names"] == ["LYZ", "MS4A1", "NKG7"] and [c["text"] for c in out["cells"]] == expected.texts
     np.testing.assert_allclose([c["expression"] for c in out["cells"]], expected.expression, atol=1e-6)
     json.dumps(out)
@@ -170,51 +176,58 @@ def test_description_and_text_to_cell_outputs(model, processor, pbmc):
 
 def test_bad_inputs_get_clear_errors(annotator, model, processor, pbmc):
     cases = [
-        (lambda: annotator(pbmc[:2], use_raw=True), ValueError, "needs labels"),
+        (lambda: annotator(pbmc[:2], use_raw=True), ValueError, "give labels"),
+        (lambda: annotator(pbmc[:2], labels="CD19+ B", use_raw=True), ValueError, "must be a list of names"),
         (lambda: annotator(pbmc[:2], labels=LABELS, colour="red"), TypeError, "unknown cell-annotation parameters"),
-        (lambda: annotator("cells.csv", labels=LABELS), ValueError, "path of an .h5ad"),
-        (lambda: annotator("missing.h5ad", labels=LABELS), FileNotFoundError, "no .h5ad file"),
+        (lambda: annotator("missing.h5ad", labels=LABELS), FileNotFoundError, "no such file"),
         (lambda: annotator({"LYZ": -1.0}, labels=LABELS), ValueError, "non-negative"),
         (lambda: annotator({"LYZ": "high"}, labels=LABELS), TypeError, "must be a number"),
         (lambda: annotator({"genes": ["LYZ", "NKG7"], "counts": [[1, 2], [3]]}, labels=LABELS), ValueError,
          r"\"counts\"\[1\] has 1 values"),
-        (lambda: annotator({"genes": ["LYZ"], "counts": [[float("nan")]]}, labels=LABELS), ValueError, "not finite"),
+        (lambda: annotator({"genes": ["LYZ"], "counts": [[float("nan")]]}, labels=LABELS), ValueError, "NaN or infinite"),
         (lambda: annotator(np.ones((2, 3)), labels=LABELS), ValueError, "needs gene_names"),
         (lambda: annotator(42, labels=LABELS), TypeError, "cannot read cells from a int"),
         (lambda: annotator(pbmc[:2], labels=LABELS, use_raw=True, batch_size=0), ValueError, "positive integer"),
         (lambda: annotator({"NOT_A_GENE": 1.0}, labels=LABELS), ValueError, "none of the 1 genes"),
-        (lambda: annotator(pbmc[:2], labels=["a", "a"], use_raw=True), ValueError, "distinct"),
+        (lambda: annotator(pbmc[:2], labels=["a", "a"], use_raw=True), ValueError, "duplicates"),
+        (lambda: annotator(anndata.AnnData(pbmc.X[:2], var=pbmc.var), labels=LABELS), ValueError, "scaled / centred"),
     ]
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()
     to_cells = pipeline("text-to-cell", model=model, processor=processor)
-    with pytest.raises(TypeError, match="non-empty list"):
-        to_cells([])
+    for texts in ([], "", ["cell type: B cell.", " "]):
+        with pytest.raises(ValueError, match="non-empty"):
+            to_cells(texts)
+    with pytest.raises(ValueError, match="n_per_text must be a positive integer"):
+        to_cells("cell type: B cell.", n_per_text=0)
     with pytest.raises(ValueError, match="not in the model's vocabulary"):
         to_cells("x", genes=["NOT_A_GENE"])
     stage1 = ScMMGPTModel(tiny_config(processor)).eval()
-    with pytest.raises(ValueError, match="stage-2 model"):
-        CellDescriptionPipeline(model=stage1, processor=processor, task="cell-description")(pbmc[:1], use_raw=True)
+    with pytest.raises(ValueError, match="needs a model that does describe"):
+        CellDescriptionPipeline(model=stage1, processor=processor, task="cell-description")
 
 
-def test_load_cells_accepts_documented_shapes(pbmc):
-    cells, genes, ids = load_cells({"LYZ": 2, "NKG7": 1.5})
-    assert cells.shape == (1, 2) and genes == ["LYZ", "NKG7"] and ids == ["cell_0"]
-    cells, genes, ids = load_cells([{"LYZ": 2}, {"NKG7": 1}])
-    assert cells.toarray().tolist() == [[2.0, 0.0], [0.0, 1.0]] and ids == ["cell_0", "cell_1"]
-    cells, genes, ids = load_cells({"genes": ["LYZ", "NKG7"], "counts": [1, 2]})  # one cell as a flat list
-    assert cells.shape == (1, 2)
-    adata, genes, ids = load_cells(pbmc[:3])
-    assert adata.n_obs == 3 and genes is None and ids == list(pbmc.obs_names[:3])
+def test_read_cells_accepts_documented_shapes(pbmc, processor):
+    tokenizer = processor.feature_extractor
+    cells = read_cells({"LYZ": 2, "NKG7": 1.5}, tokenizer)
+    assert cells.matrix.shape == (1, 2) and cells.gene_names == ["LYZ", "NKG7"] and cells.cell_ids == ["cell_0"]
+    cells = read_cells([{"LYZ": 2}, {"NKG7": 1}], tokenizer)
+    assert cells.matrix.toarray().tolist() == [[2.0, 0.0], [0.0, 1.0]] and cells.cell_ids == ["cell_0", "cell_1"]
+    assert cells.value_kind == "counts" and cells.normalize
+    cells = read_cells({"genes": ["LYZ", "NKG7"], "counts": [1, 2]}, tokenizer)  # one cell as a flat list
+    assert cells.matrix.shape == (1, 2)
+    cells = read_cells(pbmc[:3], tokenizer)  # scaled .X: the log-normalised .raw, and said so
+    assert cells.source == ".raw" and cells.cell_ids == list(pbmc.obs_names[:3]) and not cells.normalize
+    assert "scaled" in cells.decision
 
 
 # ---------------------------------------------------------------------------------------------------- fresh process
-def test_each_pipeline_loads_by_remote_code_in_a_fresh_process(model_dir, model, pbmc, pbmc_path, tmp_path):
-    annotation = model.annotate(pbmc, LABELS, use_raw=True).scores
+def test_each_pipeline_loads_by_remote_code_in_a_fresh_process(model_dir, jobs, pbmc, pbmc_path, tmp_path):
+    annotation = jobs.annotate(pbmc, LABELS, use_raw=True).scores
     dicts = gene_dicts(pbmc[:2])
-    texts = model.describe(pbmc[:2], max_new_tokens=4, cell_kwargs={"use_raw": True})
-    generated = model.generate_cells(TEXTS, n_per_text=2, seed=0, genes=["LYZ", "MS4A1"])
+    texts = jobs.describe(pbmc[:2], max_new_tokens=4, use_raw=True)
+    generated = jobs.generate_cells(TEXTS, n_per_text=2, seed=0, genes=["LYZ", "MS4A1"])
     (tmp_path / "inputs.json").write_text(json.dumps({"dicts": dicts}))
     out = run_fresh_python(
         f"""

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from modeling_scmmgpt.jobs_scmmgpt import ScMMGPTJobs
+
 from .streaming import log_normalized, rows_to_matrix
 
 METRICS_DIR = Path(__file__).parent / "metrics"
@@ -33,11 +35,6 @@ def load_metric(name: str):
     import evaluate
 
     return evaluate.load(str(METRICS_DIR / name))
-
-
-def ontology_name(text: str) -> str:
-    """The cell-type name of a cell text `"cell type: {name}. {definition}"`."""
-    return text.removeprefix("cell type: ").split(". ")[0].rstrip(".")
 
 
 def annotation_scores(references, predictions) -> dict:
@@ -162,36 +159,27 @@ def evaluate_model(model, processor, train: EvalCells, test: EvalCells, label_te
      "pseudo_cells": {name: {knn_accuracy, mean_correlation, expression, labels}}}."""
     pca = fit_pca(train, seed=seed)
     labels = list(label_texts)
-    cell_kwargs = {"gene_names": test.gene_names, "processor": processor, "progress": progress, "normalize": False}
+    jobs = ScMMGPTJobs(model, processor, label_texts, progress=progress, verbose=False)
+    cells = jobs.read(test.matrix, test.gene_names, normalize=False)
     results = {"annotation": {}, "description": {}, "pseudo_cells": {}}
-
-    # the LLM learned ontology names ("CD14-positive monocyte"), not the dataset's labels ("CD14+ Monocyte")
-    names = {label: ontology_name(label_texts[label]) for label in labels}
-    label_of_name = {name: label for label, name in names.items()}
+    # the jobs score the ontology names the LLM learned ("CD14-positive monocyte"), not the dataset's labels
     for method in methods:
-        if method == "retrieval":
-            predicted = model.annotate(test.matrix, labels, method=method,
-                                       label_texts=[label_texts[label] for label in labels], **cell_kwargs).predictions
-        else:
-            by_name = model.annotate(test.matrix, list(label_of_name), method=method, **cell_kwargs).predictions
-            predicted = [label_of_name[name] for name in by_name]
+        predicted = jobs.annotate(cells, labels, method=method).predictions
         results["annotation"][f"scMMGPT ({method})"] = _annotation_row(test, predicted)
     if classifier is not None:
-        results["annotation"]["scMMGPT (fine-tuned)"] = _annotation_row(test, classifier.annotate(
-            test.matrix, gene_names=test.gene_names, progress=progress, normalize=False).predictions)
+        fine_tuned = ScMMGPTJobs(classifier, processor.feature_extractor, progress=progress, verbose=False)
+        results["annotation"]["scMMGPT (fine-tuned)"] = _annotation_row(test, fine_tuned.annotate(cells).predictions)
     for name, predicted in annotation_baselines(train, test, pca).items():
         results["annotation"][name] = _annotation_row(test, predicted)
 
     n = len(test.labels) if describe_cells is None else min(describe_cells, len(test.labels))
     references = test.texts[:n]
-    generated_texts = model.describe(test.matrix[:n], gene_names=test.gene_names, processor=processor,
-                                     progress=progress, cell_kwargs={"normalize": False})
+    generated_texts = jobs.describe(jobs.read(test.matrix[:n], test.gene_names, normalize=False))
     results["description"]["scMMGPT"] = {**description_scores(references, generated_texts), "texts": generated_texts}
     nearest = nearest_cell_descriptions(train, test, pca)[:n]
     results["description"]["nearest training cell"] = {**description_scores(references, nearest), "texts": nearest}
 
-    generated = model.generate_cells([label_texts[t] for t in labels], n_per_text=n_per_type, processor=processor,
-                                     seed=seed)
+    generated = jobs.generate_cells([label_texts[t] for t in labels], n_per_text=n_per_type, seed=seed)
     pseudo_cells = {
         "scMMGPT": (generated.expression, np.repeat(labels, n_per_type)),
         "per-type mean + noise": noisy_mean_cells(train, labels, n_per_type, seed=seed),
