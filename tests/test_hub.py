@@ -10,7 +10,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTModel
+from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTJobs, ScMMGPTModel
 from modeling_scmmgpt.cli import main as cli_main
 from modeling_scmmgpt.hub_cards import (
     REQUIRED_TAGS,
@@ -82,8 +82,8 @@ def test_model_card_metadata_parses_back_equal(saved_model, tmp_path):
     for section in ("## How to load", "## The jobs", "## Pipelines", "## Training data", "## Evaluation",
                     "## Limitations", "## Inference Endpoints"):
         assert section in body
-    for code in ('AutoModelForCausalLM.from_pretrained("org/scmmgpt-tiny", trust_remote_code=True)', "model.annotate(",
-                 "model.describe(", "model.generate_cells(", 'pipeline("text-to-cell"', "BitsAndBytesConfig",
+    for code in ('AutoModelForCausalLM.from_pretrained("org/scmmgpt-tiny", trust_remote_code=True)', "jobs.annotate(",
+                 "jobs.describe(", "jobs.generate_cells(", 'pipeline("text-to-cell"', "BitsAndBytesConfig",
                  "PeftModel.from_pretrained"):
         assert code in body
     assert "| Cell type annotation | PBMC 68k (reduced) | test | accuracy | 0.875 |" in body
@@ -97,7 +97,7 @@ def test_stage1_card_and_card_without_results(processor, tmp_path):
     processor.save_pretrained(tmp_path / "stage1")
     card = render_model_card(tmp_path / "stage1", None, save=False)
     assert card.data.pipeline_tag == "zero-shot-classification" and card.data.eval_results is None
-    assert "model.describe(" not in card.text and "model.annotate(" in card.text
+    assert "jobs.describe(" not in card.text and "jobs.annotate(" in card.text
     assert "AutoModel.from_pretrained" in card.text and "No evaluation results" in card.text
     assert "widget" not in card.data.to_dict()
     validate_card_metadata(card)
@@ -363,7 +363,6 @@ def test_lora_adapter_folder_loads_onto_the_base_model(processor, pbmc, tmp_path
     processor.save_pretrained(base_dir)
 
     model = ScMMGPTForConditionalGeneration.from_pretrained(base_dir)
-    model.processor = processor
     config = LoraConfig(r=4, lora_alpha=8, target_modules=r"language_model\..*\.(q_proj|v_proj)",
                         modules_to_save=["cell_to_text_projector", "text_to_cell_projector", "expression_decoder"])
     tuned = get_peft_model(model.train(), config)
@@ -375,8 +374,9 @@ def test_lora_adapter_folder_loads_onto_the_base_model(processor, pbmc, tmp_path
     def outputs(m):
         with torch.no_grad():
             logits = m(**describe_batch(processor, cells)).logits
-        return (logits, m.annotate(cells, LABELS, method="likelihood", use_raw=True).scores,
-                m.generate_cells(TEXTS, n_per_text=2, seed=0, genes=["LYZ", "MS4A1", "NKG7"]).expression)
+        jobs = ScMMGPTJobs(m, processor, verbose=False)  # a PeftModel reads as the model it wraps
+        return (logits, jobs.annotate(cells, LABELS, method="likelihood", use_raw=True).scores,
+                jobs.generate_cells(TEXTS, n_per_text=2, seed=0, genes=["LYZ", "MS4A1", "NKG7"]).expression)
 
     expected = outputs(tuned)
     tuned.save_pretrained(tmp_path / "adapter")
@@ -385,7 +385,6 @@ def test_lora_adapter_folder_loads_onto_the_base_model(processor, pbmc, tmp_path
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
 
     base = ScMMGPTForConditionalGeneration.from_pretrained(base_dir).eval()
-    base.processor = processor
     untuned = outputs(base)
     reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     got = outputs(reloaded)
@@ -408,16 +407,16 @@ def test_language_model_loads_in_4bit_on_cuda(processor, pbmc, tmp_path):
     processor.save_pretrained(tmp_path / "model")
     model = ScMMGPTForConditionalGeneration.from_pretrained(
         tmp_path / "model", quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map="cuda").eval()
-    model.processor = processor
+    jobs = ScMMGPTJobs(model, processor, verbose=False)
     quantised = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert any(n.startswith("language_model.") for n in quantised)
     assert all(n.startswith("language_model.") for n in quantised), \
         f"only the LLM part is quantised; also got {[n for n in quantised if not n.startswith('language_model.')]}"
     assert model.get_memory_footprint() < full.get_memory_footprint()
-    scores = model.annotate(pbmc[:4], LABELS, method="likelihood", use_raw=True).scores
+    scores = jobs.annotate(pbmc[:4], LABELS, method="likelihood", use_raw=True).scores
     assert scores.shape == (4, len(LABELS)) and np.isfinite(scores).all()
-    assert len(model.describe(pbmc[:2], max_new_tokens=4, cell_kwargs={"use_raw": True})) == 2
-    assert np.isfinite(model.generate_cells(TEXTS, seed=0).expression).all()
+    assert len(jobs.describe(pbmc[:2], max_new_tokens=4, use_raw=True)) == 2
+    assert np.isfinite(jobs.generate_cells(TEXTS, seed=0).expression).all()
 
 
 def test_load_check_catches_incomplete_weights(saved_model, tmp_path):
