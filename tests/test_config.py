@@ -61,3 +61,27 @@ def test_training_settings_are_declared_fields_and_old_folders_load_their_defaul
     (tmp_path / "config.json").write_text(json.dumps(saved))
     reloaded = AutoConfig.from_pretrained(tmp_path)
     assert {name: getattr(reloaded, name) for name in declared} == declared
+
+
+def test_training_argument_defaults_equal_the_config_defaults():
+    """A config section that leaves a model field out builds what `ScMMGPTConfig()` would, field by field."""
+    from dataclasses import fields
+
+    from scmmgpt_train.config import ClassifierArguments, ModelArguments, Stage0CellArguments, Stage1Arguments
+    from scmmgpt_train.stage2 import Stage2Arguments
+
+    model_args, config, cell = ModelArguments(), ScMMGPTConfig(), ScMMGPTCellConfig()
+    # `cell_config` / `qformer_config` are overrides of a preset (None: the preset as is), checked below
+    shared = [f.name for f in fields(ModelArguments) if f.name in config.to_dict() and not f.name.endswith("_config")]
+    assert {"num_query_tokens", "cross_attention_frequency", "embed_dim", "projector_hidden_size",
+            "expression_decoder_hidden_size", "max_text_length"} <= set(shared)
+    for name in shared:
+        assert getattr(model_args, name) == getattr(config, name), name
+    preset = getattr(ScMMGPTCellConfig, model_args.cell_preset)()
+    assert preset.to_dict() == cell.to_dict()
+    assert Stage0CellArguments().mask_ratio == cell.mask_ratio
+    assert ClassifierArguments().dropout == cell.classifier_dropout
+    assert Stage1Arguments().captioning_max_cells == config.captioning_max_cells
+    stage2 = Stage2Arguments()
+    assert (stage2.cell_embed_loss_weight, stage2.expression_loss_weight) == (
+        config.cell_embed_loss_weight, config.expression_loss_weight)

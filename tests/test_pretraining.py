@@ -105,7 +105,7 @@ def test_stage0_beats_random_encoder_on_held_out_cells(pbmc_split, tmp_path):
     start = time.perf_counter()
     model, metrics = pretrain_cell_encoder(
         split["train"], split["test"], tokenizer, config=config, output_dir=str(tmp_path), max_steps=80,
-        max_seconds=None, batch_size=16, logging_steps=20, progress=False,
+        max_seconds=None, per_device_train_batch_size=16, logging_steps=20, progress=False,
     )
     wall = time.perf_counter() - start
     print(f"\nstage 0 ({metrics['train_steps']} steps, {wall:.1f}s): masked-value MSE on {len(split['test'])} held-out "
@@ -126,7 +126,7 @@ def test_small_llm_pretraining_lowers_held_out_perplexity(tmp_path):
     start = time.perf_counter()
     model, tokenizer, metrics = pretrain_small_llm(
         output_dir=str(tmp_path), vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        block_size=64, max_steps=60, max_seconds=None, batch_size=8, logging_steps=20, progress=False,
+        block_size=64, max_steps=60, max_seconds=None, per_device_train_batch_size=8, logging_steps=20, progress=False,
     )
     wall = time.perf_counter() - start
     print(f"\nsmall LLM ({metrics['n_parameters']} parameters, {metrics['train_steps']} steps, {wall:.1f}s): perplexity "

@@ -1,5 +1,5 @@
-"""The training pipeline (`scmmgpt_train.run`): configs parsed with HfArgumentParser / TRL's SFTConfig, every stage on
-the shipped PBMC cells at a few steps, stage caching, the Hub-ready folder, stage-2 LoRA scoping and prompts.
+"""The training pipeline (`scmmgpt_train.config`, `.pipeline`): configs parsed with HfArgumentParser / TRL's SFTConfig,
+every stage on the shipped PBMC cells at a few steps, stage caching, the Hub-ready folder, stage-2 LoRA scoping and prompts.
 
 The full tiny-cpu run (losses falling, k-NN accuracy of generated cells) is `make train-tiny`, and a slow test here."""
 
@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from scmmgpt_train.run import STAGES, load_config, run_pipeline
+from scmmgpt_train.config import STAGES, load_config
+from scmmgpt_train.pipeline import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "train" / "configs" / "tiny-cpu.yaml"

@@ -46,7 +46,8 @@ def run_seed(config_path: str, output_dir: Path, seed: int | None, fresh: bool, 
 
     from .evaluate import EvalCells, evaluate_model, results_table
     from .report import training_steps, write_model_card, write_report
-    from .run import STAGES, load_cells, load_config, run_pipeline
+    from .config import STAGES, load_config
+    from .pipeline import load_cells, run_pipeline
     from .stage1 import label_texts_of
 
     overrides = {} if seed is None else {"pipeline.seed": seed, "data.seed": seed}

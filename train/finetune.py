@@ -14,7 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from .streaming import cell_input_batches, rows_to_cell_inputs
-from .trainers import LossPartsTrainer, TimeLimitCallback, bounded_training_arguments, first_last
+from .trainers import LossPartsTrainer, save_trained, stage_training_arguments, time_guarded, trained_metrics
+
+# `TrainingArguments` defaults of a fine-tuning run (its config section, or the keywords of the function, win)
+CLASSIFIER_TRAINING = dict(max_steps=1000, per_device_train_batch_size=32, learning_rate=3e-3, logging_steps=50,
+                           warmup_steps=0.1, lr_scheduler_type="cosine", weight_decay=0.1)
 
 
 @dataclass
@@ -74,22 +78,23 @@ def classifier_scores(model, rows, cell_tokenizer, label_column: str = "cell_typ
     return annotation_scores([str(label) for label in rows[label_column]], predicted)
 
 
-def finetune_cell_classifier(train_rows, eval_rows, cell_tokenizer, encoder_dir: str, *, output_dir: str,
-                             label_column: str = "cell_type", pooling: str = "expression_mean", dropout: float = 0.1,
-                             max_steps: int = 1000, batch_size: int = 32, learning_rate: float = 3e-3,
-                             seed: int = 0, max_seconds: float | None = None, progress: bool = True,
-                             logging_steps: int = 50, save: bool = True, callbacks=None, **training_args):
+def finetune_cell_classifier(train_rows, eval_rows, cell_tokenizer, encoder_dir: str, *, args=None,
+                             output_dir: str = "classifier", label_column: str = "cell_type",
+                             pooling: str = "expression_mean", dropout: float = 0.1, max_seconds: float | None = None,
+                             progress: bool = True, save: bool = True, callbacks=None, **training_args):
     r"""
     Fine-tune a cell type classifier from the cell encoder in `encoder_dir`.
 
     Args:
         train_rows, eval_rows: built cell rows (`data.build_dataset`) with a `label_column`; `eval_rows` may be None.
         cell_tokenizer: the `ScMMGPTCellTokenizer` of the rows (saved beside the model).
+        args: parsed `TrainingArguments` (the pipeline's); without them, `CLASSIFIER_TRAINING` (weight decay 0.1: the
+            labelled set is usually small) under `training_args` (any `TrainingArguments` field, e.g. `max_steps`,
+            `seed`) with `output_dir` and `progress`. `args.seed` seeds the head's initialisation too.
         pooling, dropout: the head's input (`"expression_mean"`, `"mean"` or `"cls"`, see `ScMMGPTCellForClassification`)
             and its dropout.
-        max_steps, batch_size, learning_rate, seed, logging_steps: the `TrainingArguments` that matter here; any other
-            field passes through `training_args` (weight decay defaults to 0.1: the labelled set is usually small).
         max_seconds: a wall-time guard (warns when it stops training early).
+        callbacks: more `TrainerCallback`s.
 
     Returns:
         `(model, metrics)`: the trained model and `{"train_steps", "first_loss", "last_loss", "train_runtime"}` plus,
@@ -100,30 +105,24 @@ def finetune_cell_classifier(train_rows, eval_rows, cell_tokenizer, encoder_dir:
     labels = sorted({str(label) for label in train_rows[label_column]})
     if len(labels) < 2:
         raise ValueError(f"fine-tuning a classifier needs at least 2 cell types in {label_column!r}, got {labels}")
-    torch.manual_seed(seed)
+    args = stage_training_arguments(args, CLASSIFIER_TRAINING, output_dir, progress, training_args)
+    torch.manual_seed(args.seed)
     model = classifier_from_encoder(encoder_dir, labels, pooling=pooling, dropout=dropout)
     metrics: dict = {}
     if eval_rows is not None:
         metrics.update({f"{k}_before": v for k, v in classifier_scores(model, eval_rows, cell_tokenizer,
                                                                       label_column).items()})
-    args = bounded_training_arguments(output_dir, max_steps, batch_size, learning_rate, seed, progress,
-                                      logging_steps, {"weight_decay": 0.1, "warmup_steps": 0.1, **training_args})
-    guard = [TimeLimitCallback(max_seconds)] if max_seconds else []
     trainer = LossPartsTrainer(model=model, args=args, train_dataset=train_rows,
                                data_collator=CellLabelCollator(cell_tokenizer, model.config.label2id, label_column),
-                               callbacks=guard + list(callbacks or []))
-    result = trainer.train()
-    first, last = first_last(trainer.state.log_history, "loss")
-    metrics.update(train_steps=trainer.state.global_step, train_runtime=result.metrics["train_runtime"],
-                   first_loss=first, last_loss=last)
+                               callbacks=time_guarded(max_seconds, callbacks))
+    metrics.update(trained_metrics(trainer, trainer.train()))
     if eval_rows is not None:
         metrics.update(classifier_scores(model, eval_rows, cell_tokenizer, label_column))
     if save:
-        trainer.save_model(output_dir)
-        cell_tokenizer.save_pretrained(output_dir)
-        trainer.save_state()
-        trainer.save_metrics("classifier", {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        save_trained(trainer, cell_tokenizer, "classifier",
+                     {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     return model, metrics
 
 
-__all__ = ["CellLabelCollator", "classifier_from_encoder", "classifier_scores", "finetune_cell_classifier"]
+__all__ = ["CLASSIFIER_TRAINING", "CellLabelCollator", "classifier_from_encoder", "classifier_scores",
+           "finetune_cell_classifier"]

