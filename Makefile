@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU build of torch where no GPU is present (a CUDA build is several GB); users with GPUs keep their own build
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow test-gpu train-tiny eval bench clean
+.PHONY: setup demo test test-slow test-gpu train-tiny eval bench bench-jobs clean
 
 setup: $(STAMP)
 
@@ -45,3 +45,7 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) demo_output eval_output build *.egg-info
+
+# peak memory of `scmmgpt embed` / `annotate` on 20k and 200k cells (backed input; ~20 min on 2 cores)
+bench-jobs: setup
+	mkdir -p benchmarks/results && HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_jobs_scale.py --sizes 20000 200000 --json benchmarks/results/jobs_scale.json

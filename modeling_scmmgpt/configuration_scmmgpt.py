@@ -108,7 +108,8 @@ class ScMMGPTConfig(PreTrainedConfig):
         embed_dim: width of the shared cell–text space of the contrastive / matching heads.
         projector_hidden_size: hidden width of the cell→text and text→cell MLP projectors.
         expression_decoder_hidden_size: width of the expression decoder.
-        temperature: initial softmax temperature of the contrastive loss (learned).
+        contrastive_temperature: initial softmax temperature of the contrastive loss (learned); named apart from
+            generation's sampling `temperature` (folders saved with the old name `temperature` load into it).
         max_text_length: longest text the Q-Former reads (stage 1).
         captioning_max_cells: stage 1 captions only the first this many cells of each batch (None: all; 0: no
             captioning loss), a compute budget for small models whose step is dominated by the BERT-vocabulary LM head.
@@ -132,7 +133,7 @@ class ScMMGPTConfig(PreTrainedConfig):
     embed_dim: int = 256
     projector_hidden_size: int = 256
     expression_decoder_hidden_size: int = 256
-    temperature: float = 0.07
+    contrastive_temperature: float = 0.07
     max_text_length: int = 128
     captioning_max_cells: int | None = None
     cell_embed_loss_weight: float = 1.0
@@ -144,6 +145,8 @@ class ScMMGPTConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if "temperature" in kwargs:  # the contrastive temperature's old name, in folders saved before the rename
+            self.contrastive_temperature = kwargs.pop("temperature")
         super().__post_init__(**kwargs)
         self.qformer_config.encoder_hidden_size = self.cell_config.hidden_size
         if self.cross_attention_frequency < 1:

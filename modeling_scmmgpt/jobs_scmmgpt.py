@@ -330,8 +330,8 @@ class ScMMGPTJobs:
 
     def _text_features(self, texts: list[str]) -> torch.Tensor:
         encoded = self.processor.qformer_text(texts, max_length=self.model.config.max_text_length)
-        return self.model.get_text_features(encoded["input_ids"].to(self.model.device),
-                                            encoded["attention_mask"].to(self.model.device))
+        return self.model.get_text_features(encoded["qformer_input_ids"].to(self.model.device),
+                                            encoded["qformer_attention_mask"].to(self.model.device))
 
     def _label_log_likelihoods(self, batch, names: list[str]) -> torch.Tensor:
         """(cells, labels) mean token log-probability of each name continuing the annotation prompt; each cell's soft

@@ -72,7 +72,7 @@ class ScMMGPTPreTrainedModel(SafeSerializationMixin, PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, ScMMGPTModel):
             init.normal_(module.query_tokens, mean=0.0, std=self.config.initializer_range)
-            init.constant_(module.logit_scale, float(torch.tensor(1.0 / self.config.temperature).log()))
+            init.constant_(module.logit_scale, float(torch.tensor(1.0 / self.config.contrastive_temperature).log()))
 
 
 def _mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
@@ -84,7 +84,8 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
     Stage 1: cell encoder + Q-Former + projection heads, trained with cell–text contrastive, matching and captioning.
 
     Cell inputs (`ScMMGPTCellTokenizer`): `gene_ids`, `expression_values`, `cell_attention_mask` (batch, genes + 1).
-    Text inputs (the Q-Former's BERT tokenizer): `input_ids`, `attention_mask` (batch, tokens).
+    Text inputs (the Q-Former's BERT tokenizer, `processor.qformer_text`): `qformer_input_ids`,
+    `qformer_attention_mask` (batch, tokens), named apart from the LLM's `input_ids` as in InstructBLIP.
     """
 
     def __init__(self, config: ScMMGPTConfig):
@@ -152,9 +153,11 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
     def _cell_features(self, queries) -> torch.Tensor:
         return F.normalize(self.cell_projection(queries.mean(1)), dim=-1)
 
-    def get_text_features(self, input_ids, attention_mask=None) -> torch.Tensor:
-        """Normalised text features (the Q-Former's mean text output), (batch, embed_dim)."""
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    def get_text_features(self, qformer_input_ids, qformer_attention_mask=None) -> torch.Tensor:
+        """Normalised text features (the Q-Former's mean text output), (batch, embed_dim), of text tokenised by the
+        Q-Former's own tokenizer (`processor.qformer_text`)."""
+        input_ids = qformer_input_ids
+        attention_mask = torch.ones_like(input_ids) if qformer_attention_mask is None else qformer_attention_mask
         self._check_text_ids(input_ids)
         hidden = self.qformer(self.qformer.embeddings(input_ids), attention_mask.bool()[:, None, None, :], 0)
         # mean over the text's tokens (all-MiniLM-L6-v2, the default Q-Former, is trained for mean pooling)
@@ -229,19 +232,21 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         gene_ids: torch.LongTensor,
         expression_values: torch.Tensor,
         cell_attention_mask: torch.Tensor | None = None,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
         return_loss: bool = True,
         **kwargs,
     ) -> ScMMGPTModelOutput:
         cell_attention_mask = torch.ones_like(gene_ids) if cell_attention_mask is None else cell_attention_mask
         gene_states, queries = self._encode_cells(gene_ids, expression_values, cell_attention_mask)
         cell_embeds = self._cell_features(self._read_cells(gene_states, queries, cell_attention_mask))
-        if input_ids is None:
+        if qformer_input_ids is None:
             return ScMMGPTModelOutput(cell_embeds=cell_embeds)
+        input_ids, attention_mask = qformer_input_ids, qformer_attention_mask
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         text_embeds = self.get_text_features(input_ids, attention_mask)
-        same = (input_ids.masked_fill(attention_mask == 0, -1)[:, None] == input_ids.masked_fill(attention_mask == 0, -1)[None]).all(-1)
+        padded = input_ids.masked_fill(attention_mask == 0, -1)
+        same = (padded[:, None] == padded[None]).all(-1)
         contrastive, logits = self._contrastive_loss(cell_embeds, text_embeds, same)
         if not return_loss:
             return ScMMGPTModelOutput(logits_per_cell=logits, cell_embeds=cell_embeds, text_embeds=text_embeds)
@@ -301,9 +306,6 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
         if language_model is not None:  # set after post_init so that pre-trained LLM weights are not re-initialised
             self.language_model = language_model
             self.config.text_config = language_model.config
-        if self.generation_config is not None and self.generation_config.temperature == config.temperature:
-            # `temperature` of the config is the contrastive one (0.07), not a sampling temperature for text
-            self.generation_config.temperature = None
         self._suppress_cell_tokens_in_text()
 
     # with a bitsandbytes config, only the LLM's linear layers are quantised: the cell side is small and precise
@@ -369,9 +371,9 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
         """Normalised cell features in the shared cell–text space, (batch, embed_dim) (the stage-1 part's)."""
         return self.scmmgpt.get_cell_features(gene_ids, expression_values, cell_attention_mask)
 
-    def get_text_features(self, input_ids, attention_mask=None) -> torch.Tensor:
+    def get_text_features(self, qformer_input_ids, qformer_attention_mask=None) -> torch.Tensor:
         """Normalised text features of Q-Former-tokenised text, (batch, embed_dim) (the stage-1 part's)."""
-        return self.scmmgpt.get_text_features(input_ids, attention_mask)
+        return self.scmmgpt.get_text_features(qformer_input_ids, qformer_attention_mask)
 
     def get_cell_soft_tokens(self, gene_ids, expression_values, cell_attention_mask=None) -> torch.Tensor:
         """Cells → LLM input embeddings of their slots, (cells, num_query_tokens, llm_hidden)."""

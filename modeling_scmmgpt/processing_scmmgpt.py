@@ -49,10 +49,11 @@ class ScMMGPTProcessor(ProcessorMixin):
         self._add_cell_tokens()
 
     def qformer_text(self, text: str | list[str], return_tensors: str | None = "pt", max_length: int = 128):
-        """Tokenise text for the Q-Former (label texts, stage-1 captions): `input_ids`, `attention_mask`."""
+        """Tokenise text for the Q-Former (label texts, stage-1 captions): `qformer_input_ids`,
+        `qformer_attention_mask`, the stage-1 model's text arguments."""
         encoded = self.qformer_tokenizer(text, padding=True, truncation=True, max_length=max_length,
                                          return_tensors=return_tensors)
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        return {"qformer_input_ids": encoded["input_ids"], "qformer_attention_mask": encoded["attention_mask"]}
 
     def _add_cell_tokens(self):
         tokens = cell_slot_tokens(self.num_query_tokens)

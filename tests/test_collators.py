@@ -12,7 +12,7 @@ from scmmgpt_train.collators import IGNORE_INDEX, Stage1Collator, Stage2Collator
 from scmmgpt_train.data import build_dataset
 from scmmgpt_train.streaming import rows_to_matrix
 
-STAGE1_KEYS = {"gene_ids", "expression_values", "cell_attention_mask", "input_ids", "attention_mask"}
+STAGE1_KEYS = {"gene_ids", "expression_values", "cell_attention_mask", "qformer_input_ids", "qformer_attention_mask"}
 STAGE2_KEYS = {
     "input_ids", "attention_mask", "labels", "gene_ids", "expression_values", "cell_attention_mask",
     "target_gene_ids", "target_expression_values", "target_cell_attention_mask",
@@ -55,8 +55,8 @@ def test_stage1_cells_match_tokenising_the_original_file(built, rows, pbmc, mini
     assert torch.equal(batch["cell_attention_mask"], expected["attention_mask"])
     text = minilm_tokenizer([r["text"] for r in rows], padding="longest", truncation=True, max_length=24,
                             return_tensors="pt")
-    assert batch["input_ids"].shape == (8, 24) and torch.equal(batch["input_ids"], text["input_ids"])
-    assert torch.equal(batch["attention_mask"], text["attention_mask"])
+    assert batch["qformer_input_ids"].shape == (8, 24) and torch.equal(batch["qformer_input_ids"], text["input_ids"])
+    assert torch.equal(batch["qformer_attention_mask"], text["attention_mask"])
 
 
 def test_stage1_normalises_count_rows(minilm_tokenizer):

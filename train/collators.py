@@ -36,7 +36,7 @@ class Stage1Collator:
 
     Returns (torch tensors):
         `gene_ids`, `expression_values`, `cell_attention_mask`: B × L_cell;
-        `input_ids`, `attention_mask`: B × L_text (padded to the longest text).
+        `qformer_input_ids`, `qformer_attention_mask`: B × L_text (padded to the longest text), the Q-Former's text.
     """
 
     cell_tokenizer: object
@@ -52,7 +52,7 @@ class Stage1Collator:
             [r[self.text_column] for r in rows], padding="longest", truncation=True,
             max_length=self.max_text_length, return_tensors="pt",
         )
-        batch["input_ids"], batch["attention_mask"] = text["input_ids"], text["attention_mask"]
+        batch["qformer_input_ids"], batch["qformer_attention_mask"] = text["input_ids"], text["attention_mask"]
         return batch
 
 
