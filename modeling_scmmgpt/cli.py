@@ -11,7 +11,7 @@ COMMANDS = {
     "embed": ("modeling_scmmgpt.cli_jobs", "embed_main", "cell embeddings of an .h5ad"),
     "describe": ("modeling_scmmgpt.cli_jobs", "describe_main", "written descriptions of the cells of an .h5ad"),
     "generate": ("modeling_scmmgpt.cli_jobs", "generate_main", "pseudo-cells from a text prompt"),
-    "build-dataset": ("scmmgpt_train.data", "build_dataset_main", "turn .h5ad files into a text-paired HF dataset"),
+    "build-dataset": ("scmmgpt_train.build_cli", "build_dataset_main", "turn .h5ad files into a text-paired HF dataset"),
     "train": ("scmmgpt_train.run", "main", "train every stage from a YAML config (train/configs/*.yaml)"),
     "convert-scgpt": ("modeling_scmmgpt.convert_scgpt", "main", "convert a scGPT model folder into a from_pretrained folder"),
     "push": ("modeling_scmmgpt.hub_push", "push_main", "check a saved model folder and upload it to the Hub (--dry-run lists it)"),

@@ -13,10 +13,10 @@ import pytest
 from scipy import sparse
 
 from modeling_scmmgpt.feature_extraction_scmmgpt import ScMMGPTCellTokenizer
+from scmmgpt_train.build_cli import build_dataset_main
 from scmmgpt_train.data import (
     DataError,
     build_dataset,
-    build_dataset_main,
     load_cell_tokenizer,
     load_dataset_dir,
     read_build_info,
@@ -144,7 +144,7 @@ def test_no_usable_label_column_names_the_file(tmp_path):
     ad = counts_adata()
     del ad.obs["cell_type"]
     path = write_h5ad(ad, tmp_path / "nolabel.h5ad")
-    with pytest.raises(DataError, match=r"nolabel\.h5ad: no usable cell-type label column"):
+    with pytest.raises(DataError, match=r"label_column is needed: .*nolabel\.h5ad has no usable cell-type label"):
         build_dataset(path)
     ad.obs["cell_type"] = "unknown"
     with pytest.raises(DataError, match=r"column 'cell_type' holds no labels"):
@@ -225,6 +225,50 @@ def test_cli_writes_shards_report_and_tokenizer(tmp_path, pbmc_path):
     assert len(test) == 70 and set(test["split"]) == {"test"}
 
 
+def _cli_error(capsys, argv) -> str:
+    """The one stderr line of a failed `scmmgpt build-dataset` (exit status 2, no traceback)."""
+    try:
+        status = build_dataset_main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        status = exit_.code
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("scmmgpt build-dataset: error: "), err
+    return lines[0].removeprefix("scmmgpt build-dataset: error: ")
+
+
+def test_cli_errors_are_one_line_naming_the_flag(tmp_path, capsys):
+    path = write_h5ad(counts_adata(), tmp_path / "cells.h5ad")
+    out = str(tmp_path / "out")
+    assert _cli_error(capsys, [str(tmp_path / "missing.h5ad"), "-o", out]).endswith("missing.h5ad: no such file")
+    line = _cli_error(capsys, [path, "-o", out, "--label-column", "x"])
+    assert line.startswith("--label-column 'x' is not a column of obs in") and "'cell_type'" in line
+    assert _cli_error(capsys, [path, "-o", out, "--gene-column", "symbol"]).startswith(
+        "--gene-column 'symbol' is not a column of var")
+    assert _cli_error(capsys, [path, "-o", out, "--split-by", "cell", "--held-out-cell-types", "Martian cell"]) == (
+        "--held-out-cell-types ['martian cell'] match no cell (by label, CL id or CL name)")
+    assert _cli_error(capsys, [path, "-o", out, "--split-by", "cell", "--test-size", "2"]) == (
+        "--test-size must be in (0, 1), got 2.0")
+    assert _cli_error(capsys, [path, "-o", out, "--split-by", "donor"]).startswith("--split-by 'donor' cannot split")
+    line = _cli_error(capsys, [path, "-o", out, "--vocab", str(tmp_path / "nowhere")])
+    assert line.startswith("--vocab '") and line.endswith("is not a folder (a saved cell tokenizer)")
+    label_map = str(tmp_path / "map.json")
+    assert _cli_error(capsys, [path, "-o", out, "--label-map", label_map]).endswith("no such file")
+    (tmp_path / "map.json").write_text("[1, 2]")
+    assert "must hold one JSON object" in _cli_error(capsys, [path, "-o", out, "--label-map", label_map])
+    assert _cli_error(capsys, [path, "-o", out, "--cells-per-shard", "0"]) == (
+        "argument --cells-per-shard: must be a positive integer, got 0")
+    martian = write_h5ad(counts_adata(labels=("B cell", "Martian cell")), tmp_path / "martian.h5ad")
+    line = _cli_error(capsys, [martian, "-o", out])
+    assert "'Martian cell' (30 cells)" in line and "--label-map FILE" in line and "--keep-unmapped" in line
+    assert not os.path.exists(out)  # nothing written by any of them
+    os.makedirs(out)
+    (tmp_path / "out" / "kept.txt").write_text("")
+    assert _cli_error(capsys, [path, "-o", out]).endswith("exists and is not empty; pass --overwrite to replace it")
+    assert _cli_error(capsys, [path, "-o", path]).endswith("is a file, not a folder")
+
+
 # ---------------------------------------------------------------------------------------------------- streaming
 @pytest.fixture(scope="module")
 def pbmc_dir(tmp_path_factory, pbmc_path):
@@ -274,9 +318,9 @@ def test_split_by_cell_and_held_out_cell_types(built):
     assert set(parts["heldout"]["cell_type"]) == {"CD56+ NK", "Dendritic"} and len(parts["heldout"]) == 31 + 240
     assert not {"CD56+ NK", "Dendritic"} & (set(parts["train"]["cell_type"]) | set(parts["test"]["cell_type"]))
     assert len(parts["test"]) == round(0.2 * (700 - 271))
-    with pytest.raises(ValueError, match="cannot split by donor"):
+    with pytest.raises(ValueError, match="split_by 'donor' cannot split these cells"):
         split_dataset(ds, by="donor")
-    with pytest.raises(ValueError, match="match no cell"):
+    with pytest.raises(ValueError, match=r"held_out_cell_types \['martian cell'\] match no cell"):
         split_dataset(ds, by="cell", held_out_cell_types=["Martian cell"])
 
 

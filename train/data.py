@@ -11,12 +11,11 @@ chunks into parquet shards in a temporary folder beside the output and renames i
 `stream_dataset` (in `streaming.py`) reads the shards lazily for training.
 
 Entry points: `build_dataset` (→ `datasets.Dataset` / `DatasetDict`), `write_dataset` (→ shard folder),
-`load_dataset_dir`, `split_dataset`, `build_dataset_main` (the `scmmgpt build-dataset` command).
+`load_dataset_dir`, `split_dataset`; the `scmmgpt build-dataset` command is `build_cli.build_dataset_main`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ import numpy as np
 from scipy import sparse
 
 from .ontology import CONTEXT_COLUMNS, CellOntology, LabelMapping, cell_text, is_missing, load_cell_ontology
-from .sources import COUNTS, LOG_NORMALIZED, CellSource, DataError, open_source
+from .sources import COUNTS, LOG_NORMALIZED, CellSource, DataError, OptionError, open_source
 from .splits import assign_splits
 
 # obs columns tried, in order, when no label column is given; a CL-id column beats a free-text one
@@ -104,13 +103,25 @@ def resolve_cell_tokenizer(tokenizer, sources: list[CellSource] | None = None):
     if isinstance(tokenizer, ScMMGPTCellTokenizer):
         return tokenizer
     if isinstance(tokenizer, (str, os.PathLike)):
-        return ScMMGPTCellTokenizer.from_pretrained(os.fspath(tokenizer))
+        return _saved_cell_tokenizer(os.fspath(tokenizer))
     if tokenizer is not None:
         return ScMMGPTCellTokenizer(gene_names=list(tokenizer))
     genes: dict[str, None] = {}
     for source in sources or []:
         genes.update(dict.fromkeys(source.var["index"]))
     return ScMMGPTCellTokenizer(gene_names=list(genes))
+
+
+def _saved_cell_tokenizer(folder: str):
+    from modeling_scmmgpt.feature_extraction_scmmgpt import ScMMGPTCellTokenizer
+
+    if not os.path.isdir(folder):
+        raise OptionError("tokenizer", f"{folder!r} is not a folder (a saved cell tokenizer)")
+    try:
+        return ScMMGPTCellTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OptionError("tokenizer", f"{folder!r} holds no readable cell tokenizer ({first_line})") from err
 
 
 def gene_columns_to_vocab(source: CellSource, tokenizer, gene_column: str | None = None) -> np.ndarray:
@@ -120,7 +131,8 @@ def gene_columns_to_vocab(source: CellSource, tokenizer, gene_column: str | None
         DataError: duplicated gene names, two genes mapping to one vocabulary entry, or no gene in the vocabulary.
     """
     if gene_column is not None and gene_column not in source.var:
-        raise DataError(f"{source.name}: var has no gene column {gene_column!r} (has {sorted(source.var)})")
+        raise OptionError("gene_column", f"{gene_column!r} is not a column of var in {source.name} (columns: "
+                                         f"{sorted(source.var)})")
     candidates = [gene_column] if gene_column else list(source.var)
     mapped = {c: tokenizer.convert_genes_to_ids(source.var[c]) for c in candidates}
     best = max(candidates, key=lambda c: int((mapped[c] >= 0).sum()))
@@ -148,7 +160,8 @@ def gene_columns_to_vocab(source: CellSource, tokenizer, gene_column: str | None
 def _first_present(source: CellSource, wanted: str | None, candidates, what: str) -> str | None:
     if wanted is not None:
         if wanted not in source.obs_columns:
-            raise DataError(f"{source.name}: obs has no {what} column {wanted!r} (columns: {source.obs_columns})")
+            raise OptionError(f"{what}_column", f"{wanted!r} is not a column of obs in {source.name} (columns: "
+                                                f"{source.obs_columns})")
         return wanted
     return next((c for c in candidates if c in source.obs_columns), None)
 
@@ -182,13 +195,13 @@ def read_metadata(source: CellSource, options: BuildOptions, ontology: CellOntol
     labels = _string_column(source.obs(column)) if column else None
     if labels is None or not any(labels):
         found = f"column {column!r} holds no labels" if column else f"none of {list(LABEL_COLUMNS)} is present"
-        raise DataError(f"{source.name}: no usable cell-type label column ({found}; obs columns: "
-                        f"{source.obs_columns}); pass label_column=")
+        raise OptionError("label_column", f"is needed: {source.name} has no usable cell-type label column ({found}; "
+                                          f"obs columns: {source.obs_columns})")
     mapping = ontology.map_labels(labels, options.label_map)
     if options.on_unmapped == "error":
         mapping.raise_if_unmapped(f"{source.name} (obs[{column!r}])")
     elif options.on_unmapped != "label_only":
-        raise ValueError(f"on_unmapped must be 'error' or 'label_only', got {options.on_unmapped!r}")
+        raise OptionError("on_unmapped", f"must be 'error' or 'label_only', got {options.on_unmapped!r}")
     context = {c: _string_column(source.obs(c)) for c in CONTEXT_COLUMNS if c in source.obs_columns}
     texts, cache = np.empty(len(labels), dtype=object), {}
     for i, label in enumerate(labels):
@@ -376,7 +389,7 @@ def write_dataset(inputs, out_dir, tokenizer=None, *, cells_per_shard: int = 100
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
     plan = plan_build(inputs, tokenizer, BuildOptions(**options), ontology)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     writers: dict[str, tuple] = {}  # split → (writer, shard index, rows in shard)
@@ -464,50 +477,12 @@ def load_cell_tokenizer(out_dir):
     return ScMMGPTCellTokenizer.from_pretrained(str(Path(out_dir) / TOKENIZER_DIR))
 
 
-# ---------------------------------------------------------------------------------------------------- CLI
-def build_dataset_main(argv: list[str] | None = None) -> int:
-    """`scmmgpt build-dataset IN.h5ad... -o OUT_DIR`: write parquet shards, the build report and the tokenizer."""
-    parser = argparse.ArgumentParser(prog="scmmgpt build-dataset", description=build_dataset_main.__doc__)
-    parser.add_argument("inputs", nargs="+", help=".h5ad files (concatenated)")
-    parser.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
-    parser.add_argument("--vocab", help="a saved cell tokenizer folder (the model's gene vocabulary); "
-                        "default: the union of the inputs' genes")
-    parser.add_argument("--label-column", help=f"obs column of cell-type labels (default: first of {LABEL_COLUMNS})")
-    parser.add_argument("--label-map", help="JSON file of extra {label: CL id} entries")
-    parser.add_argument("--keep-unmapped", action="store_true",
-                        help="keep cells whose label maps to no CL term (label-only text) instead of failing")
-    parser.add_argument("--require-counts", action="store_true", help="fail unless raw counts are found")
-    parser.add_argument("--gene-column", help="var column of gene names (default: index or feature_name)")
-    parser.add_argument("--split-by", choices=["cell", "donor", "dataset", "auto"], help="make a test split")
-    parser.add_argument("--test-size", type=float, default=0.1)
-    parser.add_argument("--held-out-cell-types", nargs="*", default=[], help="labels / CL ids / names held out")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cells-per-shard", type=int, default=100_000)
-    parser.add_argument("--chunk-cells", type=int, default=CHUNK_CELLS)
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    label_map = json.loads(Path(args.label_map).read_text()) if args.label_map else None
-    info = write_dataset(
-        args.inputs, args.output, args.vocab, cells_per_shard=args.cells_per_shard, overwrite=args.overwrite,
-        label_column=args.label_column, label_map=label_map, gene_column=args.gene_column,
-        on_unmapped="label_only" if args.keep_unmapped else "error",
-        value_kind=COUNTS if args.require_counts else "auto", chunk_cells=args.chunk_cells,
-        split_by=args.split_by, test_size=args.test_size, seed=args.seed,
-        held_out_cell_types=args.held_out_cell_types,
-    )
-    print(f"wrote {info['n_cells']} cells to {args.output}: splits {info['splits']}, values {info['value_kinds']}")
-    if info["unmapped_labels"]:
-        print(f"labels without a CL term (kept with label-only text): {info['unmapped_labels']}")
-    return 0
-
-
 __all__ = [
     "BuildOptions",
     "COUNTS",
     "LOG_NORMALIZED",
     "DataError",
     "build_dataset",
-    "build_dataset_main",
     "cell_features",
     "load_cell_tokenizer",
     "load_dataset_dir",

@@ -45,7 +45,13 @@ _CL_ID = re.compile(r"^CL[:_]\d{7}$", re.IGNORECASE)
 
 
 class UnmappedLabelsError(ValueError):
-    """Raised when cell-type labels map to no Cell Ontology term."""
+    """Raised when cell-type labels map to no Cell Ontology term. `summary` names the source and the labels; the message
+    adds the API's two ways out (`scmmgpt build-dataset` names its flags instead)."""
+
+    def __init__(self, summary: str):
+        self.summary = summary
+        super().__init__(f"{summary}. Pass `label_map={{label: 'CL:…'}}` for them, or `on_unmapped='label_only'` to "
+                         "keep them with label-only text.")
 
 
 @dataclass(frozen=True)
@@ -76,10 +82,7 @@ class LabelMapping:
         if self.unmapped:
             listed = ", ".join(f"{label!r} ({n} cells)" for label, n in sorted(self.unmapped.items()))
             raise UnmappedLabelsError(
-                f"{source}: {len(self.unmapped)} cell-type labels map to no Cell Ontology term: {listed}. "
-                "Pass `label_map={label: 'CL:…'}` for them, or `on_unmapped='label_only'` to keep them with "
-                "label-only text."
-            )
+                f"{source}: {len(self.unmapped)} cell-type labels map to no Cell Ontology term: {listed}")
 
     def to_dict(self) -> dict:
         return {"mapped": {label: term.id for label, term in self.terms.items()}, "unmapped": dict(self.unmapped)}

@@ -31,6 +31,16 @@ class DataError(ValueError):
     """A problem with an input file or its contents; the message names the file."""
 
 
+class OptionError(DataError):
+    """A bad value of one build option: `option` (its keyword name, e.g. `label_column`) and `problem`, the words that
+    follow its name. The message reads `label_column 'x' is not a column of obs ...`; `scmmgpt build-dataset` puts the
+    flag (`--label-column`) in its place."""
+
+    def __init__(self, option: str, problem: str):
+        self.option, self.problem = option, problem
+        super().__init__(f"{option} {problem}")
+
+
 @dataclass
 class CellSource:
     """One input's cells: metadata up front, the expression matrix in chunks.
@@ -83,7 +93,7 @@ class CellSource:
     def choose_matrix(self, value_kind: str = "auto"):
         """Pick the matrix to read (see the module docstring) and set `matrix_name`, `value_kind`, `var`."""
         if value_kind not in VALUE_KINDS:
-            raise ValueError(f"value_kind must be one of {VALUE_KINDS}, got {value_kind!r}")
+            raise OptionError("value_kind", f"must be one of {VALUE_KINDS}, got {value_kind!r}")
         if not self._matrices:
             raise DataError(f"{self.name}: has no expression matrix (X)")
         found = {name: self._inspect(name) for name in ("layers/counts", "raw/X", "X") if name in self._matrices}
@@ -267,4 +277,4 @@ def open_source(item, index: int = 0, value_kind: str = "auto") -> CellSource:
     return source
 
 
-__all__ = ["COUNTS", "LOG_NORMALIZED", "CellSource", "DataError", "open_source"]
+__all__ = ["COUNTS", "LOG_NORMALIZED", "CellSource", "DataError", "OptionError", "open_source"]

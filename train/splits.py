@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .sources import OptionError
+
 SPLIT_BY = (None, "cell", "donor", "dataset", "auto")
 
 
@@ -20,7 +22,7 @@ def _held_out_mask(cell_types: np.ndarray, held_out: list[str]) -> np.ndarray:
     mask = np.isin(lowered, list(wanted)).any(axis=1)
     unmatched = sorted(w for w in wanted if not np.isin(lowered, [w]).any())
     if unmatched:
-        raise ValueError(f"held-out cell types match no cell: {unmatched}")
+        raise OptionError("held_out_cell_types", f"{unmatched} match no cell (by label, CL id or CL name)")
     return mask
 
 
@@ -28,10 +30,12 @@ def _group_test_mask(groups: np.ndarray, candidates: np.ndarray, test_size: floa
     """Whole groups (donors / datasets) go to test, in a seeded order, until `test_size` of the cells is reached."""
     names = groups[candidates]
     if (names == "").any():
-        raise ValueError(f"cannot split by {what}: {int((names == '').sum())} cells have no {what} id")
+        raise OptionError("split_by", f"{what!r} cannot split these cells: {int((names == '').sum())} cells have no "
+                          f"{what} id")
     unique, counts = np.unique(names.astype(str), return_counts=True)
     if len(unique) < 2:
-        raise ValueError(f"cannot split by {what}: the cells come from {len(unique)} {what}(s); need at least 2")
+        raise OptionError("split_by", f"{what!r} cannot split these cells: they come from {len(unique)} {what}(s); "
+                          "need at least 2")
     order = rng.permutation(len(unique))
     target, taken, test_groups = test_size * candidates.sum(), 0, []
     for g in order[:-1]:  # the last group always stays in train
@@ -59,9 +63,9 @@ def assign_splits(cell_ids, donors, datasets, cell_types, by: str | None = None,
         object array of length n.
     """
     if by not in SPLIT_BY:
-        raise ValueError(f"split by must be one of {SPLIT_BY}, got {by!r}")
+        raise OptionError("split_by", f"must be one of {SPLIT_BY}, got {by!r}")
     if not 0.0 < test_size < 1.0 and by is not None:
-        raise ValueError(f"test_size must be in (0, 1), got {test_size}")
+        raise OptionError("test_size", f"must be in (0, 1), got {test_size}")
     donors, datasets = np.asarray(donors, dtype=object), np.asarray(datasets, dtype=object)
     out = np.full(len(cell_ids), "train", dtype=object)
     held = _held_out_mask(np.asarray(cell_types, dtype=object), list(held_out_cell_types))
