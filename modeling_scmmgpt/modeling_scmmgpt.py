@@ -67,6 +67,9 @@ class ScMMGPTPreTrainedModel(SafeSerializationMixin, PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["CellEncoderLayer", "QFormerLayer"]
+    # the losses are per-batch means (LM, MSEs, contrastive), never sums over `num_items_in_batch`: Trainer must divide
+    # them by the gradient-accumulation steps itself (a forward with **kwargs would otherwise read as doing it)
+    accepts_loss_kwargs = False
 
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -115,7 +115,7 @@ def test_cli_annotates_with_a_classifier_folder(trained, pbmc, tmp_path, capsys)
         warnings.simplefilter("ignore")
         result = anndata.read_h5ad(out)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    assert list(result.uns["scmmgpt_cell_type_labels"]) == labels
+    assert list(result.uns["scmmgpt"]["labels"]) == labels and result.uns["scmmgpt"]["method"] == "classifier"
     scores = result.obsm["scmmgpt_cell_type_scores"]
     assert scores.shape == (30, len(labels)) and np.allclose(scores.sum(1), 1.0, atol=1e-5)
     assert list(result.obs["scmmgpt_cell_type"]) == [labels[i] for i in scores.argmax(1)]
@@ -125,4 +125,4 @@ def test_cli_annotates_with_a_classifier_folder(trained, pbmc, tmp_path, capsys)
     assert main(["annotate", str(folder), str(path), "-o", str(out), "--labels", "B"]) == 2
     assert "fixed labels" in capsys.readouterr().err
     assert main(["describe", str(folder), str(path), "-o", str(out)]) == 2
-    assert "only annotates" in capsys.readouterr().err
+    assert "needs a stage2 model; this is a classifier model" in capsys.readouterr().err

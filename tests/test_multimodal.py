@@ -293,3 +293,13 @@ def test_lora_trains_only_adapters_and_projectors(processor, cells):
     changed = {n for n, p in peft_model.named_parameters() if not torch.equal(before[n], p.detach())}
     assert any("lora_B" in n for n in changed) and any("cell_to_text_projector" in n for n in changed)
     assert changed <= trainable
+
+
+def test_trainer_scales_the_loss_for_gradient_accumulation(processor, tmp_path):
+    """The models' losses are batch means: with gradient accumulation Trainer must divide them itself."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=4, report_to=[], use_cpu=True)
+    for model in (make_generator(processor),
+                  ScMMGPTModel(tiny_config(len(processor.feature_extractor), len(processor.qformer_tokenizer)))):
+        assert Trainer(model=model, args=args).model_accepts_loss_kwargs is False

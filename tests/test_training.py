@@ -75,7 +75,7 @@ def test_accelerate_configs_are_valid_and_documented():
 
 
 def test_pipeline_runs_every_stage_caches_and_saves_a_hub_folder(tmp_path):
-    from modeling_scmmgpt import ScMMGPTForConditionalGeneration
+    from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTJobs
 
     out = tmp_path / "run"
     result = run_pipeline(few_steps(), out, progress=False)
@@ -97,7 +97,8 @@ def test_pipeline_runs_every_stage_caches_and_saves_a_hub_folder(tmp_path):
 
     model_dir = Path(result["model_dir"])
     names = {p.name for p in model_dir.iterdir()}
-    assert {"config.json", "model.safetensors", "processor_config.json", "README.md"} <= names
+    assert {"config.json", "model.safetensors", "processor_config.json", "README.md", "label_texts.json"} <= names
+    assert "knn_accuracy" not in (model_dir / "README.md").read_text()  # measured on training cells: not a card figure
     assert not any(n.endswith(".bin") for n in names)
     config = json.loads((model_dir / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"].endswith("ScMMGPTForConditionalGeneration")
@@ -106,8 +107,10 @@ def test_pipeline_runs_every_stage_caches_and_saves_a_hub_folder(tmp_path):
     assert json.loads((model_dir / "generation_config.json").read_text())["use_cache"] is True
     model = ScMMGPTForConditionalGeneration.from_pretrained(model_dir).eval()
     assert not any("lora" in name for name, _ in model.named_parameters())  # the adapter is merged
-    cells = model.generate_cells(["cell type: B cell."], n_per_text=2, seed=0)
-    assert cells.expression.shape == (2, len(model.processor.feature_extractor.gene_names))
+    jobs = ScMMGPTJobs.from_pretrained(model_dir, verbose=False)
+    assert jobs.label_texts is not None  # annotate needs no --labels
+    cells = jobs.generate_cells(["cell type: B cell."], n_per_text=2, seed=0)
+    assert cells.expression.shape == (2, len(jobs.cell_tokenizer.gene_names))
     assert np.isfinite(cells.expression).all()
 
     again = run_pipeline(few_steps(), out, progress=False)  # every stage is reused

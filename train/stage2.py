@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTProcessor
 from modeling_scmmgpt.processing_scmmgpt import DESCRIBE_PROMPT, GENERATE_PROMPT
+from modeling_scmmgpt.jobs_scmmgpt import ScMMGPTJobs
 from modeling_scmmgpt.modeling_cell_encoder import masked_mse
 
 from .collators import Stage2Collator
@@ -130,7 +131,6 @@ def build_stage2_model(stage1_model, language_model, processor: ScMMGPTProcessor
     model = ScMMGPTForConditionalGeneration(config, language_model=language_model)
     model.scmmgpt.load_state_dict(stage1_model.state_dict())
     model.set_cell_token_ids(processor)
-    model.processor = processor
     return model
 
 
@@ -368,7 +368,6 @@ def train_stage2(model: ScMMGPTForConditionalGeneration, train_dataset, processo
     if hasattr(trained, "merge_and_unload"):  # a PeftModel: fold the adapter and the saved modules back in
         trained = trained.merge_and_unload()
     _undo_fused_head(trained)
-    trained.processor = processor
     return trainer, trained
 
 
@@ -401,8 +400,8 @@ def generated_cell_knn_accuracy(model, label_texts: dict[str, str], reference_ex
 
     model.eval()
     labels = list(label_texts)
-    generated = model.generate_cells([label_texts[label] for label in labels], n_per_text=n_per_text, seed=seed,
-                                     processor=processor)
+    generated = ScMMGPTJobs(model, processor, verbose=False).generate_cells(
+        [label_texts[label] for label in labels], n_per_text=n_per_text, seed=seed)
     truth = np.repeat(labels, n_per_text)
     classifier = KNeighborsClassifier(n_neighbors=k).fit(reference_expression, np.asarray(reference_labels))
     predicted = classifier.predict(generated.expression)
@@ -418,12 +417,12 @@ def generated_state_accuracy(model, label_texts: dict[str, str], rows, cell_toke
     decoder) lies closest, in mean squared distance, to the mean true Q-Former state of that label's real cells: does
     the LLM read the text into the right kind of cell, whatever the decoder makes of it."""
     model.eval()
-    processor = model._get_processor(processor)
     labels = list(label_texts)
     cells = np.asarray(rows["cell_type"])
     states = true_cell_states(model, rows, cell_tokenizer, batch_size).float().cpu()
     means = torch.stack([states[torch.as_tensor(cells == label)].mean(0) for label in labels])
-    generated = torch.cat([model._text_cell_states([label_texts[label]], processor) for label in labels]).float().cpu()
+    jobs = ScMMGPTJobs(model, processor, verbose=False)
+    generated = jobs.text_cell_states([label_texts[label] for label in labels]).float().cpu()
     distances = ((generated[:, None] - means[None]) ** 2).mean((-1, -2))
     return float((distances.argmin(1) == torch.arange(len(labels))).float().mean())
 
