@@ -181,7 +181,7 @@ def test_demo_card_carries_the_held_out_figures_of_the_report(saved_model, tmp_p
 def test_a_trained_model_folder_carries_label_texts_and_no_training_figures(processor, pbmc, tmp_path):
     import anndata
 
-    from scmmgpt_train.run import save_final_model
+    from scmmgpt_train.stages import save_final_model
 
     label_texts = {label: f"cell type: {label}." for label in LABELS}
     folder = tmp_path / "model"

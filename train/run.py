@@ -17,7 +17,6 @@ import argparse
 
 from .config import STAGES
 from .pipeline import is_main_process, run_pipeline
-from .stages import save_final_model  # noqa: F401  (tests/test_hub.py imports it from here)
 
 
 def _summary(result: dict) -> str:
