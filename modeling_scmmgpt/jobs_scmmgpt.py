@@ -28,7 +28,8 @@ from .processing_scmmgpt import ANNOTATE_PROMPT, DESCRIBE_PROMPT, GENERATE_PROMP
 
 LABELS_FILE = "label_texts.json"  # label → text, saved beside a trained model by the training pipeline
 LIKELIHOOD_SEQUENCES_PER_FORWARD = 256  # (cells × labels) sequences scored per LLM forward
-READ_CHUNK = 2048  # cells read from the input at a time (a backed file is read this much at once)
+READ_CHUNK = 2048  # the most cells read from the input at a time (a backed file is read this much at once)
+READ_VALUES = 1 << 24  # ... and at most this many matrix entries, so that a dense chunk of a wide matrix stays small
 DEFAULT_DESCRIPTION_TOKENS = 128  # describe's length when the model carries no label texts to size it by
 
 
@@ -214,7 +215,8 @@ class ScMMGPTJobs:
         bar = tqdm(total=inputs.n_cells, desc=desc, unit="cell", disable=not self.progress)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not in the vocabulary.*")  # said once, in `read`
-            for start, chunk in inputs.chunks(max(READ_CHUNK, batch_size)):
+            rows = max(batch_size, min(READ_CHUNK, READ_VALUES // max(1, len(inputs.gene_names))))
+            for start, chunk in inputs.chunks(rows):
                 for offset in range(0, chunk.shape[0], batch_size):
                     encoded = self.cell_tokenizer(chunk[offset : offset + batch_size], gene_names=inputs.gene_names,
                                                   normalize=inputs.normalize, return_tensors="pt")
