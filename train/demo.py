@@ -42,7 +42,7 @@ def run_seed(config_path: str, output_dir: Path, seed: int | None, fresh: bool, 
     from transformers import AutoProcessor
 
     from modeling_scmmgpt import ScMMGPTCellForClassification, ScMMGPTForConditionalGeneration
-    from modeling_scmmgpt.cli_jobs import LABELS_FILE
+    from modeling_scmmgpt.jobs_scmmgpt import LABELS_FILE
 
     from .evaluate import EvalCells, evaluate_model, results_table
     from .report import training_steps, write_model_card, write_report
@@ -75,7 +75,6 @@ def run_seed(config_path: str, output_dir: Path, seed: int | None, fresh: bool, 
     model_dir = Path(pipeline["model_dir"])
     model = ScMMGPTForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
-    model.processor = processor
     train_rows, test_rows, all_rows, cell_tokenizer = load_cells(config.data)
     label_texts = label_texts_of(all_rows)
     if not (model_dir / LABELS_FILE).is_file():  # a model trained before `scmmgpt train` wrote its label texts

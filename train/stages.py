@@ -103,10 +103,16 @@ def _stage0_llm(run: StageRun, args, extra) -> dict:
 def _classifier(run: StageRun, args, extra) -> dict:
     from .finetune import finetune_cell_classifier
 
+    from modeling_scmmgpt.pipeline_scmmgpt import save_pipelines
+
+    from .pipeline import is_main_process
+
     cells = run.cells
     _, metrics = finetune_cell_classifier(cells.train, cells.test, cells.tokenizer, str(run.inputs["stage1"]),
                                           args=args, pooling=extra.pooling, dropout=extra.dropout,
                                           callbacks=run.callbacks)
+    if is_main_process():  # its cell-annotation pipeline loads in a fresh process, package or not
+        save_pipelines(run.folder)
     return metrics
 
 
@@ -195,18 +201,20 @@ PIPELINE = (
 # ---------------------------------------------------------------------------------------------------- final model
 def save_final_model(model, processor, model_dir, config_path: str | None = None,
                      label_texts: dict[str, str] | None = None):
-    """safetensors weights + config (with `auto_map` and the modelling code) + processor files + `label_texts.json`
-    (label → text, so that `scmmgpt annotate` needs no `--labels`) + a model card named after the config. The card
-    carries no figures: the ones measured during training include training cells; the demo re-renders it with the
-    held-out figures of its evaluation."""
-    from modeling_scmmgpt.cli_jobs import LABELS_FILE
+    """safetensors weights + config (with `auto_map` and the modelling code) + processor files + the pipelines
+    (their code and `custom_pipelines`, so that `pipeline(task, model=folder, trust_remote_code=True)` works in a fresh
+    process) + `label_texts.json` (label → text, so that annotation needs no labels) + a model card named after the
+    config. The card carries no figures: the ones measured during training include training cells; the demo
+    re-renders it with the held-out figures of its evaluation."""
+    from modeling_scmmgpt.jobs_scmmgpt import LABELS_FILE
+    from modeling_scmmgpt.pipeline_scmmgpt import save_pipelines
 
-    model.processor = processor
     # Trainer sets config.use_cache = TrainingArguments.use_cache (False) for training; a saved model generates with it
     for config in (model.config, model.config.text_config, model.language_model.config, model.generation_config):
         config.use_cache = True
     model.save_pretrained(str(model_dir))
     processor.save_pretrained(str(model_dir))
+    save_pipelines(model_dir)
     if label_texts:
         (Path(model_dir) / LABELS_FILE).write_text(json.dumps(label_texts, indent=1), encoding="utf-8")
     try:  # the full card (metadata, jobs) from the Hub helpers
@@ -224,7 +232,7 @@ def model_card(model, config_path: str | None = None) -> str:
     c = model.config
     text = c.text_config
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [single-cell, scRNA-seq, "
+        "---", "library_name: transformers", "pipeline_tag: any-to-any", "tags: [single-cell, scRNA-seq, "
         "multimodal, scmmgpt]", "license: apache-2.0", "---", "", "# scMMGPT",
         "",
         "A cell language model (scGPT-style encoder) joined to a causal LLM through a BERT Q-Former, trained in two "
@@ -236,11 +244,11 @@ def model_card(model, config_path: str | None = None) -> str:
         f"- Q-Former: hidden {c.qformer_config.hidden_size}, {c.num_query_tokens} query tokens",
         f"- LLM: {text.model_type}, hidden {text.hidden_size}, {getattr(text, 'num_hidden_layers', '?')} layers", "",
         "## Use", "", "```python",
-        "from transformers import AutoModelForCausalLM, AutoProcessor",
-        'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)',
-        'processor = AutoProcessor.from_pretrained("PATH", trust_remote_code=True)',
-        "model.describe(adata, processor=processor)          # cell → text",
-        'model.generate_cells(["cell type: B cell."])        # text → pseudo-cell', "```", "",
+        "from modeling_scmmgpt import ScMMGPTJobs",
+        'jobs = ScMMGPTJobs.from_pretrained("PATH")',
+        "jobs.describe(adata)                                # cell → text",
+        'jobs.generate_cells(["cell type: B cell."])         # text → pseudo-cell', "```", "",
+        'Without the package: `pipeline("cell-description", model="PATH", trust_remote_code=True)`.', "",
     ]
     if config_path:
         lines += [f"Trained with `scmmgpt train --config {config_path}`.", ""]
