@@ -58,6 +58,21 @@ class ScMMGPTCausalLMOutput(ModelOutput):
     expression: torch.FloatTensor | None = None
 
 
+@dataclass
+class ScMMGPTTextToCellOutput(ModelOutput):
+    r"""
+    loss: weighted sum of the two. loss_cell_embed: MSE of the reconstructed cell states to the true ones.
+    loss_expression: masked MSE of the decoded log1p expression (None without decoder targets). cell_states
+    (`(n, num_query_tokens, qformer_hidden)`) and expression (`(n, genes)`): what the output slots decode to.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_cell_embed: torch.FloatTensor | None = None
+    loss_expression: torch.FloatTensor | None = None
+    cell_states: torch.FloatTensor | None = None
+    expression: torch.FloatTensor | None = None
+
+
 class ScMMGPTPreTrainedModel(SafeSerializationMixin, PreTrainedModel):
     # SafeSerializationMixin: atomic save_pretrained, safetensors-only from_pretrained with clear errors
     config_class = ScMMGPTConfig
@@ -423,15 +438,22 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
         slots = self.get_placeholder_mask(input_ids)
         return self.text_to_cell_projector(hidden[slots].view(len(input_ids), self.config.num_query_tokens, -1))
 
-    def _text_to_cell_losses(self, slot_states, target_cells, decoder_gene_ids, decoder_targets, decoder_mask):
+    def text_to_cell_loss(self, slot_states, target_cells, decoder_gene_ids=None, decoder_targets=None,
+                          decoder_mask=None) -> "ScMMGPTTextToCellOutput":
+        """The text → cell losses of output slots: MSE of the cell states read from the LLM's slot states (n,
+        num_query_tokens, llm_hidden) to the target cells' own Q-Former states (`target_cells`: gene ids, values,
+        mask), and the masked MSE of the decoded log1p expression of `decoder_gene_ids`; `loss` is their sum weighted
+        by `config.cell_embed_loss_weight` / `config.expression_loss_weight`."""
         cell_states, expression = self.decode_cell_states(slot_states, decoder_gene_ids)
         with torch.no_grad():  # the target is the cell's own Q-Former reading, not trained through this loss
             true_states = self.scmmgpt.query_outputs(*target_cells)
-        loss_cell = F.mse_loss(cell_states, true_states)
-        loss_expression = None
+        out = ScMMGPTTextToCellOutput(loss_cell_embed=F.mse_loss(cell_states, true_states), cell_states=cell_states,
+                                      expression=expression)
+        out.loss = self.config.cell_embed_loss_weight * out.loss_cell_embed
         if expression is not None:
-            loss_expression = masked_mse(expression, decoder_targets, decoder_mask)
-        return loss_cell, loss_expression, cell_states, expression
+            out.loss_expression = masked_mse(expression, decoder_targets, decoder_mask)
+            out.loss = out.loss + self.config.expression_loss_weight * out.loss_expression
+        return out
 
     def forward(
         self,
@@ -478,12 +500,11 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
             target_cells = (target_gene_ids[rows], target_expression_values[rows],
                             None if target_cell_attention_mask is None else target_cell_attention_mask[rows])
             pick = (lambda t: None if t is None else t[rows])
-            loss_cell, loss_expr, result.cell_states, result.expression = self._text_to_cell_losses(
-                slot_states, target_cells, pick(decoder_gene_ids), pick(decoder_targets), pick(decoder_mask))
-            result.loss_cell_embed, result.loss_expression = loss_cell, loss_expr
-            result.loss = result.loss + self.config.cell_embed_loss_weight * loss_cell
-            if loss_expr is not None:
-                result.loss = result.loss + self.config.expression_loss_weight * loss_expr
+            cells = self.text_to_cell_loss(slot_states, target_cells, pick(decoder_gene_ids), pick(decoder_targets),
+                                           pick(decoder_mask))
+            result.loss = result.loss + cells.loss
+            result.loss_cell_embed, result.loss_expression = cells.loss_cell_embed, cells.loss_expression
+            result.cell_states, result.expression = cells.cell_states, cells.expression
         return result
 
     def prepare_inputs_for_generation(self, input_ids, *args, is_first_iteration: bool | None = False, **kwargs):
@@ -494,4 +515,5 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
         return super().prepare_inputs_for_generation(input_ids, *args, is_first_iteration=is_first_iteration, **kwargs)
 
 
-__all__ = ["ScMMGPTPreTrainedModel", "ScMMGPTModel", "ScMMGPTForConditionalGeneration", "ExpressionDecoder"]
+__all__ = ["ScMMGPTPreTrainedModel", "ScMMGPTModel", "ScMMGPTForConditionalGeneration", "ExpressionDecoder",
+           "ScMMGPTTextToCellOutput"]

@@ -185,3 +185,19 @@ def test_wrong_model_kinds_and_broken_folders_get_one_line_errors(model_dir, pbm
     assert main(["annotate", str(tmp_path / "stage1"), str(pbmc_file), "-o", out, "--labels", "B cell", "T cell"]) == 0
     assert main(["embed", str(tmp_path / "encoder"), str(pbmc_file), "-o", out]) == 0
     assert _read(out).obsm["X_scmmgpt"].shape == (20, 32)
+
+
+def test_cells_with_no_known_gene_get_no_label_or_description(model_dir, pbmc, tmp_path, capsys):
+    counts = np.round(np.expm1(pbmc.raw.X[:6].toarray()) * 2).astype(np.float32)
+    counts[[0, 3]] = 0
+    path, out = tmp_path / "zeros.h5ad", tmp_path / "out.h5ad"
+    anndata.AnnData(X=counts, var=pbmc.raw.var.copy()).write_h5ad(path)
+    with pytest.warns(UserWarning, match="2 of 6 cells have no expressed gene"):
+        assert main(["annotate", str(model_dir), str(path), "-o", str(out)]) == 0
+    labels = _read(out).obs["scmmgpt_cell_type"]
+    assert labels.isna().tolist() == [True, False, False, True, False, False]
+    assert np.isnan(_read(out).obsm["scmmgpt_cell_type_scores"][[0, 3]]).all()
+    with pytest.warns(UserWarning, match="2 of 6 cells"):
+        assert main(["describe", str(model_dir), str(path), "-o", str(out), "--max-new-tokens", "3"]) == 0
+    texts = _read(out).obs["scmmgpt_description"].tolist()
+    assert texts[0] == texts[3] == "" and all(texts[i] for i in (1, 2, 4, 5))

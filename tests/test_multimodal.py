@@ -157,6 +157,14 @@ def test_stage2_forward_and_text_to_cell_losses(processor, cells, family):
     assert out.cell_states.shape == (6, 4, 32) and out.expression.shape == target["gene_ids"].shape
     expected = out.loss_lm + out.loss_cell_embed + out.loss_expression  # weights 1
     torch.testing.assert_close(out.loss, expected)
+    # the head's own output: the same parts, weighted by the config
+    model.config.cell_embed_loss_weight, model.config.expression_loss_weight = 2.0, 0.5
+    slot_states = torch.randn(6, 4, model.config.text_config.hidden_size)
+    head = model.text_to_cell_loss(slot_states, (target["gene_ids"], target["expression_values"],
+                                                 target["cell_attention_mask"]))
+    assert head.expression is None and head.loss_expression is None
+    torch.testing.assert_close(head.loss, 2.0 * head.loss_cell_embed)
+    model.config.cell_embed_loss_weight = model.config.expression_loss_weight = 1.0
     out.loss.backward()
     assert model.expression_decoder.gene_embedding.weight.grad.abs().sum() > 0
     assert model.text_to_cell_projector[0].weight.grad.abs().sum() > 0
