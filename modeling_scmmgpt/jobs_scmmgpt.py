@@ -189,7 +189,7 @@ class ScMMGPTJobs:
         except OSError as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"{path}: cannot load the model folder ({first})") from err
-        return cls(model, processor, _read_label_texts(path, **hub), progress=progress, verbose=verbose)
+        return cls(model, processor, read_label_texts(path, **hub), progress=progress, verbose=verbose)
 
     # ---------------------------------------------------------------------------------------------- cells
     def read(self, cells, gene_names=None, **input_options) -> CellInputs:
@@ -494,7 +494,7 @@ class ScMMGPTJobs:
                                                encoded["attention_mask"].to(self.model.device))
 
 
-def _read_label_texts(path, **hub) -> dict | None:
+def read_label_texts(path, **hub) -> dict | None:
     """The folder's `label_texts.json` (label → text), or None."""
     from transformers.utils import cached_file
 
@@ -510,5 +510,4 @@ def _read_label_texts(path, **hub) -> dict | None:
 
 
 __all__ = ["ScMMGPTJobs", "CellAnnotation", "GeneratedCells", "MODEL_KINDS", "ModelKind", "model_kind", "kind_of_model",
-           "require_job",
-           "ontology_name", "LABELS_FILE"]
+           "require_job", "ontology_name", "read_label_texts", "LABELS_FILE"]

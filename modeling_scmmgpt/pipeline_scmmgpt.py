@@ -26,7 +26,7 @@ import transformers
 from transformers import AutoConfig, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .jobs_scmmgpt import ScMMGPTJobs, _read_label_texts, kind_of_model, model_kind
+from .jobs_scmmgpt import ScMMGPTJobs, read_label_texts, kind_of_model, model_kind
 
 # task → (pipeline class name, the job it runs)
 PIPELINE_TASKS = {
@@ -78,7 +78,7 @@ class ScMMGPTPipeline(Pipeline):
         if processor is None:
             raise ValueError(f"the {self.task or type(self).__name__} pipeline needs the model's ScMMGPTProcessor: "
                              "pass processor=..., or load from a folder that holds processor_config.json")
-        label_texts = _read_label_texts(self.model.name_or_path) if getattr(self.model, "name_or_path", "") else None
+        label_texts = read_label_texts(self.model.name_or_path) if getattr(self.model, "name_or_path", "") else None
         self.jobs = ScMMGPTJobs(self.model, processor, label_texts, progress=False, verbose=False)
         if self.job not in kind.jobs:
             raise ValueError(f"the {self.task} pipeline needs a model that does {self.job}; this {kind.name} model "

@@ -2,7 +2,6 @@
 `.raw`), on a raw-count file whose genes differ from the model's (extra genes, missing genes, Ensembl IDs in var_names
 with symbols in a var column), with --layer / --use-raw; outputs written atomically; one-line errors."""
 
-import json
 import os
 import shutil
 import warnings
