@@ -8,6 +8,7 @@ exit status 2.
 """
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -67,23 +68,30 @@ def _input_options(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- writing
-def _temporary_beside(path: str) -> str:
+@contextlib.contextmanager
+def _atomic_output(path: str):
+    """A temporary file beside `path` to write; renamed to `path` when the block completes, removed if it fails, so
+    that a crash never leaves a half-written output."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=".scmmgpt-", suffix=".h5ad.tmp", dir=folder)
     os.close(handle)
-    return tmp
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def write_results(input_path: str, output: str, obs: dict | None = None, obsm: dict | None = None,
                   uns: dict | None = None):
-    """A copy of `input_path` with `obs` columns, `obsm` arrays and `uns['scmmgpt']` added, written to a temporary
-    file and renamed to `output`. The matrices are copied as bytes, never loaded, except from files written before
-    anndata's current on-disk format (read whole and written anew)."""
+    """A copy of `input_path` with `obs` columns, `obsm` arrays and `uns['scmmgpt']` added, written atomically to
+    `output`. The matrices are copied as bytes, never loaded, except from files written before anndata's current
+    on-disk format (read whole and written anew)."""
     import h5py
 
-    tmp = _temporary_beside(output)
-    try:
+    with _atomic_output(output) as tmp:
         shutil.copyfile(input_path, tmp)
         with h5py.File(tmp, "r+") as f:
             current = isinstance(f.get("obs"), h5py.Group) and "encoding-type" in f["obs"].attrs
@@ -91,10 +99,6 @@ def write_results(input_path: str, output: str, obs: dict | None = None, obsm: d
                 _add_results(f, obs or {}, obsm or {}, uns)
         if not current:
             _add_results_in_memory(input_path, tmp, obs or {}, obsm or {}, uns)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     print(f"wrote {output}", file=sys.stderr)
 
 
@@ -133,13 +137,8 @@ def _add_results_in_memory(input_path: str, tmp: str, obs: dict, obsm: dict, uns
 
 
 def _write_anndata(adata, output: str):
-    tmp = _temporary_beside(output)
-    try:
+    with _atomic_output(output) as tmp:
         adata.write_h5ad(tmp)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     print(f"wrote {output} ({adata.n_obs} cells)", file=sys.stderr)
 
 

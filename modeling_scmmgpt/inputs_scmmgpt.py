@@ -200,11 +200,7 @@ def _sample_rows(matrix) -> np.ndarray:
 
 def _sample_values(matrix) -> np.ndarray:
     rows = _sample_rows(matrix)
-    if sparse.issparse(matrix) and matrix.format == "csc":
-        block = matrix.tocsr()[rows]
-    else:
-        block = _as_csr(matrix[rows] if len(rows) else matrix[:0])
-    return block.data
+    return _as_csr(matrix[rows] if len(rows) else matrix[:0]).data
 
 
 def value_kind(matrix) -> str:
@@ -234,20 +230,25 @@ def _scaled_error(source: str, has_raw: bool, layers: list[str]) -> ValueError:
 
 # ---------------------------------------------------------------------------------------------------- AnnData
 def _anndata_matrix(adata, layer, use_raw):
-    """(matrix, var, source, notes) of the AnnData matrix to read."""
+    """(matrix, var, source, notes, its value kind or None where not yet measured) of the AnnData matrix to read."""
     if layer is not None and use_raw:
         raise ValueError("give layer or use_raw, not both")
     if layer is not None:
         if layer not in adata.layers:
             raise ValueError(f"layer {layer!r} is not in the AnnData; its layers: {list(adata.layers)}")
-        return adata.layers[layer], adata.var, f"layers[{layer!r}]", []
+        return adata.layers[layer], adata.var, f"layers[{layer!r}]", [], None
     if use_raw:
         if adata.raw is None:
             raise ValueError("use_raw=True but the AnnData has no .raw")
-        return adata.raw.X, adata.raw.var, ".raw", []
-    if adata.raw is not None and value_kind(adata.X) == "scaled" and value_kind(adata.raw.X) != "scaled":
-        return adata.raw.X, adata.raw.var, ".raw", ["X scaled"]
-    return adata.X, adata.var, ".X", []
+        return adata.raw.X, adata.raw.var, ".raw", [], None
+    if adata.raw is None:
+        return adata.X, adata.var, ".X", [], None
+    kind = value_kind(adata.X)
+    if kind == "scaled":
+        raw_kind = value_kind(adata.raw.X)
+        if raw_kind != "scaled":
+            return adata.raw.X, adata.raw.var, ".raw", ["X scaled"], raw_kind
+    return adata.X, adata.var, ".X", [], kind
 
 
 def _gene_candidates(var) -> dict[str, list[str]]:
@@ -276,19 +277,14 @@ def match_gene_column(var, tokenizer, gene_column: str | None = None) -> tuple[s
 
 
 def _normalize_flag(kind: str, normalize, source: str, has_raw: bool, layers: list[str]) -> tuple[bool, list[str]]:
-    if normalize in (True, "yes"):
-        if kind == "scaled":
-            raise _scaled_error(source, has_raw, layers)
-        return True, ["forced"]
-    if normalize in (False, "no"):
-        if kind == "scaled":
-            raise _scaled_error(source, has_raw, layers)
-        return False, ["forced"]
-    if normalize not in (None, "auto"):
+    """(whether the tokenizer normalises, notes): as asked, else from the kind of values; scaled values never."""
+    if normalize not in (True, "yes", False, "no", None, "auto"):
         raise ValueError(f"normalize must be 'auto', True ('yes') or False ('no'), got {normalize!r}")
     if kind == "scaled":
         raise _scaled_error(source, has_raw, layers)
-    return kind in ("counts", "normalized"), []
+    if normalize in (None, "auto"):
+        return kind in ("counts", "normalized"), []
+    return normalize in (True, "yes"), ["forced"]
 
 
 def read_cells(inputs, tokenizer, gene_names=None, *, layer: str | None = None, use_raw: bool | None = None,
@@ -299,8 +295,9 @@ def read_cells(inputs, tokenizer, gene_names=None, *, layer: str | None = None, 
     `"no"` (use the values as they are)."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = read_h5ad(inputs)
+    kind = None
     if is_anndata(inputs):
-        matrix, var, source, notes = _anndata_matrix(inputs, layer, use_raw)
+        matrix, var, source, notes, kind = _anndata_matrix(inputs, layer, use_raw)
         if gene_names is None:
             column, gene_names = match_gene_column(var, tokenizer, gene_column)
         else:
@@ -316,7 +313,7 @@ def read_cells(inputs, tokenizer, gene_names=None, *, layer: str | None = None, 
         raise ValueError("no cells were given")
     if sparse.issparse(matrix) and matrix.format == "csc":
         matrix = matrix.tocsr()  # row chunks of a CSC matrix would each scan every column
-    kind = value_kind(matrix)
+    kind = kind or value_kind(matrix)
     flag, forced = _normalize_flag(kind, normalize, source, has_raw, layers)
     cell_ids = cell_ids or [f"cell_{i}" for i in range(int(matrix.shape[0]))]
     return CellInputs(matrix, gene_names, cell_ids, flag, source, kind, column, notes + forced)
