@@ -23,7 +23,8 @@ SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
 ROW_CHUNK = 4096  # cells per vectorised chunk: bounds the temporary arrays on big matrices
 
 
-def _is_anndata(obj) -> bool:
+def is_anndata(obj) -> bool:
+    """Whether `obj` is an `anndata.AnnData` (views included), tested by name: anndata is an optional import."""
     return type(obj).__name__ == "AnnData" and hasattr(obj, "var_names")
 
 
@@ -128,7 +129,7 @@ class ScMMGPTCellTokenizer(FeatureExtractionMixin):
 
     # ----------------------------------------------------------------------------------------------- inputs
     def _matrix_and_genes(self, cells, gene_names, layer, use_raw, gene_column):
-        if _is_anndata(cells):
+        if is_anndata(cells):
             if use_raw and cells.raw is not None:
                 matrix, var = cells.raw.X, cells.raw.var
                 names = cells.raw.var_names

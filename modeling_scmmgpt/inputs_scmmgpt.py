@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import sparse
 
+from .feature_extraction_scmmgpt import is_anndata
+
 SAMPLE_ROWS = 512  # rows read to detect the kind of values (spread over the matrix, not only its first cells)
 LOG1P_MAX = 20.0  # log1p of any plausible normalised value is below this; larger non-integer values are not logged
 VALUE_KINDS = ("counts", "normalized", "log1p", "scaled")
@@ -78,10 +80,6 @@ def _as_csr(block) -> sparse.csr_matrix:
 
 
 # ---------------------------------------------------------------------------------------------------- reading
-def is_anndata(obj) -> bool:
-    return type(obj).__name__ in ("AnnData", "AnnDataView") or (hasattr(obj, "obs_names") and hasattr(obj, "var_names"))
-
-
 def read_h5ad(path, backed: bool = True):
     """An `.h5ad` file as an AnnData, backed (`"r"`: the matrix stays on disk) by default; one-line errors."""
     path = os.fspath(path)
