@@ -95,6 +95,7 @@ class ScMMGPTCellTokenizer(FeatureExtractionMixin):
 
     # ----------------------------------------------------------------------------------------------- vocabulary
     def _build_index(self):
+        self._columns = None  # (gene names, their mapping) of the last matrix tokenised: see `_map_columns`
         offset = len(SPECIAL_TOKENS)
         self.vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
         self.vocab.update({g: i + offset for i, g in enumerate(self.gene_names)})
@@ -168,6 +169,21 @@ class ScMMGPTCellTokenizer(FeatureExtractionMixin):
             )
 
     def _map_columns(self, gene_names):
+        """(vocabulary id of each column, mask of known columns); warns about the unknown ones."""
+        key = tuple(gene_names)
+        if self._columns is None or self._columns[0] != key:
+            # a job tokenises the same columns batch after batch: map them once (most of a wide batch's cost)
+            self._columns = (key, self._column_ids(gene_names))
+        vocab_ids, known, missing = self._columns[1]
+        if missing:
+            warnings.warn(
+                f"{len(missing)} of {len(gene_names)} genes are not in the vocabulary and are ignored "
+                f"(e.g. {missing[:5]})",
+                stacklevel=3,
+            )
+        return vocab_ids, known
+
+    def _column_ids(self, gene_names):
         vocab_ids = self.convert_genes_to_ids(gene_names)
         known = vocab_ids >= 0
         if not known.any():
@@ -182,14 +198,7 @@ class ScMMGPTCellTokenizer(FeatureExtractionMixin):
             seen.add(vid)
         if dup:
             raise ValueError(f"{len(dup)} genes map to the same vocabulary entry as another column: {dup[:10]}")
-        if not known.all():
-            missing = [g for g, k in zip(gene_names, known) if not k]
-            warnings.warn(
-                f"{len(missing)} of {len(gene_names)} genes are not in the vocabulary and are ignored "
-                f"(e.g. {missing[:5]})",
-                stacklevel=3,
-            )
-        return vocab_ids, known
+        return vocab_ids, known, [g for g, k in zip(gene_names, known) if not k]
 
     # ----------------------------------------------------------------------------------------------- encoding
     def _bin_values(self, values: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -332,7 +341,7 @@ class ScMMGPTCellTokenizer(FeatureExtractionMixin):
     # ----------------------------------------------------------------------------------------------- save / load
     def to_dict(self):
         out = super().to_dict()
-        for key in ("gene_names", "ensembl_ids", "vocab", "_upper", "_ensembl"):
+        for key in ("gene_names", "ensembl_ids", "vocab", "_upper", "_ensembl", "_columns"):
             out.pop(key, None)
         # transformers' remote-code saver treats any class named "*Tokenizer" as a (slow, fast) text tokenizer pair;
         # a feature extractor's auto_map entry must be a plain "module.Class" string

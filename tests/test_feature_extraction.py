@@ -133,3 +133,20 @@ def test_save_and_load_keep_vocabulary_and_options(tmp_path, pbmc, pbmc_tokenize
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the PBMC genes are all known
         _same(loaded(pbmc, use_raw=True), pbmc_tokenizer(pbmc, use_raw=True))
+
+
+def test_column_mapping_is_reused_only_for_the_same_genes():
+    """Batch after batch of one matrix maps its columns once; another gene list (or order) is mapped anew, and unknown
+    genes are still reported on every call."""
+    tokenizer = ScMMGPTCellTokenizer(gene_names=["A", "B", "C", "D"], normalize=False)
+    cells = sparse.csr_matrix(np.array([[1.0, 2.0, 3.0], [4.0, 0.0, 5.0]], dtype=np.float32))
+    first = tokenizer(cells, gene_names=["A", "B", "C"])
+    again = tokenizer(cells, gene_names=["A", "B", "C"])
+    reordered = tokenizer(cells, gene_names=["C", "B", "A"])
+    _same(first, again)
+    assert first["gene_ids"][0, 1:].tolist() == [5, 4, 3]  # C, B, A by expression (ids after 3 special tokens)
+    assert reordered["gene_ids"][0, 1:].tolist() == [3, 4, 5]
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="1 of 3 genes are not in the vocabulary"):
+            tokenizer(cells, gene_names=["A", "B", "NOVEL"])
+    assert "_columns" not in tokenizer.to_dict()
