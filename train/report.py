@@ -179,6 +179,8 @@ def write_model_card(model_dir, results: dict, config) -> Path:
     `PipelineConfig`); training wrote it without figures. Returns the card's path."""
     from modeling_scmmgpt.hub_cards import render_model_card
 
+    from .stages import model_name
+
     data = config.data
     training_data = (
         f"Cells of {held_out_dataset(data)['name'].split(':')[0]} with texts built from the Cell Ontology definition "
@@ -187,9 +189,8 @@ def write_model_card(model_dir, results: dict, config) -> Path:
         "scores it, as the demo's `report.md` does. Stage 1 aligns cells and text (contrastive, matching and "
         "captioning losses); stage 2 tunes the language model on descriptions and on text → cell generation."
     )
-    name = f"scmmgpt-{Path(config.path).stem}" if config.path else None
-    render_model_card(model_dir, card_eval_results(results, held_out_dataset(data)), model_name=name,
-                      training_data=training_data)
+    render_model_card(model_dir, card_eval_results(results, held_out_dataset(data)),
+                      model_name=model_name(config.path), training_data=training_data)
     return Path(model_dir) / "README.md"
 
 

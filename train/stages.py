@@ -220,11 +220,16 @@ def save_final_model(model, processor, model_dir, config_path: str | None = None
     try:  # the full card (metadata, jobs) from the Hub helpers
         from modeling_scmmgpt.hub_cards import render_model_card
 
-        render_model_card(model_dir, model_name=f"scmmgpt-{Path(config_path).stem}" if config_path else None)
+        render_model_card(model_dir, model_name=model_name(config_path))
     except Exception as error:  # noqa: BLE001 - a card problem must not lose a trained model; write a short one
         warnings.warn(f"model card renderer failed ({error}); writing a short card", stacklevel=2)
         (Path(model_dir) / "README.md").write_text(model_card(model, config_path))
     return str(model_dir)
+
+
+def model_name(config_path: str | None) -> str | None:
+    """The name a model card gives a model trained with `config_path`: `scmmgpt-<config name>` (None without one)."""
+    return f"scmmgpt-{Path(config_path).stem}" if config_path else None
 
 
 def model_card(model, config_path: str | None = None) -> str:
@@ -255,4 +260,4 @@ def model_card(model, config_path: str | None = None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PIPELINE", "Stage", "StageRun", "model_card", "save_final_model", "shipped_minilm_path"]
+__all__ = ["PIPELINE", "Stage", "StageRun", "model_card", "model_name", "save_final_model", "shipped_minilm_path"]
