@@ -4,17 +4,15 @@ import subprocess
 import sys
 
 
-def test_import_is_light():
+def test_import_pulls_in_no_optional_package():
+    # the import's time is a benchmark (benchmarks/run.py, "import"), not an assertion: it depends on the machine
     code = (
-        "import time, sys; import torch, transformers; t = time.perf_counter(); import modeling_scmmgpt; "
-        "print(time.perf_counter() - t); "
+        "import sys; import modeling_scmmgpt; "
         "print(','.join(m for m in ('anndata', 'scanpy', 'bitsandbytes', 'peft', 'datasets', 'trl', 'sklearn') "
         "if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
-    seconds, heavy = float(out[0]), out[1]
+    heavy = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert heavy == "", f"import modeling_scmmgpt pulled in optional packages: {heavy}"
-    assert seconds < 3.0, f"import took {seconds:.1f}s beyond torch + transformers"
 
 
 def test_register_is_idempotent_and_auto_classes_resolve():
