@@ -39,7 +39,9 @@ class PipelineArguments:
 class DataArguments:
     """Cells. `h5ad`: an `.h5ad` file built in memory (None: scanpy's shipped PBMC 68k-reduced, `.raw` genes);
     `dataset_dir`: a folder written by `scmmgpt build-dataset`, streamed and sharded per rank (corpus scale; its
-    `test` split, when present, is read in memory for evaluation). `max_genes`: gene tokens per cell."""
+    `test` split, when present, is read in memory for evaluation). `max_genes`: gene tokens per cell.
+    `held_out_cell_types`: labels, CL ids or CL names whose cells go to no training stage (the `heldout` split, for
+    zero-shot evaluation on unseen types; an in-memory `h5ad` only: a built folder was split when it was built)."""
 
     h5ad: str | None = None
     dataset_dir: str | None = None
@@ -49,6 +51,7 @@ class DataArguments:
     max_genes: int = 128
     stream_buffer_size: int = 10_000
     seed: int = 0
+    held_out_cell_types: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -75,7 +75,7 @@ def run_seed(config_path: str, output_dir: Path, seed: int | None, fresh: bool, 
     model_dir = Path(pipeline["model_dir"])
     model = ScMMGPTForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
-    train_rows, test_rows, all_rows, cell_tokenizer = load_cells(config.data)
+    train_rows, test_rows, all_rows, cell_tokenizer, _ = load_cells(config.data)
     label_texts = label_texts_of(all_rows)
     if not (model_dir / LABELS_FILE).is_file():  # a model trained before `scmmgpt train` wrote its label texts
         (model_dir / LABELS_FILE).write_text(json.dumps(label_texts, indent=1), encoding="utf-8")

@@ -121,16 +121,18 @@ class RankStepsCallback(TrainerCallback):
 # ---------------------------------------------------------------------------------------------------- data
 class Cells(NamedTuple):
     """A run's cells: `train` a `datasets.Dataset` (or a per-rank `IterableDataset` for a built folder), `test` held-out
-    rows (or None), `all_rows` the in-memory cells used as the k-NN reference (or None), and their `tokenizer`."""
+    rows (or None), `all_rows` the in-memory cells used as the k-NN reference (or None), their `tokenizer`, and
+    `unseen` the cells of `data.held_out_cell_types` (or None), which no stage trains on."""
 
     train: Any
     test: Any
     all_rows: Any
     tokenizer: Any
+    unseen: Any = None
 
 
 def load_cells(data: DataArguments) -> Cells:
-    """The cells of the `data` section (see `Cells`; unpacks as `train, test, all_rows, cell_tokenizer`)."""
+    """The cells of the `data` section (see `Cells`; unpacks as `train, test, all_rows, cell_tokenizer, unseen`)."""
     from .data import build_dataset, load_cell_tokenizer, load_dataset_dir, read_build_info
     from .pretrain import pbmc_path
     from .splits import split_dataset
@@ -143,14 +145,19 @@ def load_cells(data: DataArguments) -> Cells:
         # (`IterableDataset.shard`: whole parquet shards per rank, the split `stream_dataset(rank=, world_size=)`
         # makes, when there are at least as many shards as ranks); splitting here too would drop data
         train = stream_dataset(data.dataset_dir, "train", seed=data.seed, buffer_size=data.stream_buffer_size)
-        has_test = "test" in read_build_info(data.dataset_dir).get("shards", {})
-        test = load_dataset_dir(data.dataset_dir, "test") if has_test else None
-        return Cells(train, test, test, tokenizer)
+        if data.held_out_cell_types:
+            raise ValueError("data.held_out_cell_types splits an in-memory h5ad; a built folder was split when it was "
+                             "built: pass --held-out-cell-types to scmmgpt build-dataset")
+        shards = read_build_info(data.dataset_dir).get("shards", {})
+        test = load_dataset_dir(data.dataset_dir, "test") if "test" in shards else None
+        unseen = load_dataset_dir(data.dataset_dir, "heldout") if "heldout" in shards else None
+        return Cells(train, test, test, tokenizer, unseen)
     source = data.h5ad or pbmc_path()
     dataset, tokenizer = build_dataset(source, return_tokenizer=True, label_column=data.label_column)
     tokenizer.max_genes = data.max_genes
-    splits = split_dataset(dataset, by=data.split_by, test_size=data.test_size, seed=data.seed)
-    return Cells(splits["train"], splits.get("test"), dataset, tokenizer)
+    splits = split_dataset(dataset, by=data.split_by, test_size=data.test_size, seed=data.seed,
+                           held_out_cell_types=data.held_out_cell_types)
+    return Cells(splits["train"], splits.get("test"), dataset, tokenizer, splits.get("heldout"))
 
 
 # ---------------------------------------------------------------------------------------------------- pipeline
