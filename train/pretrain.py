@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .ontology import cell_type_text, ontology_texts
+from .collators import augmented
 from .streaming import rows_to_cell_inputs
 from .trainers import LossPartsTrainer, save_trained, stage_training_arguments, time_guarded, trained_metrics
 
@@ -71,16 +72,19 @@ class MaskedValueCollator:
     Masks are not drawn here: the model draws them in `forward` from the global RNG, which `Trainer` seeds and saves in
     its checkpoints, so a resumed run masks as an uninterrupted one would.
 
+    `augment`, a `CellAugmentation`, changes the cells first (the values to predict are the augmented ones).
+
     Returns (torch tensors): `gene_ids` (B × L int64), `expression_values` (B × L float32, the true values),
     `attention_mask` (B × L int64).
     """
 
     cell_tokenizer: object
+    augment: object = None
 
     def __call__(self, rows: list[dict]) -> dict:
         if not rows:
             raise ValueError("MaskedValueCollator got an empty batch")
-        batch = rows_to_cell_inputs(rows, self.cell_tokenizer)
+        batch = rows_to_cell_inputs(augmented(self.augment, rows, self.cell_tokenizer), self.cell_tokenizer)
         batch["attention_mask"] = batch.pop("cell_attention_mask")
         return batch
 
@@ -174,6 +178,7 @@ def pretrain_cell_encoder(
     progress: bool = True,
     save: bool = True,
     callbacks=None,
+    augment=None,
     **training_args,
 ):
     r"""
@@ -193,6 +198,7 @@ def pretrain_cell_encoder(
         save: write the model (safetensors, loadable by `ScMMGPTCellModel.from_pretrained`), the cell tokenizer,
             `trainer_state.json` and the metrics to `args.output_dir`.
         callbacks: more `TrainerCallback`s.
+        augment: a `CellAugmentation` for the training cells (see `augment.py`); None: cells as stored.
 
     Returns:
         `(model, metrics)`: the trained `ScMMGPTCellForMaskedValuePrediction` and a dict with `train_runtime`,
@@ -229,7 +235,7 @@ def pretrain_cell_encoder(
         metrics["masked_value_mse_gene_mean"] = gene_mean_mse(train_cells, eval_cells, cell_tokenizer,
                                                               mask_ratio=mask_ratio, seed=seed)
     trainer = LossPartsTrainer(
-        model=model, args=args, train_dataset=train_cells, data_collator=MaskedValueCollator(cell_tokenizer),
+        model=model, args=args, train_dataset=train_cells, data_collator=MaskedValueCollator(cell_tokenizer, augment),
         callbacks=time_guarded(max_seconds, callbacks), loss_parts=CELL_LOSS_PARTS,
     )
     result = trainer.train()

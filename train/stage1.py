@@ -43,8 +43,9 @@ class Stage1Trainer(LossPartsLoggingMixin, Trainer):
     loss_parts = STAGE1_LOSSES
 
 
-def stage1_collator(cell_tokenizer, text_tokenizer, max_text_length: int = 128) -> Stage1Collator:
-    return Stage1Collator(cell_tokenizer=cell_tokenizer, text_tokenizer=text_tokenizer, max_text_length=max_text_length)
+def stage1_collator(cell_tokenizer, text_tokenizer, max_text_length: int = 128, augment=None) -> Stage1Collator:
+    return Stage1Collator(cell_tokenizer=cell_tokenizer, text_tokenizer=text_tokenizer, max_text_length=max_text_length,
+                          augment=augment)
 
 
 def label_texts_of(dataset) -> dict[str, str]:
@@ -76,7 +77,7 @@ def retrieval_accuracy(model, rows, cell_tokenizer, text_tokenizer, label_texts:
 
 def train_stage1(model: ScMMGPTModel, train_dataset, cell_tokenizer, text_tokenizer, args, *, eval_dataset=None,
                  label_texts: dict[str, str] | None = None, freeze_cell_encoder: bool = False,
-                 max_text_length: int = 128, callbacks=None, resume_from_checkpoint=None):
+                 max_text_length: int = 128, callbacks=None, resume_from_checkpoint=None, augment=None):
     """Stage 1 with `Stage1Trainer` (`args`: `TrainingArguments`). With `eval_dataset` and `label_texts`, zero-shot
     retrieval accuracy on it is measured before and after training. `freeze_cell_encoder` keeps the cell encoder's
     weights (e.g. a pre-trained scGPT) fixed and trains the Q-Former and heads only.
@@ -92,7 +93,7 @@ def train_stage1(model: ScMMGPTModel, train_dataset, cell_tokenizer, text_tokeni
         metrics["retrieval_accuracy_before"] = retrieval_accuracy(model, eval_dataset, cell_tokenizer, text_tokenizer,
                                                                   label_texts)
     trainer = Stage1Trainer(model=model, args=args, train_dataset=train_dataset, callbacks=callbacks,
-                            data_collator=stage1_collator(cell_tokenizer, text_tokenizer, max_text_length))
+                            data_collator=stage1_collator(cell_tokenizer, text_tokenizer, max_text_length, augment))
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     metrics.update(train_runtime=result.metrics["train_runtime"], train_steps=trainer.state.global_step)
     if evaluate:

@@ -201,12 +201,13 @@ def _sft_trainer_class():
     return Stage2Trainer
 
 
-def stage2_collator(processor, args: Stage2Arguments, max_length: int = 512, seed: int = 0) -> Stage2Collator:
+def stage2_collator(processor, args: Stage2Arguments, max_length: int = 512, seed: int = 0,
+                    augment=None) -> Stage2Collator:
     """The stage-2 collator with the processor's prompts (`DESCRIBE_PROMPT`, `GENERATE_PROMPT`), the same the jobs
     (`describe`, `generate_cells`) use at inference."""
     return Stage2Collator(processor=processor, cell_to_text_prompt=DESCRIBE_PROMPT, text_to_cell_prompt=GENERATE_PROMPT,
                           text_to_cell_fraction=args.text_to_cell_fraction, max_length=max_length,
-                          max_decoder_genes=args.max_decoder_genes, seed=seed)
+                          max_decoder_genes=args.max_decoder_genes, seed=seed, augment=augment)
 
 
 def _first_rows(dataset, n: int) -> list[dict]:
@@ -332,7 +333,7 @@ def oversample_rare_texts(dataset, min_rows: int, seed: int = 0, text_column: st
 
 
 def train_stage2(model: ScMMGPTForConditionalGeneration, train_dataset, processor, sft_config, args: Stage2Arguments,
-                 *, callbacks=None, resume_from_checkpoint=None):
+                 *, callbacks=None, resume_from_checkpoint=None, augment=None):
     """Stage 2 with `SFTTrainer`, after `warm_up_expression_decoder` when `args.decoder_warmup_steps`. Returns
     `(trainer, merged_model)`: the trainer (its state holds the log history, `decoder_warmup_losses` the warm-up's)
     and a plain `ScMMGPTForConditionalGeneration` with any LoRA adapter merged in, ready for `save_pretrained`.
@@ -357,7 +358,8 @@ def train_stage2(model: ScMMGPTForConditionalGeneration, train_dataset, processo
     model, peft_config = apply_tuning(model, args)
     trainer = _sft_trainer_class()(
         model=model, args=sft_config, train_dataset=train_dataset, processing_class=processor,
-        data_collator=stage2_collator(processor, args, max_length=sft_config.max_length or 512, seed=sft_config.seed),
+        data_collator=stage2_collator(processor, args, max_length=sft_config.max_length or 512, seed=sft_config.seed,
+                                      augment=augment),
         peft_config=peft_config, callbacks=callbacks,
         expression_teacher_weight=args.expression_teacher_weight if args.train_expression_decoder else 0.0,
     )

@@ -46,6 +46,13 @@ class StageRun:
     callbacks: list = field(default_factory=list)
     resume_from_checkpoint: str | None = None
 
+    @property
+    def augment(self):
+        """The config's `CellAugmentation` with a seed of this stage's own (so a stage draws the same whether the
+        stages before it ran or were reused), or None when switched off."""
+        augmentation = self.config.augmentation
+        return augmentation.for_stage(self.folder.name) if augmentation.enabled else None
+
 
 # ---------------------------------------------------------------------------------------------------- helpers
 def shipped_minilm_path() -> str:
@@ -84,7 +91,8 @@ def _stage0_cell(run: StageRun, args, extra) -> dict:
     cells = run.cells
     config = ScMMGPTCellConfig(**_cell_config_dict(run.config.model, cells.tokenizer))
     _, metrics = pretrain_cell_encoder(cells.train, cells.test, cells.tokenizer, config=config, args=args,
-                                       mask_ratio=extra.mask_ratio, max_seconds=None, callbacks=run.callbacks)
+                                       mask_ratio=extra.mask_ratio, max_seconds=None, callbacks=run.callbacks,
+                                       augment=run.augment)
     return metrics
 
 
@@ -110,7 +118,7 @@ def _classifier(run: StageRun, args, extra) -> dict:
     cells = run.cells
     _, metrics = finetune_cell_classifier(cells.train, cells.test, cells.tokenizer, str(run.inputs["stage1"]),
                                           args=args, pooling=extra.pooling, dropout=extra.dropout,
-                                          callbacks=run.callbacks)
+                                          callbacks=run.callbacks, augment=run.augment)
     if is_main_process():  # its cell-annotation pipeline loads in a fresh process, package or not
         save_pipelines(run.folder)
     return metrics
@@ -144,7 +152,7 @@ def _stage1(run: StageRun, targs, extra) -> dict:
     trainer, metrics = train_stage1(
         model, cells.train, cell_tokenizer, text_tokenizer, targs, eval_dataset=cells.test, label_texts=label_texts,
         freeze_cell_encoder=extra.freeze_cell_encoder, max_text_length=m.max_text_length, callbacks=run.callbacks,
-        resume_from_checkpoint=run.resume_from_checkpoint)
+        resume_from_checkpoint=run.resume_from_checkpoint, augment=run.augment)
     trainer.save_model(str(run.folder))
     if trainer.is_world_process_zero():
         text_tokenizer.save_pretrained(str(run.folder / "qformer_tokenizer"))
@@ -171,7 +179,7 @@ def _stage2(run: StageRun, sft_config, extra) -> dict:
     model = build_stage2_model(stage1, llm, processor, extra.cell_embed_loss_weight, extra.expression_loss_weight,
                                seed=run.config.pipeline.seed)
     trainer, model = train_stage2(model, cells.train, processor, sft_config, extra, callbacks=run.callbacks,
-                                  resume_from_checkpoint=run.resume_from_checkpoint)
+                                  resume_from_checkpoint=run.resume_from_checkpoint, augment=run.augment)
     trainer.save_state()
     metrics = {"train_steps": trainer.state.global_step}
     if trainer.decoder_warmup_losses:
