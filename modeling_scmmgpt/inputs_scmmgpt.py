@@ -8,7 +8,8 @@ matrix, the gene names matched to the model's vocabulary, the cell ids, and the 
 - the matrix: `layer=NAME` → `layers[NAME]`, `use_raw=True` → `.raw`; by default `.X`, or `.raw` when `.X` holds scaled
   values (negative entries) and `.raw` holds none;
 - the values, detected from a sample of rows of any matrix type: raw counts (normalised to 10k per cell + log1p, as
-  the training data), normalised but not logged (rescaled + log1p), log1p-normalised (used as they are), or scaled
+  the training data), normalised but not logged (rescaled + log1p), log1p-normalised (used as they are, unless they
+  were normalised to a larger total than 10k, e.g. log1p(CPM): then expm1, rescaled to 10k, log1p), or scaled
   (refused, naming the option that fixes it).
 
 `CellInputs.decision` says all of this in one line; the jobs print it and the CLI records it in `uns`.
@@ -27,6 +28,10 @@ from .feature_extraction_scmmgpt import is_anndata
 
 SAMPLE_ROWS = 512  # rows read to detect the kind of values (spread over the matrix, not only its first cells)
 LOG1P_MAX = 20.0  # log1p of any plausible normalised value is below this; larger non-integer values are not logged
+# log1p values whose cells sum (after expm1) to more than this were normalised to a larger total than the model's 10k
+# (log1p(CPM): 10^6): the values would sit log(100) above the training values. 10k-normalised cells sum to at most
+# 10k (less when the file keeps only some genes), so 3x leaves room for rounding and stays far below CPM.
+LOG1P_TOTAL_MAX = 3e4
 VALUE_KINDS = ("counts", "normalized", "log1p", "scaled")
 NORMALIZE_CHOICES = ("auto", "yes", "no")
 KIND_NAMES = {"counts": "raw counts", "normalized": "normalised counts, not logged", "log1p": "log1p-normalised values",
@@ -47,6 +52,7 @@ class CellInputs:
     value_kind: str = "log1p"
     gene_column: str = "var_names"
     notes: list[str] = field(default_factory=list)
+    unlog: bool = False  # expm1 the values before the tokenizer normalises them (log1p values to another total)
 
     @property
     def n_cells(self) -> int:
@@ -56,6 +62,8 @@ class CellInputs:
     def decision(self) -> str:
         source = self.source + (" (.X holds scaled values)" if "X scaled" in self.notes else "")
         use = "normalised to 10k per cell + log1p" if self.normalize else "used as they are"
+        if self.unlog:
+            use = "normalised to a larger total than 10k: expm1, then " + use
         asked = " as requested" if "forced" in self.notes else ""
         return (f"cells: {self.n_cells} from {source}, genes from {self.gene_column}; values look like "
                 f"{KIND_NAMES[self.value_kind]}: {use}{asked}")
@@ -63,12 +71,17 @@ class CellInputs:
     def record(self) -> dict:
         """What an output's `uns` keeps of the decision."""
         return {"source": self.source, "value_kind": self.value_kind, "normalized": bool(self.normalize),
+                "unlogged": bool(self.unlog),
                 "gene_column": self.gene_column, "decision": self.decision}
 
     def chunks(self, size: int):
         """Yield (start, CSR chunk of at most `size` cells): a backed matrix is read one chunk at a time."""
         for start in range(0, self.n_cells, size):
-            yield start, _as_csr(self.matrix[start : start + size])
+            chunk = _as_csr(self.matrix[start : start + size])
+            if self.unlog:
+                chunk = chunk.copy()
+                chunk.data = np.expm1(chunk.data)
+            yield start, chunk
 
 
 def _as_csr(block) -> sparse.csr_matrix:
@@ -196,9 +209,21 @@ def _sample_rows(matrix) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, min(n, SAMPLE_ROWS)).astype(np.int64)) if n else np.zeros(0, np.int64)
 
 
-def _sample_values(matrix) -> np.ndarray:
+def _sample(matrix) -> sparse.csr_matrix:
     rows = _sample_rows(matrix)
-    return _as_csr(matrix[rows] if len(rows) else matrix[:0]).data
+    return _as_csr(matrix[rows] if len(rows) else matrix[:0])
+
+
+def _sample_values(matrix) -> np.ndarray:
+    return _sample(matrix).data
+
+
+def log1p_total(matrix) -> float:
+    """The median total per cell of log1p-normalised `matrix` once expm1'd (its normalisation target, or less when
+    the file keeps only some genes), from a sample of rows."""
+    sample = _sample(matrix).astype(np.float64)
+    sample.data = np.expm1(sample.data)
+    return float(np.median(np.asarray(sample.sum(1)).ravel())) if sample.shape[0] else 0.0
 
 
 def value_kind(matrix) -> str:
@@ -313,8 +338,9 @@ def read_cells(inputs, tokenizer, gene_names=None, *, layer: str | None = None, 
         matrix = matrix.tocsr()  # row chunks of a CSC matrix would each scan every column
     kind = kind or value_kind(matrix)
     flag, forced = _normalize_flag(kind, normalize, source, has_raw, layers)
+    unlog = kind == "log1p" and normalize in (None, "auto") and log1p_total(matrix) > LOG1P_TOTAL_MAX
     cell_ids = cell_ids or [f"cell_{i}" for i in range(int(matrix.shape[0]))]
-    return CellInputs(matrix, gene_names, cell_ids, flag, source, kind, column, notes + forced)
+    return CellInputs(matrix, gene_names, cell_ids, flag or unlog, source, kind, column, notes + forced, unlog)
 
 
 __all__ = ["CellInputs", "read_cells", "read_h5ad", "is_anndata", "match_gene_column", "value_kind", "VALUE_KINDS",

@@ -190,3 +190,19 @@ def test_long_prompts_are_truncated_with_a_warning(jobs):
     with pytest.warns(UserWarning, match="truncated"):
         cells = jobs.generate_cells(long_prompt, genes=["LYZ", "MS4A1"])
     assert cells.expression.shape == (1, 2) and np.isfinite(cells.expression).all()
+
+
+def test_log1p_of_another_total_is_brought_to_the_models_10k(data, jobs):
+    """log1p(CPM) is detected as log1p values normalised to a larger total: the cells come out as log1p(CP10k)."""
+    per_million = np.log1p(data["per_10k"].astype(np.float64) * 100).astype(np.float32)
+    genes = list(data["var"].index)
+    cpm = read_cells(per_million, jobs.cell_tokenizer, genes)
+    cp10k = read_cells(data["lognorm"], jobs.cell_tokenizer, genes)
+    assert cpm.unlog and cpm.normalize and not cp10k.unlog and not cp10k.normalize
+    assert "larger total than 10k" in cpm.decision and cpm.record()["unlogged"]
+    encoded = [jobs.cell_tokenizer(chunk, gene_names=c.gene_names, normalize=c.normalize, return_tensors="np")
+               for c in (cpm, cp10k) for _, chunk in c.chunks(N_CELLS)]
+    np.testing.assert_array_equal(encoded[0]["gene_ids"], encoded[1]["gene_ids"])
+    np.testing.assert_allclose(encoded[0]["expression_values"], encoded[1]["expression_values"], atol=1e-4)
+    # asked not to normalise, the values stay as given
+    assert not read_cells(per_million, jobs.cell_tokenizer, genes, normalize="no").unlog
