@@ -1,6 +1,7 @@
 """Fine-tuned cell type annotation: `ScMMGPTCellForClassification` (pooling, loss, save/load through the Auto classes)
 and `finetune_cell_classifier` on the shipped PBMC cells, then `scmmgpt annotate` with the saved folder."""
 
+import json
 import warnings
 
 import anndata
@@ -126,3 +127,23 @@ def test_cli_annotates_with_a_classifier_folder(trained, pbmc, tmp_path, capsys)
     assert "fixed labels" in capsys.readouterr().err
     assert main(["describe", str(folder), str(path), "-o", str(out)]) == 2
     assert "needs a stage2 model; this is a classifier model" in capsys.readouterr().err
+
+
+def test_checkpoint_is_chosen_on_validation_cells(pbmc_split, tmp_path):
+    """With validation cells carved from the training cells, the run scores them every `eval_steps`, keeps the best
+    checkpoint and ends on it: the saved model's validation accuracy is the best one logged."""
+    train, test, tokenizer = pbmc_split
+    carved = train.train_test_split(test_size=0.15, seed=0)
+    torch.manual_seed(0)
+    ScMMGPTCellModel(ScMMGPTCellConfig.tiny(vocab_size=len(tokenizer), max_genes=128)).save_pretrained(tmp_path / "e")
+    model, _ = finetune_cell_classifier(
+        carved["train"], None, tokenizer, str(tmp_path / "e"), output_dir=str(tmp_path / "c"), max_steps=120,
+        progress=False, logging_steps=20, validation_rows=carved["test"], eval_strategy="steps", eval_steps=20,
+        save_strategy="best", metric_for_best_model="accuracy", load_best_model_at_end=True, learning_rate=3e-2)
+    state = json.loads((tmp_path / "c" / "trainer_state.json").read_text())
+    logged = [entry["eval_accuracy"] for entry in state["log_history"] if "eval_accuracy" in entry]
+    assert len(logged) == 6 and state["best_metric"] == max(logged)
+    assert classifier_scores(model.eval(), carved["test"], tokenizer)["accuracy"] == pytest.approx(max(logged))
+    with pytest.raises(ValueError, match="no validation cells|there are none"):
+        finetune_cell_classifier(carved["train"], None, tokenizer, str(tmp_path / "e"), output_dir=str(tmp_path / "d"),
+                                 max_steps=5, progress=False, eval_strategy="steps", eval_steps=2)

@@ -43,7 +43,9 @@ class DataArguments:
     `dataset_dir`: a folder written by `scmmgpt build-dataset`, streamed and sharded per rank (corpus scale; its
     `test` split, when present, is read in memory for evaluation). `max_genes`: gene tokens per cell.
     `held_out_cell_types`: labels, CL ids or CL names whose cells go to no training stage (the `heldout` split, for
-    zero-shot evaluation on unseen types; an in-memory `h5ad` only: a built folder was split when it was built)."""
+    zero-shot evaluation on unseen types; an in-memory `h5ad` only: a built folder was split when it was built).
+    `validation_size`: share of the training cells set aside (in memory, seeded) for stages that choose their
+    checkpoint on them (`eval_strategy` / `load_best_model_at_end` in the stage's section); 0: none."""
 
     h5ad: str | None = None
     dataset_dir: str | None = None
@@ -54,6 +56,7 @@ class DataArguments:
     stream_buffer_size: int = 10_000
     seed: int = 0
     held_out_cell_types: list[str] = field(default_factory=list)
+    validation_size: float = 0.0
 
 
 @dataclass

@@ -15,7 +15,8 @@ import torch
 
 from .collators import augmented
 from .streaming import cell_input_batches, rows_to_cell_inputs
-from .trainers import LossPartsTrainer, save_trained, stage_training_arguments, time_guarded, trained_metrics
+from .trainers import (LossPartsTrainer, check_validation, save_trained, stage_training_arguments, time_guarded,
+                       trained_metrics)
 
 # `TrainingArguments` defaults of a fine-tuning run (its config section, or the keywords of the function, win)
 CLASSIFIER_TRAINING = dict(max_steps=1000, per_device_train_batch_size=32, learning_rate=3e-3, logging_steps=50,
@@ -85,7 +86,7 @@ def finetune_cell_classifier(train_rows, eval_rows, cell_tokenizer, encoder_dir:
                              output_dir: str = "classifier", label_column: str = "cell_type",
                              pooling: str = "expression_mean", dropout: float = 0.1, max_seconds: float | None = None,
                              progress: bool = True, save: bool = True, callbacks=None, augment=None,
-                             **training_args):
+                             validation_rows=None, **training_args):
     r"""
     Fine-tune a cell type classifier from the cell encoder in `encoder_dir`.
 
@@ -99,6 +100,9 @@ def finetune_cell_classifier(train_rows, eval_rows, cell_tokenizer, encoder_dir:
             and its dropout.
         max_seconds: a wall-time guard (warns when it stops training early).
         callbacks: more `TrainerCallback`s.
+        augment: a `CellAugmentation` for the training cells.
+        validation_rows: labelled cells carved from the training data; with `args.eval_strategy` set, their accuracy
+            is logged as `eval_accuracy` and `load_best_model_at_end` keeps the best checkpoint.
 
     Returns:
         `(model, metrics)`: the trained model and `{"train_steps", "first_loss", "last_loss", "train_runtime"}` plus,
@@ -116,10 +120,15 @@ def finetune_cell_classifier(train_rows, eval_rows, cell_tokenizer, encoder_dir:
     if eval_rows is not None:
         metrics.update({f"{k}_before": v for k, v in classifier_scores(model, eval_rows, cell_tokenizer,
                                                                       label_column).items()})
-    trainer = LossPartsTrainer(model=model, args=args, train_dataset=train_rows,
+    check_validation(args, validation_rows, "classifier")
+    score = None
+    if validation_rows is not None:
+        def score(m):
+            return classifier_scores(m, validation_rows, cell_tokenizer, label_column)
+    trainer = LossPartsTrainer(model=model, args=args, train_dataset=train_rows, eval_dataset=validation_rows,
                                data_collator=CellLabelCollator(cell_tokenizer, model.config.label2id, label_column,
                                                                augment),
-                               callbacks=time_guarded(max_seconds, callbacks))
+                               callbacks=time_guarded(max_seconds, callbacks), validation_score=score)
     metrics.update(trained_metrics(trainer, trainer.train()))
     if eval_rows is not None:
         metrics.update(classifier_scores(model, eval_rows, cell_tokenizer, label_column))

@@ -122,13 +122,15 @@ class RankStepsCallback(TrainerCallback):
 class Cells(NamedTuple):
     """A run's cells: `train` a `datasets.Dataset` (or a per-rank `IterableDataset` for a built folder), `test` held-out
     rows (or None), `all_rows` the in-memory cells used as the k-NN reference (or None), their `tokenizer`, and
-    `unseen` the cells of `data.held_out_cell_types` (or None), which no stage trains on."""
+    `unseen` the cells of `data.held_out_cell_types` (or None), which no stage trains on, and `validation` cells
+    carved from the training split (`data.validation_size`; or None) on which stages choose their checkpoint."""
 
     train: Any
     test: Any
     all_rows: Any
     tokenizer: Any
     unseen: Any = None
+    validation: Any = None
 
 
 def load_cells(data: DataArguments) -> Cells:
@@ -145,6 +147,9 @@ def load_cells(data: DataArguments) -> Cells:
         # (`IterableDataset.shard`: whole parquet shards per rank, the split `stream_dataset(rank=, world_size=)`
         # makes, when there are at least as many shards as ranks); splitting here too would drop data
         train = stream_dataset(data.dataset_dir, "train", seed=data.seed, buffer_size=data.stream_buffer_size)
+        if data.validation_size:
+            raise ValueError("data.validation_size carves validation cells from an in-memory h5ad; a built folder "
+                             "streams its training cells: set it to 0")
         if data.held_out_cell_types:
             raise ValueError("data.held_out_cell_types splits an in-memory h5ad; a built folder was split when it was "
                              "built: pass --held-out-cell-types to scmmgpt build-dataset")
@@ -157,7 +162,11 @@ def load_cells(data: DataArguments) -> Cells:
     tokenizer.max_genes = data.max_genes
     splits = split_dataset(dataset, by=data.split_by, test_size=data.test_size, seed=data.seed,
                            held_out_cell_types=data.held_out_cell_types)
-    return Cells(splits["train"], splits.get("test"), dataset, tokenizer, splits.get("heldout"))
+    train, validation = splits["train"], None
+    if data.validation_size:
+        carved = train.train_test_split(test_size=data.validation_size, seed=data.seed)
+        train, validation = carved["train"], carved["test"]
+    return Cells(train, splits.get("test"), dataset, tokenizer, splits.get("heldout"), validation)
 
 
 # ---------------------------------------------------------------------------------------------------- pipeline

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import BertConfig, Trainer
+from transformers import BertConfig
 
 from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTConfig, ScMMGPTModel
 
 from .collators import Stage1Collator
 from .streaming import cell_input_batches
-from .trainers import LossPartsLoggingMixin
+from .trainers import LossPartsTrainer, check_validation
 
 STAGE1_LOSSES = ("loss_contrastive", "loss_matching", "loss_captioning")
 
@@ -37,7 +37,7 @@ def build_stage1_model(cell_tokenizer, text_tokenizer, qformer_path: str | None 
     return model
 
 
-class Stage1Trainer(LossPartsLoggingMixin, Trainer):
+class Stage1Trainer(LossPartsTrainer):
     """`Trainer` that also logs each stage-1 loss (mean over the steps since the last log)."""
 
     loss_parts = STAGE1_LOSSES
@@ -77,10 +77,13 @@ def retrieval_accuracy(model, rows, cell_tokenizer, text_tokenizer, label_texts:
 
 def train_stage1(model: ScMMGPTModel, train_dataset, cell_tokenizer, text_tokenizer, args, *, eval_dataset=None,
                  label_texts: dict[str, str] | None = None, freeze_cell_encoder: bool = False,
-                 max_text_length: int = 128, callbacks=None, resume_from_checkpoint=None, augment=None):
+                 max_text_length: int = 128, callbacks=None, resume_from_checkpoint=None, augment=None,
+                 validation_dataset=None):
     """Stage 1 with `Stage1Trainer` (`args`: `TrainingArguments`). With `eval_dataset` and `label_texts`, zero-shot
     retrieval accuracy on it is measured before and after training. `freeze_cell_encoder` keeps the cell encoder's
-    weights (e.g. a pre-trained scGPT) fixed and trains the Q-Former and heads only.
+    weights (e.g. a pre-trained scGPT) fixed and trains the Q-Former and heads only. With `validation_dataset` (cells
+    carved from the training data) and `args.eval_strategy` set, retrieval accuracy on it is logged as
+    `eval_retrieval_accuracy` and `load_best_model_at_end` keeps the best checkpoint.
 
     Returns:
         `(trainer, metrics)`; metrics hold `train_runtime`, `train_steps` and, with evaluation data,
@@ -92,8 +95,15 @@ def train_stage1(model: ScMMGPTModel, train_dataset, cell_tokenizer, text_tokeni
     if evaluate:
         metrics["retrieval_accuracy_before"] = retrieval_accuracy(model, eval_dataset, cell_tokenizer, text_tokenizer,
                                                                   label_texts)
+    check_validation(args, validation_dataset, "stage1")
+    score = None
+    if validation_dataset is not None and label_texts:
+        def score(m):
+            return {"retrieval_accuracy": retrieval_accuracy(m, validation_dataset, cell_tokenizer, text_tokenizer,
+                                                             label_texts)}
     trainer = Stage1Trainer(model=model, args=args, train_dataset=train_dataset, callbacks=callbacks,
-                            data_collator=stage1_collator(cell_tokenizer, text_tokenizer, max_text_length, augment))
+                            data_collator=stage1_collator(cell_tokenizer, text_tokenizer, max_text_length, augment),
+                            eval_dataset=validation_dataset, validation_score=score)
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     metrics.update(train_runtime=result.metrics["train_runtime"], train_steps=trainer.state.global_step)
     if evaluate:

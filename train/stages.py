@@ -118,7 +118,8 @@ def _classifier(run: StageRun, args, extra) -> dict:
     cells = run.cells
     _, metrics = finetune_cell_classifier(cells.train, cells.test, cells.tokenizer, str(run.inputs["stage1"]),
                                           args=args, pooling=extra.pooling, dropout=extra.dropout,
-                                          callbacks=run.callbacks, augment=run.augment)
+                                          callbacks=run.callbacks, augment=run.augment,
+                                          validation_rows=cells.validation)
     if is_main_process():  # its cell-annotation pipeline loads in a fresh process, package or not
         save_pipelines(run.folder)
     return metrics
@@ -152,7 +153,7 @@ def _stage1(run: StageRun, targs, extra) -> dict:
     trainer, metrics = train_stage1(
         model, cells.train, cell_tokenizer, text_tokenizer, targs, eval_dataset=cells.test, label_texts=label_texts,
         freeze_cell_encoder=extra.freeze_cell_encoder, max_text_length=m.max_text_length, callbacks=run.callbacks,
-        resume_from_checkpoint=run.resume_from_checkpoint, augment=run.augment)
+        resume_from_checkpoint=run.resume_from_checkpoint, augment=run.augment, validation_dataset=cells.validation)
     trainer.save_model(str(run.folder))
     if trainer.is_world_process_zero():
         text_tokenizer.save_pretrained(str(run.folder / "qformer_tokenizer"))

@@ -54,8 +54,39 @@ class LossPartsLoggingMixin:
         super().log(logs, *args, **kwargs)
 
 
-class LossPartsTrainer(LossPartsLoggingMixin, Trainer):
-    """A `Trainer` that logs the model output's `loss_parts` (the `loss_parts=` keyword) next to `loss`."""
+class ValidationScoreMixin:
+    """`evaluate()` scores the model with `validation_score(model) -> {name: value}` (e.g. zero-shot retrieval
+    accuracy on validation cells) instead of an eval-loss loop, and logs the scores as `eval_<name>`. With
+    `load_best_model_at_end` and `metric_for_best_model: <name>` in the stage's arguments, the run ends on the
+    checkpoint that scored best on cells carved from the training data, never on the test split. Put it before the
+    trainer class in the bases; without `validation_score` it is the trainer's own `evaluate`."""
+
+    def __init__(self, *args, validation_score=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.validation_score = validation_score
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        if self.validation_score is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        was_training = self.model.training
+        metrics = {f"{metric_key_prefix}_{name}": float(value)
+                   for name, value in self.validation_score(self.model).items()}
+        self.model.train(was_training)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+def check_validation(args: TrainingArguments, validation, stage: str):
+    """A one-line error when `args` evaluate mid-run (checkpoint choice) but there are no validation cells."""
+    if args.eval_strategy not in (None, "no") and validation is None:
+        raise ValueError(f"{stage}: eval_strategy={str(args.eval_strategy)!r} chooses checkpoints on validation cells, "
+                         "but there are none: set data.validation_size > 0 (in-memory cells) or eval_strategy: no")
+
+
+class LossPartsTrainer(ValidationScoreMixin, LossPartsLoggingMixin, Trainer):
+    """A `Trainer` that logs the model output's `loss_parts` (the `loss_parts=` keyword) next to `loss`, and scores
+    checkpoints with `validation_score=` (see `ValidationScoreMixin`)."""
 
 
 class TimeLimitCallback(TrainerCallback):
@@ -133,6 +164,7 @@ def save_trained(trainer: Trainer, tokenizer, name: str, metrics: dict):
     trainer.save_metrics(name, metrics)
 
 
-__all__ = ["RUN_DEFAULTS", "LossPartsLoggingMixin", "LossPartsTrainer", "TimeLimitCallback",
+__all__ = ["RUN_DEFAULTS", "LossPartsLoggingMixin", "LossPartsTrainer", "TimeLimitCallback", "ValidationScoreMixin",
+           "check_validation",
            "bounded_training_arguments", "first_last", "save_trained", "stage_training_arguments", "time_guarded",
            "trained_metrics"]
