@@ -1,8 +1,10 @@
-"""Cell Ontology (CL) text for cells: `"cell type: {name}. {definition}"`, offline.
+"""Cell Ontology (CL) text for the cells of a dataset: `"cell type: {name}. {definition}"`, offline.
 
-The ontology is the one `cellxgene-ontology-guide` ships inside its wheel
-(`cellxgene_ontology_guide/data/CL-ontology-<version>.json.zst`): a JSON object keyed by CL id, each term carrying
-`label`, `description` (the definition), optional `synonyms`, `deprecated` and, for obsolete terms, `replaced_by`.
+The ontology itself — `CLTerm` (name, definition, synonyms, parents), `CellOntology` (lookup by id, name, synonym;
+`ancestors`), `load_cell_ontology`, `cell_type_text` — lives in `modeling_scmmgpt.ontology_scmmgpt`, which the jobs
+use to resolve `annotate` labels too; this module re-exports it and adds what building a dataset needs: the PBMC table
+as the built-in label map, `map_labels` with its report of unmapped labels, and cell texts with metadata context.
+A term's `synonyms` and its parents (`CellOntology.ancestors(term_id)`, nearest first) are there for text variety.
 
 Free-text labels map to terms by (1) an explicit table (scanpy's PBMC `bulk_labels`), (2) a CL id, (3) the exact term
 name, (4) an exact synonym, each case-insensitively. Labels that map to nothing are reported in a `LabelMapping`,
@@ -12,12 +14,17 @@ never dropped: `LabelMapping.raise_if_unmapped()` turns them into an `UnmappedLa
 from __future__ import annotations
 
 import functools
-import importlib.util
-import json
 import math
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from modeling_scmmgpt import ontology_scmmgpt
+from modeling_scmmgpt.ontology_scmmgpt import (
+    CLTerm,
+    cell_type_text,
+    newest_ontology_file,
+    normalise_name,
+    ontology_data_dir,
+)
 
 # The 10 `bulk_labels` of scanpy's `pbmc68k_reduced` (Zheng et al. 2017's bead-sorted populations) → CL ids.
 # Chosen as the most specific CL term that states exactly the sorting markers of each population.
@@ -41,7 +48,6 @@ CONTEXT_COLUMNS: dict[str, str] = {
     "development_stage": "Development stage",
 }
 _MISSING = {"", "unknown", "na", "nan", "none"}
-_CL_ID = re.compile(r"^CL[:_]\d{7}$", re.IGNORECASE)
 
 
 class UnmappedLabelsError(ValueError):
@@ -52,18 +58,6 @@ class UnmappedLabelsError(ValueError):
         self.summary = summary
         super().__init__(f"{summary}. Pass `label_map={{label: 'CL:…'}}` for them, or `on_unmapped='label_only'` to "
                          "keep them with label-only text.")
-
-
-@dataclass(frozen=True)
-class CLTerm:
-    """One Cell Ontology term."""
-
-    id: str
-    name: str
-    definition: str
-    synonyms: tuple[str, ...] = ()
-    deprecated: bool = False
-    replaced_by: str | None = None
 
 
 @dataclass
@@ -88,63 +82,25 @@ class LabelMapping:
         return {"mapped": {label: term.id for label, term in self.terms.items()}, "unmapped": dict(self.unmapped)}
 
 
-def _normalise(text: str) -> str:
-    return " ".join(str(text).strip().lower().split())
-
-
 def is_missing(value) -> bool:
     """True for NaN / None / empty / 'unknown' metadata values."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return True
-    return _normalise(value) in _MISSING
+    return normalise_name(value) in _MISSING
 
 
-class CellOntology:
-    """The Cell Ontology, indexed by id, name and synonym.
+class CellOntology(ontology_scmmgpt.CellOntology):
+    """The Cell Ontology (`modeling_scmmgpt.ontology_scmmgpt.CellOntology`) with the PBMC table under any
+    `label_map`, and `map_labels` for a dataset's labels.
 
     Args:
         terms: CL id → `CLTerm`; `load_cell_ontology()` builds it from the shipped file.
         version: the ontology release (e.g. `"v2026-03-26"`).
+        label_map: label → CL id entries on top of `PBMC_BULK_LABELS`, consulted before names.
     """
 
-    def __init__(self, terms: dict[str, CLTerm], version: str = "unknown"):
-        self.terms = terms
-        self.version = version
-        self._by_name: dict[str, str] = {}
-        self._by_synonym: dict[str, str] = {}
-        for term in terms.values():
-            if term.deprecated:  # obsolete terms resolve by id only, never by a name match
-                continue
-            self._by_name.setdefault(_normalise(term.name), term.id)
-            for synonym in term.synonyms:
-                self._by_synonym.setdefault(_normalise(synonym), term.id)
-
-    def __len__(self) -> int:
-        return len(self.terms)
-
-    def __contains__(self, term_id: str) -> bool:
-        return term_id in self.terms
-
-    def term(self, term_id: str) -> CLTerm:
-        """The live term of a CL id (`CL:0000236` or `CL_0000236`), following `replaced_by` of obsolete ones."""
-        term_id = str(term_id).strip().upper().replace("_", ":")
-        if term_id not in self.terms:
-            raise KeyError(f"{term_id} is not a term of the Cell Ontology {self.version}")
-        term = self.terms[term_id]
-        if term.deprecated and term.replaced_by in self.terms:
-            return self.term(term.replaced_by)
-        return term
-
-    def lookup(self, label: str, label_map: dict[str, str] | None = None) -> CLTerm | None:
-        """The term for a free-text label (explicit map, CL id, name, synonym; case-insensitive), or None."""
-        key = _normalise(label)
-        explicit = {_normalise(k): v for k, v in {**PBMC_BULK_LABELS, **(label_map or {})}.items()}
-        if key in explicit:
-            return self.term(explicit[key])
-        if _CL_ID.match(str(label).strip()):
-            return self.term(label) if str(label).strip().upper().replace("_", ":") in self.terms else None
-        term_id = self._by_name.get(key) or self._by_synonym.get(key)
-        return self.terms[term_id] if term_id else None
+    def __init__(self, terms: dict[str, CLTerm], version: str = "unknown", label_map: dict[str, str] | None = None):
+        super().__init__(terms, version, {**PBMC_BULK_LABELS, **(label_map or {})})
 
     def map_labels(self, labels, label_map: dict[str, str] | None = None) -> LabelMapping:
         """Map each distinct label of `labels` (an iterable of str, one per cell) and count unmapped cells."""
@@ -160,67 +116,13 @@ class CellOntology:
                 mapping.terms[label] = term
         return mapping
 
-    def texts(self, include_deprecated: bool = False) -> list[tuple[str, str]]:
-        """(name, definition) of every term that has a definition, in CL id order (a corpus for LLM pre-training)."""
-        return [
-            (t.name, t.definition)
-            for _, t in sorted(self.terms.items())
-            if t.definition and (include_deprecated or not t.deprecated)
-        ]
-
-
-def ontology_data_dir() -> Path:
-    """The `data/` folder of the installed `cellxgene-ontology-guide` package."""
-    spec = importlib.util.find_spec("cellxgene_ontology_guide")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "the Cell Ontology ships with `cellxgene-ontology-guide`; install it (pip install 'scmmgpt[train]')"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / "data"
-
-
-def _version_key(path: Path) -> tuple:
-    """Sort key of `CL-ontology-v2026-03-26.json.zst` by its numeric version parts."""
-    version = path.name[len("CL-ontology-") : -len(".json.zst")]
-    return tuple(int(p) for p in re.findall(r"\d+", version))
-
-
-def newest_ontology_file(data_dir: Path | None = None) -> Path:
-    """The newest shipped CL ontology file."""
-    data_dir = Path(data_dir) if data_dir is not None else ontology_data_dir()
-    files = sorted(data_dir.glob("CL-ontology-*.json.zst"), key=_version_key)
-    if not files:
-        raise FileNotFoundError(f"no CL-ontology-*.json.zst in {data_dir}")
-    return files[-1]
-
 
 @functools.lru_cache(maxsize=4)
-def load_cell_ontology(path: str | Path | None = None) -> CellOntology:
-    """Load (and cache) the Cell Ontology from a `CL-ontology-*.json.zst` file; the newest shipped one by default."""
-    import zstandard
-
-    path = Path(path) if path is not None else newest_ontology_file()
-    with open(path, "rb") as f:
-        raw = json.loads(zstandard.ZstdDecompressor().stream_reader(f).read())
-    terms = {
-        term_id: CLTerm(
-            id=term_id,
-            name=entry["label"],
-            definition=(entry.get("description") or "").strip(),
-            synonyms=tuple(entry.get("synonyms") or ()),
-            deprecated=bool(entry.get("deprecated")),
-            replaced_by=entry.get("replaced_by"),
-        )
-        for term_id, entry in raw.items()
-    }
-    version = path.name[len("CL-ontology-") : -len(".json.zst")]
-    return CellOntology(terms, version=version)
-
-
-def cell_type_text(name: str, definition: str = "") -> str:
-    """`"cell type: {name}. {definition}"` (the definition omitted when empty)."""
-    text = f"cell type: {name}."
-    return f"{text} {definition.strip()}" if definition and definition.strip() else text
+def load_cell_ontology(path=None) -> CellOntology:
+    """Load (and cache) the Cell Ontology, with the PBMC table, from a `CL-ontology-*.json.zst` file; the newest
+    shipped one by default."""
+    shipped = ontology_scmmgpt.load_cell_ontology(path)
+    return CellOntology(shipped.terms, shipped.version)
 
 
 def cell_text(term: CLTerm | None, label: str | None = None, context: dict | None = None) -> str:
@@ -259,5 +161,7 @@ __all__ = [
     "is_missing",
     "load_cell_ontology",
     "newest_ontology_file",
+    "normalise_name",
+    "ontology_data_dir",
     "ontology_texts",
 ]
