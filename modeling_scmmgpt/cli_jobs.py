@@ -9,6 +9,7 @@ exit status 2.
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -19,6 +20,7 @@ import numpy as np
 
 from .inputs_scmmgpt import NORMALIZE_CHOICES, read_h5ad
 from .jobs_scmmgpt import LABELS_FILE, ScMMGPTJobs, model_kind, require_job
+from .ontology_scmmgpt import load_cell_ontology
 
 
 class CLIError(Exception):
@@ -180,29 +182,64 @@ def _cell_job(args, job: str):
 
 
 def annotate_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="scmmgpt annotate", description="Cell type annotation: writes "
-                                     "obs['scmmgpt_cell_type'] and obsm['scmmgpt_cell_type_scores'].")
+    parser = argparse.ArgumentParser(
+        prog="scmmgpt annotate",
+        description="Cell type annotation: writes obs['scmmgpt_cell_type'], obs['scmmgpt_cell_type_ontology_term_id'] "
+                    "(the CL id of labels read from the Cell Ontology), obsm['scmmgpt_cell_type_scores'] and, in "
+                    "uns['scmmgpt'], the labels with the text each was scored by and its CL id.")
     _common_arguments(parser)
     parser.add_argument("--labels", nargs="+",
-                        help=f"candidate cell types (default: those the model was trained on, its {LABELS_FILE})")
+                        help="candidate cell types: labels the model was trained on (its "
+                             f"{LABELS_FILE}), Cell Ontology names or exact synonyms ('B cell', 'NK cell', any case), "
+                             "or CL ids (CL:0000623), which are reported by their ontology name ('natural killer "
+                             "cell'; the id is in obs['scmmgpt_cell_type_ontology_term_id']); default: the model's "
+                             "own labels")
+    parser.add_argument("--label-texts", metavar="FILE",
+                        help="a JSON object label → text for free-text labels (e.g. {\"my T cells\": \"cell type: T "
+                             "cell. ...\"}); its texts win over the model's and the ontology's, and its labels are the "
+                             "candidates when --labels is not given")
     parser.add_argument("--method", choices=["retrieval", "likelihood", "generate"], default=None,
                         help="zero-shot method of a scMMGPT model (default: retrieval); a fine-tuned classifier "
                              "folder uses its head")
     return _run(parser, argv, _annotate)
 
 
+def _read_label_texts(path: str | None) -> dict | None:
+    """The --label-texts file: a JSON object of label → text."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            texts = json.load(f)
+    except (OSError, ValueError) as err:
+        raise CLIError(f"--label-texts {path}: cannot read it as JSON ({err})") from err
+    if not isinstance(texts, dict) or not texts or not all(isinstance(t, str) and t.strip() for t in texts.values()):
+        raise CLIError(f"--label-texts {path}: must be a JSON object of label → non-empty text")
+    return texts
+
+
 def _annotate(args):
     import pandas as pd
 
+    label_texts = _read_label_texts(args.label_texts)
     jobs, cells = _cell_job(args, "annotate")
-    if jobs.kind.name == "classifier" and (args.labels or args.method):
-        raise CLIError(f"{args.model} is a fine-tuned classifier with fixed labels: drop --labels / --method")
-    result = jobs.annotate(cells, args.labels, method=args.method, batch_size=args.batch_size)
-    write_results(args.input, args.output,
-                  obs={"scmmgpt_cell_type": pd.Categorical(result.predictions, categories=result.labels)},
-                  obsm={"scmmgpt_cell_type_scores": result.scores.astype(np.float32)},
-                  uns={**cells.record(), "job": "annotate", "method": args.method or jobs.kind.annotation_methods[0],
-                       "labels": np.asarray(result.labels, dtype=object)})
+    if jobs.kind.name == "classifier" and (args.labels or args.method or label_texts):
+        raise CLIError(f"{args.model} is a fine-tuned classifier with fixed labels: drop --labels / --label-texts / "
+                       "--method")
+    result = jobs.annotate(cells, args.labels, method=args.method, label_texts=label_texts,
+                           batch_size=args.batch_size)
+    obs = {"scmmgpt_cell_type": pd.Categorical(result.predictions, categories=result.labels)}
+    uns = {**cells.record(), "job": "annotate", "method": args.method or jobs.kind.annotation_methods[0],
+           "labels": np.asarray(result.labels, dtype=object)}
+    if result.label_texts is not None:
+        uns["label_texts"] = np.asarray(result.label_texts, dtype=object)
+        uns["label_ids"] = np.asarray([i or "" for i in result.label_ids], dtype=object)  # "": not an ontology label
+    if any(result.label_ids or ()):
+        term_of = dict(zip(result.labels, result.label_ids))
+        obs["scmmgpt_cell_type_ontology_term_id"] = pd.Categorical([term_of.get(p) for p in result.predictions])
+        uns["cell_ontology"] = load_cell_ontology().version
+    write_results(args.input, args.output, obs=obs,
+                  obsm={"scmmgpt_cell_type_scores": result.scores.astype(np.float32)}, uns=uns)
 
 
 def embed_main(argv=None) -> int:

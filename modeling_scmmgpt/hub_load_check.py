@@ -66,7 +66,9 @@ def _run_pipelines(folder: str, config, model, processor, report: dict):
         if task == "cell-annotation":
             # a classifier has only a cell tokenizer, and annotates with its own labels
             cell_tokenizer = getattr(processor, "feature_extractor", processor)
-            labels = {} if cell_tokenizer is processor else {"labels": ["a cell", "another cell"]}
+            # free-text labels with their texts: the check needs neither the model's label texts nor the ontology
+            labels = {} if cell_tokenizer is processor else {
+                "labels": ["a cell", "another cell"], "label_texts": ["cell type: a cell.", "cell type: another cell."]}
             genes = list(cell_tokenizer.gene_names[:16])
             out = pipe({"genes": genes, "counts": [[1.0] * len(genes), [float(i % 3) for i in range(len(genes))]]},
                        batch_size=2, **labels)

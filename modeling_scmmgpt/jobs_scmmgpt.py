@@ -2,6 +2,7 @@
 
     jobs = ScMMGPTJobs.from_pretrained("demo_output/model")      # any kind of folder: stage 2, stage 1, classifier
     jobs.annotate("pbmc.h5ad").predictions                     # labels: those the model was trained on
+    jobs.annotate("pbmc.h5ad", labels=["B cell", "CL:0000623"])  # or any Cell Ontology names / CL ids
     jobs.describe(adata[:5]); jobs.embed(adata); jobs.generate_cells("cell type: B cell.", n_per_text=50, seed=0)
 
 This is the one layer that the Python API, the pipelines, the CLI, the endpoint handler and the evaluation call. It
@@ -24,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .inputs_scmmgpt import CellInputs, read_cells
+from .ontology_scmmgpt import cell_type_terms, cell_type_text, cl_id
 from .processing_scmmgpt import ANNOTATE_PROMPT, DESCRIBE_PROMPT, GENERATE_PROMPT
 
 LABELS_FILE = "label_texts.json"  # label → text, saved beside a trained model by the training pipeline
@@ -95,11 +97,15 @@ def require_job(kind: ModelKind, job: str) -> None:
 @dataclass
 class CellAnnotation:
     """`predictions[i]` is the label of cell i (None for a cell with no known gene expressed); `scores` (cells ×
-    labels) the method's score of each label (NaN rows for such cells)."""
+    labels) the method's score of each label (NaN rows for such cells). `label_texts` are the texts the labels were
+    scored by and `label_ids` their CL ids where they were resolved through the Cell Ontology (None for the model's
+    own labels and free-text ones; both None for a classifier's labels)."""
 
     predictions: list
     scores: np.ndarray
     labels: list[str]
+    label_texts: list[str] | None = None
+    label_ids: list[str | None] | None = None
 
 
 @dataclass
@@ -138,6 +144,29 @@ def _names(values, what: str) -> list[str]:
     if len(set(names)) != len(names):
         raise ValueError(f"{what} has duplicates: {sorted({n for n in names if names.count(n) > 1})[:10]}")
     return names
+
+
+def _given_texts(labels, label_texts) -> dict[str, str]:
+    """The caller's `label_texts` as label → text: a dict as it is, a list paired with `labels` one by one."""
+    if label_texts is None:
+        return {}
+    if isinstance(label_texts, dict):
+        return {str(label): str(text) for label, text in label_texts.items()}
+    if isinstance(label_texts, str) or labels is None or len(label_texts) != len(labels):
+        raise ValueError(f"label_texts must be a dict label → text, or a list of one text per label "
+                         f"({len(labels or ())} labels)")
+    return {label: str(text) for label, text in zip(labels, label_texts)}
+
+
+def _refuse_same_cell_type(labels: list[str], names: list[str], ids: list):
+    """ValueError when two labels are one cell type (the same name, or the same CL term): their scores would tie.
+    (Texts may repeat: a model's own labels can share a term's text, e.g. two sorts of one cell type.)"""
+    for values in (names, ids):
+        seen = {}
+        for label, value in zip(labels, values):
+            if value is not None and value in seen:
+                raise ValueError(f"labels {seen[value]!r} and {label!r} are one cell type ({value}): give it once")
+            seen[value] = label
 
 
 def _tidy_description(text: str, cut: bool) -> str:
@@ -266,29 +295,41 @@ class ScMMGPTJobs:
         return encoder(batch["gene_ids"], batch["expression_values"], batch["cell_attention_mask"]).cell_embeds
 
     # ---------------------------------------------------------------------------------------------- annotation
-    def _label_set(self, labels, label_texts):
-        """(labels, their texts or None) with the model's own label texts as the default."""
+    def _label_set(self, labels, label_texts) -> tuple[list[str], list[str], list[str | None]]:
+        """(labels as the predictions name them, the text each is scored by, its CL id or None); see `annotate`."""
+        if labels is not None:
+            labels = _names(labels, "labels")
+        given = _given_texts(labels, label_texts)
         if labels is None:
-            if self.label_texts is None:
+            if not given and self.label_texts is None:
                 raise ValueError("give labels: this model carries no label texts (label_texts.json) of the cell "
                                  "types it was trained on")
-            labels, label_texts = list(self.label_texts), list(self.label_texts.values())
-        labels = _names(labels, "labels")
-        if label_texts is None and self.label_texts and all(label in self.label_texts for label in labels):
-            label_texts = [self.label_texts[label] for label in labels]
-        if label_texts is not None:
-            if isinstance(label_texts, str) or len(label_texts) != len(labels):
-                raise ValueError(f"label_texts must be a list of one text per label ({len(labels)} labels)")
-            label_texts = [str(t) for t in label_texts]
-        return labels, label_texts
+            labels = _names(list(given or self.label_texts), "label_texts")
+        known = {**(self.label_texts or {}), **given}  # the caller's texts win over the model's
+        terms = cell_type_terms([label for label in labels if label not in known], list(self.label_texts or ()))
+        # a CL id is reported by its term's name: "natural killer cell" reads better in a table than "CL:0000623"
+        names = [terms[label].name if label in terms and cl_id(label) else label for label in labels]
+        ids = [terms[label].id if label in terms else None for label in labels]
+        texts = [known[label] if label in known else cell_type_text(terms[label].name, terms[label].definition)
+                 for label in labels]
+        _refuse_same_cell_type(labels, names, ids)
+        return names, texts, ids
 
     @torch.inference_mode()
     def annotate(self, cells, labels=None, method: str | None = None, label_texts=None, batch_size: int = 64,
                  gene_names=None, **input_options) -> CellAnnotation:
         """Assign each cell one of `labels` (default: the cell types the model was trained on).
 
+        Each label is scored by a text, the first found of: the caller's `label_texts` (a list of one text per label,
+        or a dict label → text for some of them: free-text labels on purpose), the model's own text for a label it
+        was trained on (its label_texts.json, e.g. "CD19+ B"), or the Cell Ontology term of a CL id (`CL:0000623` or
+        `CL_0000623`) or of a term name / exact synonym, case-insensitive ("B cell", "NK cell"), whose text is
+        `"cell type: {name}. {definition}"` as in training. Predictions name labels as given, except that a CL id
+        comes back as its term's name ("natural killer cell"); `CellAnnotation.label_ids` keeps the CL ids. Any other
+        label is a one-line ValueError with close matches among the ontology's names and the model's labels.
+
         - `"retrieval"` (zero-shot, stage 1 and 2): cosine similarity of cell features to the features of the
-          label texts (`label_texts`, the model's own texts for labels it knows, else `"cell type: {label}."`);
+          label texts;
         - `"likelihood"` (stage 2): mean log-probability of each label's name after `ANNOTATE_PROMPT` under the LLM,
           where the name is the ontology name in the label's text ("CD14-positive monocyte" for "CD14+ Monocyte");
         - `"generate"` (stage 2): greedy generation after the same prompt, matched to the closest name;
@@ -299,14 +340,15 @@ class ScMMGPTJobs:
         if method not in self.kind.annotation_methods:
             raise ValueError(f"method {method!r} is not one of this {self.kind.name} model's: "
                              f"{list(self.kind.annotation_methods)}")
+        ids = None
         if method == "classifier":
             if labels is not None or label_texts is not None:
                 raise ValueError("a fine-tuned classifier annotates with its own labels: drop labels / label_texts")
             labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         else:
-            labels, label_texts = self._label_set(labels, label_texts)
+            labels, label_texts, ids = self._label_set(labels, label_texts)
         inputs = self.read(cells, gene_names, **input_options)
-        score = self._label_scorer(method, labels, label_texts)
+        score = self._label_scorer(method, label_texts)
         scores, empty = np.empty((inputs.n_cells, len(labels)), dtype=np.float32), np.zeros(inputs.n_cells, bool)
         for start, batch, none in self._batches(inputs, batch_size, f"annotate ({method})"):
             part = torch.as_tensor(score(batch)).float().cpu().numpy()
@@ -315,17 +357,18 @@ class ScMMGPTJobs:
         self._warn_empty(empty, "they get no label")
         best = np.nan_to_num(scores, nan=-np.inf).argmax(1)
         predictions = [None if e else labels[i] for i, e in zip(best, empty)]
-        return CellAnnotation(predictions=predictions, scores=scores, labels=labels)
+        return CellAnnotation(predictions=predictions, scores=scores, labels=labels, label_texts=label_texts,
+                              label_ids=ids)
 
-    def _label_scorer(self, method, labels, label_texts):
+    def _label_scorer(self, method, label_texts):
         """batch → (cells, labels) scores for `method`."""
         if method == "classifier":
             return lambda batch: self.model(batch["gene_ids"], batch["expression_values"],
                                             batch["cell_attention_mask"]).logits.float().softmax(-1)
         if method == "retrieval":
-            text = self._text_features(label_texts or [f"cell type: {label}." for label in labels])
+            text = self._text_features(label_texts)
             return lambda batch: self.model.get_cell_features(**batch) @ text.T
-        names = [ontology_name(t) for t in label_texts] if label_texts else labels
+        names = [ontology_name(t) for t in label_texts]
         if method == "likelihood":
             return lambda batch: self._label_log_likelihoods(batch, names)
         return lambda batch: self._generated_label_scores(batch, names)

@@ -37,7 +37,8 @@ PIPELINE_TASKS = {
 # options of the cell input a pipeline call may set (which AnnData matrix, which gene column, normalisation)
 CELL_KWARGS = ("use_raw", "layer", "gene_column", "normalize")
 # files a folder's remote-code pipelines import (relative imports of this file and of the jobs)
-PIPELINE_CODE = ("pipeline_scmmgpt.py", "jobs_scmmgpt.py", "inputs_scmmgpt.py", "processing_scmmgpt.py")
+PIPELINE_CODE = ("pipeline_scmmgpt.py", "jobs_scmmgpt.py", "inputs_scmmgpt.py", "ontology_scmmgpt.py",
+                 "processing_scmmgpt.py")
 
 
 # ---------------------------------------------------------------------------------------------------- pipelines
@@ -122,9 +123,10 @@ def _check_unknown(kwargs: dict, task: str):
 class CellAnnotationPipeline(ScMMGPTPipeline):
     """`cell-annotation`: a label for each cell.
 
-    Parameters: `labels` (alias `candidate_labels`; default the cell types the model was trained on), `method`
-    (`"retrieval"` zero-shot cell–text similarity, stage 1 and 2; `"likelihood"` or `"generate"`, stage 2; a
-    fine-tuned classifier uses its head), `label_texts`, `top_k` (ranked labels listed per cell, default 3),
+    Parameters: `labels` (alias `candidate_labels`; default the cell types the model was trained on; Cell Ontology
+    names and CL ids work too, see `ScMMGPTJobs.annotate`), `method` (`"retrieval"` zero-shot cell–text similarity,
+    stage 1 and 2; `"likelihood"` or `"generate"`, stage 2; a fine-tuned classifier uses its head), `label_texts`
+    (a list of one text per label, or a dict label → text), `top_k` (ranked labels listed per cell, default 3),
     `gene_names` (matrix inputs), cell input options (`use_raw`, `layer`, `gene_column`, `normalize`), `batch_size`.
 
     Returns one dict per cell: `{"cell", "label", "score", "top_labels": [{"label", "score"}, ...]}`; scores are the

@@ -35,6 +35,9 @@ def model_dir(pbmc, minilm_tokenizer, tmp_path_factory):
     processor = make_processor(pbmc, minilm_tokenizer)
     folder = save_model_folder(make_stage2(processor), processor, tmp_path_factory.mktemp("handler") / "endpoint")
     shutil.copyfile(CARDS / "handler.py", Path(folder) / "handler.py")
+    # the label texts of a trained model, so that the example request's dataset labels are the model's own
+    texts = {label: f"cell type: {label}." for label in example("annotate")["parameters"]["labels"]}
+    (Path(folder) / "label_texts.json").write_text(json.dumps(texts))
     return folder
 
 
@@ -73,7 +76,8 @@ BAD_REQUESTS = [
     ([1, 2, 3], "must be a JSON object"),
     ({"inputs": {}, "task": "cluster"}, '"task" must be one of'),
     ({"task": "annotate", "parameters": {"labels": ["a"]}}, 'no "inputs"'),
-    ({"inputs": {"genes": ["LYZ"], "counts": [[1]]}, "task": "annotate"}, "give labels"),
+    ({"inputs": {"genes": ["LYZ"], "counts": [[1]]}, "task": "annotate", "parameters": {"labels": ["B cel"]}},
+     "unknown cell type 'B cel' (close matches: 'B cell'"),
     ({"inputs": {"genes": ["LYZ"], "counts": [[1]]}, "task": "annotate", "parameters": {"labels": []}},
      "labels must be a non-empty list"),
     ({"inputs": {"genes": ["LYZ"], "counts": [[1]]}, "task": "annotate", "parameters": {"labels": ["a", "a"]}},
@@ -108,7 +112,7 @@ BAD_REQUESTS = [
      "parameters.n_per_text must be an integer from 1"),
     ({"inputs": {"texts": ["x"]}, "task": "generate", "parameters": {"genes": ["NOT_A_GENE"]}},
      "not in the model's vocabulary"),
-    ({"inputs": {"genes": ["NOT_A_GENE"], "counts": [[1]]}, "task": "annotate", "parameters": {"labels": ["a"]}},
+    ({"inputs": {"genes": ["NOT_A_GENE"], "counts": [[1]]}, "task": "annotate", "parameters": {"labels": ["CD19+ B"]}},
      "none of the 1 genes"),
 ]
 

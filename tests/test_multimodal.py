@@ -22,7 +22,7 @@ from modeling_scmmgpt.processing_scmmgpt import ANNOTATE_PROMPT
 
 from .conftest import run_fresh_python
 
-TYPES = ["Dendritic", "CD14+ Monocyte", "CD19+ B"]
+TYPES = ["dendritic cell", "CD14-positive monocyte", "B cell"]  # Cell Ontology names: the jobs read their texts
 
 
 def tiny_config(cell_vocab, text_vocab, text_config=None, **overrides):

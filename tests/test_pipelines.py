@@ -31,7 +31,7 @@ from modeling_scmmgpt.inputs_scmmgpt import read_cells
 
 from .conftest import run_fresh_python
 
-LABELS = ["CD14+ Monocyte", "CD19+ B", "CD56+ NK", "Dendritic"]
+LABELS = ["CD14-positive monocyte", "B cell", "natural killer cell", "dendritic cell"]  # Cell Ontology names
 TEXTS = ["cell type: CD14-positive monocyte.", "cell type: B cell."]
 
 
