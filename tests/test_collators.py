@@ -180,3 +180,20 @@ def test_stage2_truncates_targets_never_prompts(processor, rows):
         Stage2Collator(processor)([{**rows[0], "task": "cell_to_text", "prompt": "no cell here"}])
     with pytest.raises(ValueError, match="must contain '<cell>'"):
         Stage2Collator(processor, cell_to_text_prompt="Describe.")
+
+
+def test_stage1_writes_cell_type_texts_other_ways_from_the_ontology(built, rows, minilm_tokenizer):
+    from scmmgpt_train.ontology import cell_type_text_variants
+
+    variants = cell_type_text_variants([r["cell_type_ontology_term_id"] for r in rows])
+    tail = " Tissue: blood."
+    rows = [{**r, "text": r["text"] + tail} for r in rows]
+    collate = Stage1Collator(built[1], minilm_tokenizer, text_variants=variants, text_variant_probability=1.0, seed=0)
+    texts = [collate.text(r) for r in rows]
+    for row, text in zip(rows, texts):
+        original, others = variants[row["cell_type_ontology_term_id"]]
+        assert text.endswith(tail) and text[: -len(tail)] in others and row["text"].startswith(original)
+    again = Stage1Collator(built[1], minilm_tokenizer, text_variants=variants, text_variant_probability=1.0, seed=0)
+    assert [again.text(r) for r in rows] == texts  # seeded
+    never = Stage1Collator(built[1], minilm_tokenizer, text_variants=variants, text_variant_probability=0.0)
+    assert [never.text(r) for r in rows] == [r["text"] for r in rows]

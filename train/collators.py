@@ -39,6 +39,9 @@ class Stage1Collator:
         max_text_length: texts are truncated to this many tokens.
         text_column: the row field holding the text.
         augment: a `CellAugmentation` applied to the cells (texts unchanged); None: cells as stored.
+        text_variants: `{CL id: (cell-type text, [variants])}` (`ontology.cell_type_text_variants`): with
+            probability `text_variant_probability` a cell's cell-type text is replaced by one of its variants
+            (synonyms, parent terms, the bare name), the rest of its text kept; drawn from `seed`.
 
     Returns (torch tensors):
         `gene_ids`, `expression_values`, `cell_attention_mask`: B × L_cell;
@@ -50,17 +53,33 @@ class Stage1Collator:
     max_text_length: int = 128
     text_column: str = "text"
     augment: object = None
+    text_variants: dict | None = None
+    text_variant_probability: float = 0.0
+    seed: int = 0
+    _rng: object = field(init=False, repr=False, default=None)
 
     def __call__(self, rows: list[dict]) -> dict:
         if not rows:
             raise ValueError("Stage1Collator got an empty batch")
         batch = rows_to_cell_inputs(augmented(self.augment, rows, self.cell_tokenizer), self.cell_tokenizer)
         text = self.text_tokenizer(
-            [r[self.text_column] for r in rows], padding="longest", truncation=True,
+            [self.text(r) for r in rows], padding="longest", truncation=True,
             max_length=self.max_text_length, return_tensors="pt",
         )
         batch["qformer_input_ids"], batch["qformer_attention_mask"] = text["input_ids"], text["attention_mask"]
         return batch
+
+    def text(self, row: dict) -> str:
+        """The row's text, its cell-type part swapped for a variant with probability `text_variant_probability`."""
+        text = row[self.text_column]
+        if not self.text_variants or not self.text_variant_probability:
+            return text
+        if self._rng is None:
+            self._rng = np.random.default_rng([self.seed, zlib.crc32(b"text variants")])
+        original, variants = self.text_variants.get(str(row.get("cell_type_ontology_term_id")), ("", []))
+        if not variants or not text.startswith(original) or self._rng.random() >= self.text_variant_probability:
+            return text
+        return variants[self._rng.integers(len(variants))] + text[len(original):]
 
 
 @dataclass

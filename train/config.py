@@ -109,9 +109,12 @@ class Stage0LLMArguments:
 @dataclass
 class Stage1Arguments:
     """Stage 1: `freeze_cell_encoder` keeps the (pre-trained) encoder fixed; `captioning_max_cells` captions only that
-    many cells per batch (None: all, 0: no captioning loss), saved in the model config."""
+    many cells per batch (None: all, 0: no captioning loss), saved in the model config; `text_variant_probability`:
+    share of texts whose cell-type part is written another way from the Cell Ontology (synonyms, parent terms, the
+    bare name; `ontology.cell_type_text_variants`)."""
 
     freeze_cell_encoder: bool = False
+    text_variant_probability: float = 0.0
     captioning_max_cells: int | None = ScMMGPTConfig.captioning_max_cells
     max_seconds: float | None = None
 

@@ -144,6 +144,26 @@ def cell_text(term: CLTerm | None, label: str | None = None, context: dict | Non
     return text
 
 
+def cell_type_text_variants(term_ids, ontology: CellOntology | None = None) -> dict[str, tuple[str, list[str]]]:
+    """Other ways to write each term's cell-type text, for text-side variety in training: `{CL id: (the text cells
+    carry, [variants])}`. The variants are the text with each exact synonym in place of the name, the text followed by
+    `"It is a kind of {parent}."` (its direct parents within CL), and the bare `"cell type: {name}."` (how label sets
+    are often written). Ids that are not CL terms are left out."""
+    ontology = ontology or load_cell_ontology()
+    variants = {}
+    for term_id in sorted({str(t) for t in term_ids}):
+        if term_id not in ontology:
+            continue
+        term = ontology.term(term_id)
+        text = cell_type_text(term.name, term.definition)
+        parents = [ontology.term(p).name for p in term.parents if p in ontology]
+        others = [cell_type_text(synonym, term.definition) for synonym in term.synonyms]
+        others += [f"{text} It is a kind of {' and '.join(parents)}."] if parents else []
+        others += [cell_type_text(term.name)] if term.definition else []
+        variants[term_id] = (text, others)
+    return variants
+
+
 def ontology_texts(ontology: CellOntology | None = None) -> list[tuple[str, str]]:
     """All (name, definition) pairs of the live Cell Ontology terms that have a definition."""
     return (ontology or load_cell_ontology()).texts()
@@ -157,6 +177,7 @@ __all__ = [
     "LabelMapping",
     "UnmappedLabelsError",
     "cell_text",
+    "cell_type_text_variants",
     "cell_type_text",
     "is_missing",
     "load_cell_ontology",

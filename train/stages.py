@@ -82,6 +82,15 @@ def _qformer_tokenizer(model_args: ModelArguments):
     return AutoTokenizer.from_pretrained(path)
 
 
+def _text_variants(cells, probability: float) -> dict | None:
+    """The Cell Ontology variants of the in-memory cells' cell-type texts, when stage 1 asks for text variety."""
+    if not probability or cells.all_rows is None:
+        return None
+    from .ontology import cell_type_text_variants
+
+    return cell_type_text_variants(cells.all_rows["cell_type_ontology_term_id"])
+
+
 # ---------------------------------------------------------------------------------------------------- stages
 def _stage0_cell(run: StageRun, args, extra) -> dict:
     from modeling_scmmgpt import ScMMGPTCellConfig
@@ -153,7 +162,9 @@ def _stage1(run: StageRun, targs, extra) -> dict:
     trainer, metrics = train_stage1(
         model, cells.train, cell_tokenizer, text_tokenizer, targs, eval_dataset=cells.test, label_texts=label_texts,
         freeze_cell_encoder=extra.freeze_cell_encoder, max_text_length=m.max_text_length, callbacks=run.callbacks,
-        resume_from_checkpoint=run.resume_from_checkpoint, augment=run.augment, validation_dataset=cells.validation)
+        resume_from_checkpoint=run.resume_from_checkpoint, augment=run.augment, validation_dataset=cells.validation,
+        text_variants=_text_variants(cells, extra.text_variant_probability),
+        text_variant_probability=extra.text_variant_probability)
     trainer.save_model(str(run.folder))
     if trainer.is_world_process_zero():
         text_tokenizer.save_pretrained(str(run.folder / "qformer_tokenizer"))
