@@ -306,7 +306,9 @@ class ScMMGPTJobs:
                                  "types it was trained on")
             labels = _names(list(given or self.label_texts), "label_texts")
         known = {**(self.label_texts or {}), **given}  # the caller's texts win over the model's
-        terms = cell_type_terms([label for label in labels if label not in known], list(self.label_texts or ()))
+        # remote code finds the shipped ontology in the model folder, not next to itself
+        terms = cell_type_terms([label for label in labels if label not in known], list(self.label_texts or ()),
+                                getattr(self.model, "name_or_path", None))
         # a CL id is reported by its term's name: "natural killer cell" reads better in a table than "CL:0000623"
         names = [terms[label].name if label in terms and cl_id(label) else label for label in labels]
         ids = [terms[label].id if label in terms else None for label in labels]

@@ -6,29 +6,44 @@ model learned, `"cell type: {name}. {definition}"`.
     [t.name for t in cl.ancestors("CL:0000623")]  # ['group 1 innate lymphoid cell', ..., 'cell'], nearest first
     cell_type_text(term.name, term.definition)    # the text a label's term is scored by
 
-The ontology is the one `cellxgene-ontology-guide` ships inside its wheel
-(`cellxgene_ontology_guide/data/CL-ontology-<version>.json.zst`): a JSON object keyed by CL id, each term carrying
-`label` (the name), `description` (the definition), `synonyms` (exact synonyms), `deprecated`, `replaced_by` for
-obsolete terms, and `ancestors` (CL id → distance, built by the guide from is_a and part_of relations; distance 1 are
-the term's parents). That package and `zstandard` are optional (`pip install 'scmmgpt[ontology]'`): they are imported
-only when the ontology is loaded, inside `try:` so that remote-code loading never requires them.
+The ontology ships with this package as `cell_ontology.json.gz` (about 0.2 MB; gzip + JSON, read with the standard
+library only), next to this module and in every model folder whose remote-code pipelines use it (`save_pipelines`
+copies it: transformers copies a folder's `.py` files into its module cache, never its data, so remote code finds the
+file in the model folder, `shipped_ontology_file(model_dir)`). It is a pruned copy of one release of the file
+`cellxgene-ontology-guide` ships (`cellxgene_ontology_guide/data/CL-ontology-<version>.json.zst`: per CL id `label`,
+`description`, `synonyms` (exact), `deprecated`, `replaced_by`, `ancestors` as CL id → distance built from is_a and
+part_of): every term, obsolete ones included, with exactly what `CLTerm` holds (the parents are the distance-1
+ancestors), and the release's version. Regenerate it, e.g. after a new release of the guide, with
 
-The training layer (`scmmgpt_train.ontology`) builds its dataset label mapping on this module; the jobs resolve
-`annotate` labels given as CL names or ids with it (`cell_type_terms`).
+    pip install 'scmmgpt[ontology]'
+    python tools/prune_cell_ontology.py [--source CL-ontology-<version>.json.zst]   # from a repository checkout
+
+(`write_pruned_ontology`; the newest release the installed guide carries by default; the same source gives the same
+content). The full, or a newer, ontology is read from the guide's file when asked for by path,
+`load_cell_ontology(newest_ontology_file())`; only that needs `cellxgene-ontology-guide` and `zstandard`
+(`pip install 'scmmgpt[ontology]'`), imported inside `try:` so that remote-code loading never requires them.
+
+The training layer (`scmmgpt_train.ontology`) builds its dataset label mapping and cell texts on this module (the
+shipped file by default, so a run's texts do not change with the installed guide); the jobs resolve `annotate` labels
+given as CL names or ids with it (`cell_type_terms`).
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import gzip
 import importlib.util
 import json
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+ONTOLOGY_FILE = "cell_ontology.json.gz"  # the pruned CL shipped next to this module and in model folders
 ONTOLOGY_PACKAGES = "cellxgene-ontology-guide and zstandard"
 INSTALL_HINT = "pip install 'scmmgpt[ontology]' (or: pip install cellxgene-ontology-guide zstandard)"
+PRUNED_FORMAT = 1
 _CL_ID = re.compile(r"^CL[:_]\d{7}$", re.IGNORECASE)
 
 
@@ -134,22 +149,49 @@ class CellOntology:
         ]
 
 
+def shipped_ontology_file(model_dir=None) -> Path | None:
+    """The pruned Cell Ontology shipped with this code (`cell_ontology.json.gz`): the one next to this module (the
+    installed package), else the copy in `model_dir`, the model folder or Hub id whose remote code this module is
+    (transformers copies only a folder's `.py` files into its module cache); None when neither has it."""
+    here = Path(__file__).with_name(ONTOLOGY_FILE)
+    if here.is_file():
+        return here
+    if not model_dir:
+        return None
+    if os.path.isdir(model_dir):
+        file = Path(model_dir) / ONTOLOGY_FILE
+        return file if file.is_file() else None
+    from transformers.utils import cached_file
+
+    try:
+        file = cached_file(str(model_dir), ONTOLOGY_FILE, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+    except (OSError, ValueError):  # neither a folder nor a Hub id
+        return None
+    return Path(file) if file else None
+
+
 def ontology_data_dir() -> Path:
     """The `data/` folder of the installed `cellxgene-ontology-guide` package."""
     spec = importlib.util.find_spec("cellxgene_ontology_guide")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"the Cell Ontology ships with {ONTOLOGY_PACKAGES}, which are not installed: {INSTALL_HINT}")
+        raise ImportError(f"the full Cell Ontology ships with {ONTOLOGY_PACKAGES}, which are not installed: "
+                          f"{INSTALL_HINT}")
     return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def _guide_version(path: Path) -> str:
+    """`v2026-03-26` of `CL-ontology-v2026-03-26.json.zst`."""
+    return path.name[len("CL-ontology-") : -len(".json.zst")]
 
 
 def _version_key(path: Path) -> tuple:
     """Sort key of `CL-ontology-v2026-03-26.json.zst` by its numeric version parts."""
-    version = path.name[len("CL-ontology-") : -len(".json.zst")]
-    return tuple(int(p) for p in re.findall(r"\d+", version))
+    return tuple(int(p) for p in re.findall(r"\d+", _guide_version(path)))
 
 
 def newest_ontology_file(data_dir: Path | None = None) -> Path:
-    """The newest shipped CL ontology file."""
+    """The newest CL ontology file cellxgene-ontology-guide ships (ImportError naming the packages without it)."""
     data_dir = Path(data_dir) if data_dir is not None else ontology_data_dir()
     files = sorted(data_dir.glob("CL-ontology-*.json.zst"), key=_version_key)
     if not files:
@@ -161,12 +203,14 @@ def _read_zstd_json(path: Path):
     try:  # inside try: transformers' remote-code import check skips it, so loading a model never needs zstandard
         import zstandard
     except ImportError as error:
-        raise ImportError(f"reading the Cell Ontology needs {ONTOLOGY_PACKAGES}: {INSTALL_HINT}") from error
+        raise ImportError(f"reading the full Cell Ontology ({path.name}) needs {ONTOLOGY_PACKAGES}: "
+                          f"{INSTALL_HINT}") from error
     with open(path, "rb") as f:
         return json.loads(zstandard.ZstdDecompressor().stream_reader(f).read())
 
 
 def _term(term_id: str, entry: dict) -> CLTerm:
+    """A term of cellxgene-ontology-guide's file."""
     return CLTerm(
         id=term_id,
         name=entry["label"],
@@ -178,27 +222,93 @@ def _term(term_id: str, entry: dict) -> CLTerm:
     )
 
 
+def _pruned_entry(term: CLTerm) -> dict:
+    """A term as the pruned file keeps it: every `CLTerm` field but the id (its key), defaults left out."""
+    entry = {}
+    for f in fields(CLTerm):
+        value = getattr(term, f.name)
+        if f.name != "id" and value != f.default:
+            entry[f.name] = list(value) if isinstance(value, tuple) else value
+    return entry
+
+
+def _pruned_term(term_id: str, entry: dict) -> CLTerm:
+    """A term of the pruned file."""
+    return CLTerm(id=term_id, **{k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()})
+
+
+def prune_cell_ontology(source: str | Path | None = None) -> dict:
+    """The pruned ontology of a cellxgene-ontology-guide `CL-ontology-*.json.zst` (the newest installed by default):
+    `{"format", "version", "source", "terms": {CL id: entry}}`, every term in the source's order (name and synonym
+    lookups keep the first term that has them) with exactly what `CLTerm` holds."""
+    source = Path(source) if source is not None else newest_ontology_file()
+    terms = {term_id: _pruned_entry(_term(term_id, entry)) for term_id, entry in _read_zstd_json(source).items()}
+    origin = source.name
+    try:
+        if source.resolve().parent == ontology_data_dir().resolve():
+            from importlib.metadata import version
+
+            origin = f"cellxgene-ontology-guide {version('cellxgene-ontology-guide')}, {source.name}"
+    except ImportError:
+        pass
+    return {"format": PRUNED_FORMAT, "version": _guide_version(source), "source": origin, "terms": terms}
+
+
+def write_pruned_ontology(target: str | Path, source: str | Path | None = None) -> Path:
+    """Write `prune_cell_ontology(source)` to `target` as gzip'd JSON (no timestamp: the same source gives the same
+    file). Returns the target."""
+    target = Path(target)
+    data = json.dumps(prune_cell_ontology(source), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    with open(target, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as f:
+        f.write(data)
+    return target
+
+
+def _read_pruned(path: Path) -> CellOntology:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        pruned = json.load(f)
+    if pruned.get("format") != PRUNED_FORMAT:
+        raise ValueError(f"{path}: a pruned Cell Ontology of format {pruned.get('format')!r}; this code reads "
+                         f"format {PRUNED_FORMAT}")
+    terms = {term_id: _pruned_term(term_id, entry) for term_id, entry in pruned["terms"].items()}
+    return CellOntology(terms, version=pruned["version"])
+
+
 @functools.lru_cache(maxsize=4)
 def load_cell_ontology(path: str | Path | None = None) -> CellOntology:
-    """Load (and cache) the Cell Ontology from a `CL-ontology-*.json.zst` file; the newest shipped one by default.
-    ImportError naming the packages when they are not installed."""
-    path = Path(path) if path is not None else newest_ontology_file()
-    terms = {term_id: _term(term_id, entry) for term_id, entry in _read_zstd_json(path).items()}
-    return CellOntology(terms, version=path.name[len("CL-ontology-") : -len(".json.zst")])
+    """Load (and cache) the Cell Ontology: by default the pruned copy this package ships (`shipped_ontology_file()`,
+    standard library only); else the file at `path`, a pruned `.json.gz` (`write_pruned_ontology`) or a
+    cellxgene-ontology-guide `CL-ontology-*.json.zst`, e.g. `newest_ontology_file()`, the newest release the installed
+    guide carries (ImportError naming the packages without them)."""
+    if path is None:
+        path = shipped_ontology_file()
+        if path is None:
+            raise FileNotFoundError(f"{ONTOLOGY_FILE} is missing from {Path(__file__).parent}: reinstall scmmgpt, or "
+                                    f"read cellxgene-ontology-guide's with load_cell_ontology(newest_ontology_file()) "
+                                    f"({INSTALL_HINT})")
+    path = Path(path)
+    if path.name.endswith(".json.zst"):
+        terms = {term_id: _term(term_id, entry) for term_id, entry in _read_zstd_json(path).items()}
+        return CellOntology(terms, version=_guide_version(path))
+    return _read_pruned(path)
 
 
-def cell_type_terms(labels: list[str], model_labels: list[str] = ()) -> dict[str, CLTerm]:
+def cell_type_terms(labels: list[str], model_labels: list[str] = (), model_dir=None) -> dict[str, CLTerm]:
     """label → its live Cell Ontology term, for `annotate` labels that are not the model's own: CL ids (either
-    spelling), term names or exact synonyms, case-insensitive. One-line ValueError naming every other label with up to
-    3 close matches among the ontology's names and `model_labels`; ImportError naming the packages when the ontology
-    is not installed."""
+    spelling), term names or exact synonyms, case-insensitive, in the shipped ontology. One-line ValueError naming
+    every other label with up to 3 close matches among the ontology's names and `model_labels`. `model_dir`: the model
+    folder or Hub id, where remote code finds the shipped file (`shipped_ontology_file`); FileNotFoundError naming the
+    file when neither this code nor the folder has it."""
     if not labels:
         return {}
-    try:
-        ontology = load_cell_ontology()
-    except ImportError as error:
-        raise ImportError(f"{', '.join(map(repr, labels))}: not labels of this model, and reading labels as Cell "
-                          f"Ontology names or CL ids needs {ONTOLOGY_PACKAGES}: {INSTALL_HINT}") from error
+    here = shipped_ontology_file() is not None
+    path = None if here else shipped_ontology_file(model_dir)  # None: the default, loaded once for every caller
+    if not here and path is None:
+        where = f" nor in the model folder {model_dir}" if model_dir else ""
+        raise FileNotFoundError(f"{', '.join(map(repr, labels))}: not labels of this model, and reading labels as Cell "
+                                f"Ontology names or CL ids needs {ONTOLOGY_FILE}, which is neither next to "
+                                f"{Path(__file__).name}{where} (save_pipelines and scmmgpt push put it there)")
+    ontology = load_cell_ontology(path)
     terms = {label: ontology.lookup(label) for label in labels}
     unknown = [_why_unknown(ontology, label, term, model_labels) for label, term in terms.items()
                if term is None or term.deprecated]
@@ -234,4 +344,8 @@ __all__ = [
     "newest_ontology_file",
     "normalise_name",
     "ontology_data_dir",
+    "prune_cell_ontology",
+    "shipped_ontology_file",
+    "write_pruned_ontology",
 ]
+

@@ -13,8 +13,9 @@ per cell; `batch_size` is the number of cells (or texts) per forward pass. Outpu
 `text-to-cell` can return an AnnData with `return_anndata=True`.
 
 A model folder carries these pipelines as remote code: `save_pipelines(folder)` copies this file and the jobs files it
-imports into the folder and lists the tasks in `config.json` (`custom_pipelines`), so `pipeline(task, model=folder,
-trust_remote_code=True)` works in a fresh process, and where this package is not installed.
+imports, with the Cell Ontology they read (`cell_ontology.json.gz`), into the folder and lists the tasks in
+`config.json` (`custom_pipelines`), so `pipeline(task, model=folder, trust_remote_code=True)` works in a fresh process,
+and where this package is not installed.
 """
 
 import json
@@ -27,6 +28,7 @@ from transformers import AutoConfig, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .jobs_scmmgpt import ScMMGPTJobs, read_label_texts, kind_of_model, model_kind
+from .ontology_scmmgpt import ONTOLOGY_FILE, shipped_ontology_file
 
 # task → (pipeline class name, the job it runs)
 PIPELINE_TASKS = {
@@ -112,7 +114,7 @@ class ScMMGPTPipeline(Pipeline):
         `Pipeline.save_pretrained` would)."""
         self.model.save_pretrained(save_directory, **kwargs)
         self.jobs.processor.save_pretrained(save_directory)
-        save_pipelines(save_directory)
+        save_pipelines(save_directory, getattr(self.model, "name_or_path", None))
 
 
 def _check_unknown(kwargs: dict, task: str):
@@ -243,10 +245,11 @@ def pipelines_for_config(config: dict) -> dict:
             for task, (name, job) in PIPELINE_TASKS.items() if job in kind.jobs}
 
 
-def save_pipelines(model_dir) -> dict:
-    """Make a saved scMMGPT folder carry its pipelines: copy this file and the files it imports in, and write
-    `custom_pipelines` into `config.json` (rewritten atomically). Returns the `custom_pipelines` written ({} for
-    folders without pipelines)."""
+def save_pipelines(model_dir, source=None) -> dict:
+    """Make a saved scMMGPT folder carry its pipelines: copy this file and the files it imports in, with the Cell
+    Ontology they read annotate labels from (`cell_ontology.json.gz`; remote code run from `source`, a folder or Hub
+    id, takes that folder's copy), and write `custom_pipelines` into `config.json` (rewritten atomically). Returns the
+    `custom_pipelines` written ({} for folders without pipelines)."""
     config_path = os.path.join(model_dir, "config.json")
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
@@ -258,6 +261,10 @@ def save_pipelines(model_dir) -> dict:
         target = os.path.join(model_dir, name)
         if os.path.abspath(target) != os.path.join(here, name):
             shutil.copyfile(os.path.join(here, name), target)
+    ontology = shipped_ontology_file(source)
+    target = os.path.join(model_dir, ONTOLOGY_FILE)
+    if ontology is not None and os.path.abspath(target) != os.path.abspath(ontology):
+        shutil.copyfile(ontology, target)
     config["custom_pipelines"] = custom
     tmp = config_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -146,21 +146,29 @@ def test_handler_runs_where_scmmgpt_is_not_installed(model_dir, handler, tmp_pat
     (tmp_path / "request.json").write_text(json.dumps(example("annotate")))
     (tmp_path / "bad.json").write_text(json.dumps({"inputs": {"genes": ["LYZ"], "counts": [[-1]]}, "task": "annotate",
                                                    "parameters": {"labels": ["a"]}}))
+    ontology_request = {**example("annotate"), "parameters": {"labels": ["B cell", "CL:0000623"], "top_k": 2}}
+    expected_ontology = round_trip(handler, ontology_request)
+    (tmp_path / "ontology.json").write_text(json.dumps(ontology_request))
     out = run_fresh_python(
         f"""
         import json, sys
+        sys.modules["cellxgene_ontology_guide"] = sys.modules["zstandard"] = None  # a base install
         sys.path.insert(0, {model_dir!r})
         from handler import EndpointHandler
         handler = EndpointHandler({model_dir!r})
         assert type(handler.model).__module__.startswith("transformers_modules")
         good = handler(json.load(open("request.json")))
         bad = handler(open("bad.json").read())
-        print("RESULTS" + json.dumps({{"good": good, "bad": bad}}))
+        ontology = handler(json.load(open("ontology.json")))
+        print("RESULTS" + json.dumps({{"good": good, "bad": bad, "ontology": ontology}}))
         """,
         cwd=str(tmp_path),
     )
     results = json.loads(out.split("RESULTS", 1)[1])
     assert [r["label"] for r in results["good"]] == [r["label"] for r in expected]
+    # Cell Ontology labels resolve from the folder's copy of the ontology, a CL id named by its term
+    assert [r["label"] for r in results["ontology"]] == [r["label"] for r in expected_ontology]
+    assert {t["label"] for r in results["ontology"] for t in r["top_labels"]} == {"B cell", "natural killer cell"}
     assert "negative entries" in results["bad"]["error"]
 
 

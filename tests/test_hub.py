@@ -252,7 +252,9 @@ def test_push_dry_run_lists_the_assembled_folder(saved_model, capsys, monkeypatc
               and not line.strip().startswith("left out")}
     kept = {name for name in before if not name.endswith((".bin", ".pt")) and not name.startswith("checkpoint-")}
     code = {name for name in listed - kept if name.endswith(".py")}  # the pipelines and what they import
-    assert listed == kept | code | {"README.md", "requirements.txt"} and {"pipeline_scmmgpt.py", "handler.py"} <= code
+    # with the Cell Ontology the pipelines resolve annotate labels in (remote code reads it from the repository)
+    assert listed == kept | code | {"README.md", "requirements.txt", "cell_ontology.json.gz"}
+    assert {"pipeline_scmmgpt.py", "handler.py"} <= code
     assert {"model.safetensors", "config.json", "modeling_scmmgpt.py", "processor_config.json", "gene_vocab.json",
             "tokenizer.json", "qformer_tokenizer/tokenizer.json"} <= listed
     for left_out in ("training_args.bin (pickle", "optimizer.pt (pickle", "checkpoint-10/ (training artefact)"):
@@ -464,6 +466,6 @@ def test_cell_encoder_folder_assembles_without_pipelines(processor, tmp_path):
     assert report["kind"] == "encoder" and report["card"] == "rendered"
     files = {p.name for p in (tmp_path / "staged").iterdir()}
     assert {"model.safetensors", "preprocessor_config.json", "gene_vocab.json", "modeling_cell_encoder.py"} <= files
-    assert not files & {"handler.py", "pipeline_scmmgpt.py"}  # no pipelines, so no endpoint handler
+    assert not files & {"handler.py", "pipeline_scmmgpt.py", "cell_ontology.json.gz"}  # no pipelines, no handler
     card = ModelCard.load(tmp_path / "staged" / "README.md")
     assert card.data.pipeline_tag == "feature-extraction" and "AutoFeatureExtractor.from_pretrained" in card.text

@@ -1,13 +1,21 @@
-"""Cell Ontology text: the shipped CL file, label mapping (PBMC table, names, synonyms, ids), unmapped reports."""
+"""Cell Ontology text: the shipped (pruned) CL file, giving the texts of the full release, label mapping (PBMC table,
+names, synonyms, ids), unmapped reports."""
+
+import random
 
 import pytest
 
+from modeling_scmmgpt import ontology_scmmgpt
+from modeling_scmmgpt.ontology_scmmgpt import shipped_ontology_file
 from scmmgpt_train.ontology import (
     PBMC_BULK_LABELS,
+    CellOntology,
     UnmappedLabelsError,
     cell_text,
+    cell_type_text_variants,
     load_cell_ontology,
     newest_ontology_file,
+    ontology_data_dir,
     ontology_texts,
 )
 
@@ -17,10 +25,28 @@ def cl():
     return load_cell_ontology()
 
 
-def test_newest_shipped_file_is_loaded(cl):
-    assert newest_ontology_file().name.endswith(f"{cl.version}.json.zst")
-    assert len(cl) > 2000
+def test_the_pruned_shipped_file_is_loaded_by_default(cl):
+    assert shipped_ontology_file().name == "cell_ontology.json.gz"
+    assert cl.terms == ontology_scmmgpt.load_cell_ontology(shipped_ontology_file()).terms
+    assert cl.version.startswith("v20") and len(cl) > 2000
     assert cl.term("CL:0000236").name == "B cell"
+
+
+def test_training_texts_from_the_shipped_file_equal_the_full_releases(cl):
+    """Training reads the pruned copy: for the PBMC terms and 200 random ones, the names, definitions, synonyms and
+    parents, and so the cell texts and their variants, are those of the full cellxgene-ontology-guide file."""
+    release = ontology_data_dir() / f"CL-ontology-{cl.version}.json.zst"
+    if not release.exists():
+        pytest.skip(f"the installed cellxgene-ontology-guide no longer carries {release.name}")
+    full = CellOntology(ontology_scmmgpt.load_cell_ontology(release).terms, cl.version)
+    ids = [*PBMC_BULK_LABELS.values(), *random.Random(0).sample(sorted(full.terms), 200)]
+    fields = ("name", "definition", "synonyms", "parents")
+    for term_id in ids:
+        assert [getattr(cl.terms[term_id], f) for f in fields] == [getattr(full.terms[term_id], f) for f in fields]
+    assert [cell_text(cl.term(i)) for i in ids] == [cell_text(full.term(i)) for i in ids]
+    assert cell_type_text_variants(ids, cl) == cell_type_text_variants(ids, full)
+    labels = [*PBMC_BULK_LABELS, "NK cell", "B lymphocyte", "Treg"]
+    assert cl.map_labels(labels).to_dict() == full.map_labels(labels).to_dict()
 
 
 def test_newest_file_is_chosen_by_version_not_by_listing_order(tmp_path):

@@ -1,11 +1,16 @@
 """`annotate` labels from the Cell Ontology: a model's own label keeps its text, a CL id (either spelling) or a term
 name / exact synonym (any case) is scored by its term's text, anything else is a one-line error with close matches;
 explicit label texts win; the CLI records the resolved texts and CL ids; the ontology core lives in the modeling layer
-and `scmmgpt_train.ontology` keeps its API on top of it."""
+and `scmmgpt_train.ontology` keeps its API on top of it; the ontology is a pruned copy shipped in the package, equal to
+the cellxgene-ontology-guide release it was cut from, so a base install (and remote code) needs neither that package
+nor zstandard."""
 
+import gzip
 import json
+import runpy
 import sys
 import warnings
+from pathlib import Path
 
 import anndata
 import numpy as np
@@ -14,7 +19,15 @@ import zstandard
 
 from modeling_scmmgpt import ScMMGPTJobs, ontology_scmmgpt
 from modeling_scmmgpt.cli import main
-from modeling_scmmgpt.ontology_scmmgpt import cell_type_terms, cell_type_text, load_cell_ontology, newest_ontology_file
+from modeling_scmmgpt.ontology_scmmgpt import (
+    cell_type_terms,
+    cell_type_text,
+    load_cell_ontology,
+    newest_ontology_file,
+    ontology_data_dir,
+    prune_cell_ontology,
+    shipped_ontology_file,
+)
 
 from .conftest import TINY_LABEL_TEXTS
 
@@ -117,12 +130,26 @@ def test_one_cell_type_twice_is_refused(jobs, cells):
 
 
 @pytest.mark.parametrize("package", ["cellxgene_ontology_guide", "zstandard"])
-def test_a_missing_ontology_package_is_named_and_model_labels_still_work(jobs, cells, monkeypatch, package):
+def test_ontology_labels_need_no_ontology_package_and_the_full_file_names_them(jobs, cells, cl, monkeypatch, package):
     load_cell_ontology.cache_clear()
-    monkeypatch.setitem(sys.modules, package, None)  # as if not installed
-    with pytest.raises(ImportError, match=r"'B cell': not labels of this model.*cellxgene-ontology-guide and "
-                                          r"zstandard: pip install 'scmmgpt\[ontology\]'"):
-        jobs.annotate(cells, ["CD19+ B", "B cell"])
+    monkeypatch.setitem(sys.modules, package, None)  # as if not installed: a base install
+    result = jobs.annotate(cells, ["CD19+ B", "B cell", "CL:0000623"])
+    assert result.label_ids == [None, "CL:0000236", "CL:0000623"] and result.label_texts[2] == _text(cl, "CL:0000623")
+    with pytest.raises(ImportError, match=r"cellxgene-ontology-guide and zstandard.*pip install 'scmmgpt\[ontology\]'"):
+        load_cell_ontology(newest_ontology_file())  # the full / a newer release needs them
+
+
+def test_remote_code_finds_the_shipped_file_in_the_model_folder(jobs, cells, tiny_model_dir, monkeypatch, tmp_path):
+    # remote code runs from transformers' module cache, which holds the folder's .py files and none of its data
+    monkeypatch.setattr(ontology_scmmgpt, "__file__", str(tmp_path / "ontology_scmmgpt.py"))
+    assert shipped_ontology_file() is None
+    assert shipped_ontology_file(tiny_model_dir) == tiny_model_dir / "cell_ontology.json.gz"
+    assert cell_type_terms(["NK cell"], model_dir=tiny_model_dir)["NK cell"].id == "CL:0000623"
+    assert jobs.annotate(cells, ["B cell", "NK cell"]).label_ids == ["CL:0000236", "CL:0000623"]  # the jobs' folder
+    with pytest.raises(FileNotFoundError, match=r"^'B cell': not labels of this model, and reading labels as Cell "
+                                                r"Ontology names or CL ids needs cell_ontology.json.gz, which is "
+                                                r"neither next to ontology_scmmgpt.py nor in the model folder"):
+        cell_type_terms(["B cell"], model_dir=tmp_path)
     assert jobs.annotate(cells, ["CD19+ B", "Dendritic"]).labels == ["CD19+ B", "Dendritic"]
 
 
@@ -134,8 +161,39 @@ def test_remote_code_loading_never_requires_the_ontology_packages():
 
 
 # ---------------------------------------------------------------------------------------------------- the ontology
-def test_parents_and_ancestors_follow_the_shipped_hierarchy(cl):
-    with open(newest_ontology_file(), "rb") as f:
+@pytest.fixture(scope="module")
+def release(cl):
+    """The cellxgene-ontology-guide file the shipped ontology was cut from."""
+    path = ontology_data_dir() / f"CL-ontology-{cl.version}.json.zst"
+    if not path.exists():
+        pytest.skip(f"the installed cellxgene-ontology-guide no longer carries {path.name}")
+    return path
+
+
+def test_the_shipped_file_is_the_pruned_guide_release(cl, release):
+    """The pruned copy holds every term of the cellxgene-ontology-guide release it was cut from, exactly as `CLTerm`s
+    from that release (in its order, which decides name clashes), and regenerates to the same content."""
+    full = load_cell_ontology(release)
+    assert cl.version == full.version and len(cl) == len(full) > 2000
+    assert list(cl.terms.items()) == list(full.terms.items())
+    assert cl.texts(include_deprecated=True) == full.texts(include_deprecated=True)
+    with gzip.open(shipped_ontology_file(), "rt", encoding="utf-8") as f:
+        shipped = json.load(f)
+    assert shipped == {**prune_cell_ontology(release), "source": shipped["source"]}
+    assert shipped_ontology_file().stat().st_size < 500_000  # a light file in every wheel and model folder
+
+
+def test_the_regeneration_command_writes_the_shipped_content(cl, release, tmp_path, capsys):
+    tool = runpy.run_path(str(Path(__file__).resolve().parent.parent / "tools" / "prune_cell_ontology.py"))
+    assert tool["main"]([str(tmp_path / "cl.json.gz"), "--source", str(release)]) == 0
+    assert f"Cell Ontology {cl.version}, {len(cl)} terms" in capsys.readouterr().out
+    written, shipped = (json.loads(gzip.decompress(p.read_bytes())) for p in (tmp_path / "cl.json.gz",
+                                                                             shipped_ontology_file()))
+    assert {**written, "source": ""} == {**shipped, "source": ""}
+
+
+def test_parents_and_ancestors_follow_the_shipped_hierarchy(cl, release):
+    with open(release, "rb") as f:
         shipped = json.loads(zstandard.ZstdDecompressor().stream_reader(f).read())
     assert cl.term("CL:0000623").parents == ("CL:0001067",)  # natural killer cell is_a group 1 innate lymphoid cell
     for term_id, entry in shipped.items():

@@ -15,6 +15,9 @@ def test_import_pulls_in_no_optional_package():
     )
     heavy = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert heavy == "", f"import modeling_scmmgpt pulled in optional packages: {heavy}"
+    # nor reads the Cell Ontology: it is loaded when a label needs it
+    code = "import modeling_scmmgpt.ontology_scmmgpt as o; print(o.load_cell_ontology.cache_info().currsize)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "0"
 
 
 def test_register_is_idempotent_and_auto_classes_resolve():

@@ -3,6 +3,7 @@ saving into a model folder, and loading by `pipeline(task, model=folder, trust_r
 
 import copy
 import json
+from pathlib import Path
 
 import anndata
 import numpy as np
@@ -28,6 +29,7 @@ from modeling_scmmgpt.pipeline_scmmgpt import (
     save_pipelines,
 )
 from modeling_scmmgpt.inputs_scmmgpt import read_cells
+from modeling_scmmgpt.ontology_scmmgpt import ONTOLOGY_FILE, shipped_ontology_file
 
 from .conftest import run_fresh_python
 
@@ -114,6 +116,9 @@ def test_saved_folders_declare_their_pipelines(model_dir, processor, tmp_path):
     encoder.save_pretrained(tmp_path / "encoder")
     assert save_pipelines(tmp_path / "encoder") == {}
     assert not (tmp_path / "encoder" / "pipeline_scmmgpt.py").exists()
+    # the Cell Ontology annotate labels resolve in travels with the code (remote code reads it from the folder)
+    assert (Path(model_dir) / ONTOLOGY_FILE).read_bytes() == shipped_ontology_file().read_bytes()
+    assert (tmp_path / "stage1" / ONTOLOGY_FILE).is_file() and not (tmp_path / "encoder" / ONTOLOGY_FILE).exists()
 
 
 def test_pipeline_save_pretrained_keeps_every_task(annotator, tmp_path):
@@ -121,7 +126,7 @@ def test_pipeline_save_pretrained_keeps_every_task(annotator, tmp_path):
     config = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert set(config["custom_pipelines"]) == {"cell-annotation", "cell-description", "text-to-cell"}
     assert (tmp_path / "saved" / "processor_config.json").is_file()
-    assert (tmp_path / "saved" / "pipeline_scmmgpt.py").is_file()
+    assert (tmp_path / "saved" / "pipeline_scmmgpt.py").is_file() and (tmp_path / "saved" / ONTOLOGY_FILE).is_file()
 
 
 # ---------------------------------------------------------------------------------------------------- in process
@@ -225,19 +230,27 @@ def test_read_cells_accepts_documented_shapes(pbmc, processor):
 # ---------------------------------------------------------------------------------------------------- fresh process
 def test_each_pipeline_loads_by_remote_code_in_a_fresh_process(model_dir, jobs, pbmc, pbmc_path, tmp_path):
     annotation = jobs.annotate(pbmc, LABELS, use_raw=True).scores
+    by_id = jobs.annotate(pbmc[:8], ["B cell", "CL:0000623"], use_raw=True)
     dicts = gene_dicts(pbmc[:2])
     texts = jobs.describe(pbmc[:2], max_new_tokens=4, use_raw=True)
     generated = jobs.generate_cells(TEXTS, n_per_text=2, seed=0, genes=["LYZ", "MS4A1"])
     (tmp_path / "inputs.json").write_text(json.dumps({"dicts": dicts}))
     out = run_fresh_python(
         f"""
-        import json
+        import anndata, json, sys
+        # a base install: labels resolve in the shipped ontology, never cellxgene-ontology-guide's
+        sys.modules["cellxgene_ontology_guide"] = sys.modules["zstandard"] = None
         from transformers import pipeline
         folder, results = {model_dir!r}, {{}}
         annotate = pipeline("cell-annotation", model=folder, trust_remote_code=True)
         assert type(annotate).__module__.startswith("transformers_modules"), type(annotate).__module__
         assert type(annotate.model).__module__.startswith("transformers_modules")
         results["annotate"] = annotate({pbmc_path!r}, labels={LABELS!r}, top_k=4, use_raw=True, batch_size=128)
+        results["by_id"] = annotate(anndata.read_h5ad({pbmc_path!r})[:8], labels=["B cell", "CL:0000623"], top_k=2,
+                                    use_raw=True)
+        # the module cache holds the folder's code, not its data: the ontology came from the folder
+        ontology = next(m for name, m in sys.modules.items() if name.endswith(".ontology_scmmgpt"))
+        assert ontology.shipped_ontology_file() is None and ontology.load_cell_ontology.cache_info().currsize == 1
         describe = pipeline("cell-description", model=folder, trust_remote_code=True)
         dicts = json.load(open("inputs.json"))["dicts"]
         results["describe"] = describe(dicts, max_new_tokens=4, batch_size=1)
@@ -252,6 +265,10 @@ def test_each_pipeline_loads_by_remote_code_in_a_fresh_process(model_dir, jobs, 
                     for r in results["annotate"]])
     np.testing.assert_allclose(got, annotation, atol=1e-5)
     assert [r["cell"] for r in results["annotate"]] == list(pbmc.obs_names)
+    assert [r["label"] for r in results["by_id"]] == by_id.predictions
+    np.testing.assert_allclose([[{t["label"]: t["score"] for t in r["top_labels"]}[label] for label in by_id.labels]
+                                for r in results["by_id"]], by_id.scores, atol=1e-5)
+    assert by_id.labels == ["B cell", "natural killer cell"]
     assert [r["generated_text"] for r in results["describe"]] == texts
     np.testing.assert_allclose([c["expression"] for c in results["generate"]["cells"]], generated.expression, atol=1e-6)
 

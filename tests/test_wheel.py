@@ -1,5 +1,6 @@
 """The built wheel is complete: installed in a fresh virtual environment, away from the repository, it renders a model
-card from the templates it carries and assembles a push folder with the Inference Endpoints handler."""
+card from the templates it carries, assembles a push folder with the Inference Endpoints handler and resolves Cell
+Ontology labels from the ontology it carries."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -22,15 +24,19 @@ CHILD = """
 import json, sys
 from pathlib import Path
 
+sys.modules["cellxgene_ontology_guide"] = sys.modules["zstandard"] = None  # a base install: neither is a dependency
+
 import modeling_scmmgpt
 from modeling_scmmgpt.hub_cards import render_model_card
 from modeling_scmmgpt.hub_push import assemble_push_folder
+from modeling_scmmgpt.ontology_scmmgpt import cell_type_terms
 
 folder, staged = sys.argv[1:]
 card = render_model_card(folder, {"annotation": [{"method": "retrieval", "accuracy": 0.75}]}, model_name="scmmgpt-w")
 report = assemble_push_folder(folder, staged, repo_id="org/scmmgpt-w")
+terms = cell_type_terms(["B cell", "CL:0000623"])
 print(json.dumps({"package": modeling_scmmgpt.__file__, "name": card.data.model_name, "text": card.text,
-                  "added": report["added"]}))
+                  "added": report["added"], "terms": {label: term.name for label, term in terms.items()}}))
 """
 
 
@@ -75,7 +81,10 @@ def saved_model(pbmc, minilm_tokenizer, tmp_path):
 
 
 def test_wheel_installed_elsewhere_renders_cards_and_ships_the_handler(saved_model, tmp_path):
-    python = fresh_venv_with(build_wheel(tmp_path), tmp_path)
+    wheel = build_wheel(tmp_path)
+    with zipfile.ZipFile(wheel) as archive:
+        assert "modeling_scmmgpt/cell_ontology.json.gz" in archive.namelist()
+    python = fresh_venv_with(wheel, tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -88,3 +97,6 @@ def test_wheel_installed_elsewhere_renders_cards_and_ships_the_handler(saved_mod
     assert "## How to load" in result["text"] and "## Limitations" in result["text"]
     assert {"handler.py", "requirements.txt"} <= set(result["added"])
     assert (tmp_path / "staged" / "handler.py").read_text() == (REPO / "hub_cards" / "handler.py").read_text()
+    # Cell Ontology labels resolve from the ontology the wheel carries, which a push folder carries too
+    assert result["terms"] == {"B cell": "B cell", "CL:0000623": "natural killer cell"}
+    assert (tmp_path / "staged" / "cell_ontology.json.gz").is_file()
