@@ -119,8 +119,9 @@ class CellOntology(ontology_scmmgpt.CellOntology):
 
 @functools.lru_cache(maxsize=4)
 def load_cell_ontology(path=None) -> CellOntology:
-    """Load (and cache) the Cell Ontology, with the PBMC table, from a `CL-ontology-*.json.zst` file; the newest
-    shipped one by default."""
+    """Load (and cache) the Cell Ontology, with the PBMC table: by default the pruned copy modeling_scmmgpt ships
+    (`cell_ontology.json.gz`, so training texts are pinned to that release), or the file at `path` (a pruned
+    `.json.gz`, or a cellxgene-ontology-guide `CL-ontology-*.json.zst` such as `newest_ontology_file()`)."""
     shipped = ontology_scmmgpt.load_cell_ontology(path)
     return CellOntology(shipped.terms, shipped.version)
 
