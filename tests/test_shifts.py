@@ -241,3 +241,45 @@ def test_held_out_types_are_a_seeded_draw_among_common_types():
     assert draws[0] == held_out_types(labels, 0) and len({tuple(d) for d in draws}) > 1
     with pytest.raises(ValueError, match="20 cells or more"):
         held_out_types(labels[:60], 0)
+
+
+# ---------------------------------------------------------------------------------------------------- goals, tables
+def test_goals_read_one_run_or_means_over_seeds(tmp_path):
+    from scmmgpt_train.report import plot_shift_accuracy
+
+    row = lambda ours, theirs: {"scMMGPT (retrieval): accuracy": ours, "scMMGPT (retrieval): macro_f1": ours,
+                                "logistic regression (all genes): accuracy": theirs,
+                                "logistic regression (all genes): macro_f1": theirs}
+    shifts = {"clean": row(0.80, 0.85), "depth 50%": row(0.77, 0.70), "genes 70%": row(0.70, 0.60),
+              "batch σ 0.3": row(0.79, 0.80), "combined": row(0.60, 0.50)}
+    goals = shift_goals(shifts)
+    assert [met for _, met in goals] == [True, True, False, True, True, False, True]
+    means = {name: {k: [v, 0.01] for k, v in r.items()} for name, r in shifts.items()}
+    assert [met for _, met in shift_goals(means)] == [met for _, met in goals]
+    assert "0.770 ± 0.010" in shift_table(means)
+    assert plot_shift_accuracy(means, tmp_path / "shifts.png").read_bytes()[:4] == b"\x89PNG"
+
+    unseen = {UNSEEN: {"scMMGPT (retrieval): top-1": 0.55, "scMMGPT (retrieval): top-3": 0.8, "chance: top-1": 0.1,
+                       "chance: top-3": 0.3},
+              SEEN: {"scMMGPT (retrieval): top-1": 0.76, "scMMGPT (retrieval): top-3": 0.9},
+              SEEN_ALL_TYPES: {"scMMGPT (retrieval): top-1": 0.80, "scMMGPT (retrieval): top-3": 0.95}}
+    assert [met for _, met in unseen_goals(unseen)] == [True, False]
+    assert unseen_table(unseen).count("\n") == 1 + 4
+
+    from scmmgpt_train.report import robustness_sections
+
+    text = "\n".join(robustness_sections({"shifts": shifts, "unseen": unseen}, tmp_path, {0: ["a", "b", "c"]}))
+    assert "## Under dataset shift" in text and "](shifts.png)" in text and "seed 0: a, b, c" in text
+    assert text.count("**not met**") == 2 + 1 and (tmp_path / "shifts.png").is_file()
+
+
+def test_seed_summary_averages_shifts_but_tables_them_apart():
+    from scmmgpt_train.demo import summarize_seeds
+
+    def results(accuracy):
+        return {"annotation": {"scMMGPT (retrieval)": {"accuracy": accuracy, "predictions": np.array(["a"])}},
+                "shifts": {"clean": {"scMMGPT (retrieval): accuracy": accuracy}}, "unseen_types": ["a", "b", "c"]}
+
+    summary, table = summarize_seeds({0: results(0.7), 1: results(0.9)})
+    assert summary["shifts"]["clean"]["scMMGPT (retrieval): accuracy"] == pytest.approx([0.8, 0.1])
+    assert "shifts" not in table and "0.800 ± 0.100" in table

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from .evaluate import results_table
+from .robustness import goal_lines, shift_goals, shift_table, unseen_goals, unseen_table
+from .shifts import FULL_SUITE
 
 
 def _pyplot():
@@ -80,6 +82,84 @@ def plot_cells_umap(real, real_labels, generated, generated_labels, path: Path, 
     return path
 
 
+# shift families whose strength is a number: (x-axis label, the clean cells' strength)
+SHIFT_AXES = {"depth": ("fraction of reads kept", 1.0), "gene panel": ("fraction of genes kept", 1.0),
+              "batch effect": ("σ of the log gene factors", 0.0)}
+
+
+def plot_shift_accuracy(shifts: dict, path: Path, title: str = "") -> Path:
+    """Accuracy against shift strength: a panel per shift family in `shifts` (`evaluate_shifts`' rows, or their
+    [mean, sd] over seeds, drawn as error bars), a line per method, each starting from the clean cells."""
+    plt = _pyplot()
+    suite = {shift.name: shift for shift in FULL_SUITE}
+    families = list(dict.fromkeys(suite[name].family for name in shifts if name in suite and name != "clean"))
+    methods = list(dict.fromkeys(key.rsplit(": ", 1)[0] for row in shifts.values() for key in row
+                                 if key.endswith(": accuracy")))
+    columns = min(3, max(1, len(families)))
+    rows = -(-(len(families) + 1) // columns)  # one more panel for the legend
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.2 * rows), squeeze=False)
+    axes = axes.ravel()
+    for ax, family in zip(axes, families):
+        names = ["clean", *(name for name in shifts if name in suite and suite[name].family == family)]
+        label, clean_x = SHIFT_AXES.get(family, ("", None))
+        x = ([clean_x, *(suite[n].strength for n in names[1:])] if clean_x is not None else list(range(len(names))))
+        for method in methods:
+            values = [shifts[n].get(f"{method}: accuracy") for n in names]
+            means = [np.nan if v is None else (v[0] if isinstance(v, (list, tuple)) else v) for v in values]
+            sds = [0.0 if not isinstance(v, (list, tuple)) else v[1] for v in values]
+            ax.errorbar(x, means, yerr=sds, marker="o", markersize=3, linewidth=1.2, capsize=2, label=method)
+        if clean_x is None:
+            ax.set_xticks(x, names, rotation=20, ha="right", fontsize=7)
+        elif family != "batch effect":
+            ax.invert_xaxis()  # stronger shifts to the right, as for σ
+        ax.set_xlabel(label, fontsize=8)
+        ax.set_ylabel("accuracy on held-out cells", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(family, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(families):]:
+        ax.axis("off")
+    axes[len(families)].legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="center")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def robustness_sections(results: dict, output_dir: Path, held_out: dict | None = None) -> list[str]:
+    """Markdown lines of the shift-suite and unseen-type sections of a report (one run's `results`) or of the
+    seeds' summary (`[mean, sd]` figures); draws `shifts.png` into `output_dir`. `held_out`: {seed: held-out
+    types} of the unseen-type models."""
+    lines = []
+    if results.get("shifts"):
+        plot_shift_accuracy(results["shifts"], Path(output_dir) / "shifts.png", "annotation under dataset shift")
+        lines += [
+            "", "## Under dataset shift", "",
+            "The held-out cells' counts (rebuilt from the stored log1p values and each cell's library size; "
+            "`scmmgpt_train.shifts`), shifted (seeded by the run's seed) and handed to the jobs as a user's matrix "
+            "(counts or log1p values with gene names, the value kind detected); each cell's reads on genes outside "
+            "the vocabulary come as one more column, as in a user's full matrix, so that clean counts normalise to "
+            "the values the model trained on. The baselines are fitted on the clean training cells and read the "
+            "shifted matrix as log1p(CP10k) over the genes present, absent genes 0.", "",
+            shift_table(results["shifts"]), "", "Goals (issue 16):", "", goal_lines(shift_goals(results["shifts"])),
+            "", "![annotation accuracy under dataset shift](shifts.png)",
+        ]
+    if results.get("unseen"):
+        types = "; ".join(f"seed {seed}: {', '.join(t)}" for seed, t in (held_out or {}).items())
+        lines += [
+            "", "## Unseen cell types", "",
+            f"A second model trained without the cells of three types ({types}); retrieval and likelihood rank all "
+            "label texts, seen in training or not. Seen-type cells are compared with the model trained on every "
+            "type, on its own test cells of the same types; logistic regression cannot name a type it never saw.",
+            "", unseen_table(results["unseen"]), "", "Goals (issue 16):", "",
+            goal_lines(unseen_goals(results["unseen"])),
+        ]
+    return lines
+
+
 def training_steps(stages: dict) -> dict[str, tuple[int, int]]:
     """{stage: (optimiser steps run, steps planned)} from each stage's `trainer_state.json` (`run_pipeline`'s
     `stages`); a stage with fewer steps run than planned was stopped by its wall-time guard."""
@@ -93,9 +173,10 @@ def training_steps(stages: dict) -> dict[str, tuple[int, int]]:
 
 
 def write_report(results: dict, test, output_dir: Path, labels: list[str], timings: dict | None = None,
-                 n_examples: int = 6, steps: dict | None = None) -> Path:
-    """Writes report.md and the two figures into `output_dir`; returns the report's path. `steps`: the
-    `training_steps` of the run, listed with a warning for stages cut short."""
+                 n_examples: int = 6, steps: dict | None = None, held_out: dict | None = None) -> Path:
+    """Writes report.md and the two figures into `output_dir` (and `shifts.png` with the shift suite's results);
+    returns the report's path. `steps`: the `training_steps` of the run, listed with a warning for stages cut short;
+    `held_out`: {seed: types} of the unseen-type model, if `results` has its figures."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     best = max((name for name in results["annotation"] if name.startswith("scMMGPT")),
@@ -129,6 +210,7 @@ def write_report(results: dict, test, output_dir: Path, labels: list[str], timin
     ]
     for i in range(min(n_examples, len(described))):
         lines.append(f"| {test.labels[i]} | {described[i][:200]} | {test.texts[i][:200]} |")
+    lines += robustness_sections(results, output_dir, held_out)
     if steps:
         lines += ["", "## Training steps", "", "| stage | steps run / planned |", "|---|---|"]
         lines += [f"| {stage} | {run} / {planned}{' (cut short by max_seconds)' if run < planned else ''} |"
@@ -194,5 +276,5 @@ def write_model_card(model_dir, results: dict, config) -> Path:
     return Path(model_dir) / "README.md"
 
 
-__all__ = ["write_report", "training_steps", "plot_confusion_matrix", "plot_cells_umap", "card_eval_results",
-           "held_out_dataset", "write_model_card"]
+__all__ = ["write_report", "training_steps", "plot_shift_accuracy", "robustness_sections", "plot_confusion_matrix",
+           "plot_cells_umap", "card_eval_results", "held_out_dataset", "write_model_card"]
