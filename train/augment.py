@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .shifts import batch_factors, counts_from_log1p, smallest_count_library_sizes, thin_depth
 from .sources import COUNTS, LOG_NORMALIZED
 
 
@@ -91,7 +92,7 @@ class CellAugmentation:
             low, high = np.log(self.depth_range)
             plan["depth"] = float(np.exp(rng.uniform(low, high)))
         if rng.random() < self.batch_probability:
-            plan["factors"] = np.exp(rng.uniform(0, self.batch_sigma_max) * rng.standard_normal(n_genes))
+            plan["factors"] = batch_factors(n_genes, rng.uniform(0, self.batch_sigma_max), rng)
         if rng.random() < self.panel_probability:
             plan["kept"] = rng.random(n_genes) < rng.uniform(*self.panel_range)
         return plan
@@ -107,12 +108,12 @@ def row_counts(row: dict) -> tuple[np.ndarray, np.ndarray, float]:
         return gene_ids, values, float(row.get("total_counts") or values.sum())
     if kind != LOG_NORMALIZED:
         raise ValueError(f"unknown value_kind {kind!r}; expected {COUNTS!r} or {LOG_NORMALIZED!r}")
-    linear = np.expm1(values)
-    expressed = linear > 0
+    expressed = values > 0
     if not expressed.any():
         return gene_ids[:0], values[:0], 0.0
-    unit = linear[expressed].min()
-    return gene_ids[expressed], np.round(linear[expressed] / unit), 1e4 / unit
+    log1p = values[None, expressed]
+    library = smallest_count_library_sizes(log1p)
+    return gene_ids[expressed], counts_from_log1p(log1p, library)[0], float(library[0])
 
 
 def _augment_row(row: dict, plan: dict, rng: np.random.Generator) -> dict:
@@ -123,7 +124,7 @@ def _augment_row(row: dict, plan: dict, rng: np.random.Generator) -> dict:
     if plan["factors"] is not None:
         counts = rng.poisson(counts * plan["factors"][gene_ids - N_SPECIAL]).astype(np.float64)
     if plan["depth"] is not None:
-        counts = rng.binomial(counts.astype(np.int64), plan["depth"]).astype(np.float64)
+        counts = thin_depth(counts, plan["depth"], rng)
         rest = float(rng.binomial(int(round(rest)), plan["depth"]))
     if plan["kept"] is not None:
         keep = plan["kept"][gene_ids - N_SPECIAL]
