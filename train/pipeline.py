@@ -134,7 +134,8 @@ class Cells(NamedTuple):
 
 
 def load_cells(data: DataArguments) -> Cells:
-    """The cells of the `data` section (see `Cells`; unpacks as `train, test, all_rows, cell_tokenizer, unseen`)."""
+    """The cells of the `data` section (see `Cells`; unpacks as `train, test, all_rows, cell_tokenizer, unseen,
+    validation`)."""
     from .data import build_dataset, load_cell_tokenizer, load_dataset_dir, read_build_info
     from .pretrain import pbmc_path
     from .splits import split_dataset
