@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 
 from .inputs_scmmgpt import NORMALIZE_CHOICES, read_h5ad
-from .jobs_scmmgpt import LABELS_FILE, ScMMGPTJobs, model_kind, require_job
+from .jobs_scmmgpt import GENERATED_OUTPUTS, LABELS_FILE, ScMMGPTJobs, model_kind, require_job
 from .ontology_scmmgpt import load_cell_ontology
 
 
@@ -281,7 +281,14 @@ def generate_main(argv=None) -> int:
     parser.add_argument("text", nargs="+", help="one or more prompts, e.g. 'cell type: CD14-positive monocyte.'")
     parser.add_argument("-n", type=_positive_int, default=10, help="cells per prompt")
     parser.add_argument("-o", "--output", required=True, help="output .h5ad")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="every random draw comes from it: the same seed, the "
+                                                             "same cells")
+    parser.add_argument("--values", choices=GENERATED_OUTPUTS, default=None,
+                        help="counts: draws from the model's count distribution, integers in .X with log1p(CP10k) in "
+                             ".layers['log1p']; log1p: those draws log-normalised; mean: the decoder's log1p mean, one "
+                             "point per prompt (default: counts for a model with a count decoder, else mean)")
+    parser.add_argument("--library-size", type=float, default=None,
+                        help="library size of sampled cells (default: drawn from the training cells')")
     parser.add_argument("--batch-size", type=_positive_int, default=256, help="cells decoded at a time")
     return _run(parser, argv, _generate)
 
@@ -289,9 +296,11 @@ def generate_main(argv=None) -> int:
 def _generate(args):
     _check_paths(None, args.output)
     jobs = load_jobs(args.model, "generate_cells")
+    values = args.values or ("mean" if jobs.expression_distribution == "mse" else "counts")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        cells = jobs.generate_cells(args.text, n_per_text=args.n, seed=args.seed, batch_size=args.batch_size)
+        cells = jobs.generate_cells(args.text, n_per_text=args.n, seed=args.seed, batch_size=args.batch_size,
+                                    output=values, library_size=args.library_size)
     _write_anndata(cells.to_anndata(), args.output)
 
 

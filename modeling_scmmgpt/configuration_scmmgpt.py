@@ -108,6 +108,12 @@ class ScMMGPTConfig(PreTrainedConfig):
         embed_dim: width of the shared cell–text space of the contrastive / matching heads.
         projector_hidden_size: hidden width of the cell→text and text→cell MLP projectors.
         expression_decoder_hidden_size: width of the expression decoder.
+        expression_distribution: what the expression decoder predicts per gene (`modeling_expression_decoder`):
+            `"mse"` log1p expression trained by MSE (the paper's; folders saved without the field), `"nb"` a negative
+            binomial of counts (mean and inverse dispersion) or `"zinb"` a zero-inflated one, trained by their
+            likelihood on counts: `generate_cells` then draws cells rather than decoding one point per text.
+        library_size_quantiles: the 101 quantiles (0 %, 1 %, …, 100 %) of the training cells' library sizes, saved by
+            stage 2 for a count decoder: `generate_cells` draws the library size of sampled cells from them.
         contrastive_temperature: initial softmax temperature of the contrastive loss (learned); named apart from
             generation's sampling `temperature` (folders saved with the old name `temperature` load into it).
         max_text_length: longest text the Q-Former reads (stage 1).
@@ -133,6 +139,8 @@ class ScMMGPTConfig(PreTrainedConfig):
     embed_dim: int = 256
     projector_hidden_size: int = 256
     expression_decoder_hidden_size: int = 256
+    expression_distribution: Literal["mse", "nb", "zinb"] = "mse"
+    library_size_quantiles: list[float] | None = None
     contrastive_temperature: float = 0.07
     max_text_length: int = 128
     captioning_max_cells: int | None = None
@@ -151,6 +159,9 @@ class ScMMGPTConfig(PreTrainedConfig):
         self.qformer_config.encoder_hidden_size = self.cell_config.hidden_size
         if self.cross_attention_frequency < 1:
             raise ValueError(f"cross_attention_frequency must be >= 1, got {self.cross_attention_frequency}")
+        if self.expression_distribution not in ("mse", "nb", "zinb"):
+            raise ValueError(f"expression_distribution must be 'mse', 'nb' or 'zinb', got "
+                             f"{self.expression_distribution!r}")
 
     @classmethod
     def tiny(cls, **overrides) -> "ScMMGPTConfig":

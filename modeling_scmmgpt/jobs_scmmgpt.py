@@ -33,6 +33,8 @@ LIKELIHOOD_SEQUENCES_PER_FORWARD = 256  # (cells × labels) sequences scored per
 READ_CHUNK = 2048  # the most cells read from the input at a time (a backed file is read this much at once)
 READ_VALUES = 1 << 24  # ... and at most this many matrix entries, so that a dense chunk of a wide matrix stays small
 DEFAULT_DESCRIPTION_TOKENS = 128  # describe's length when the model carries no label texts to size it by
+GENERATED_OUTPUTS = ("counts", "log1p", "mean")  # what generate_cells returns: sampled counts, as log1p, or the mean
+DEFAULT_LIBRARY_SIZE = 1e4  # sampled cells' library size when the model carries no training library sizes
 
 
 # ---------------------------------------------------------------------------------------------------- model kinds
@@ -110,18 +112,42 @@ class CellAnnotation:
 
 @dataclass
 class GeneratedCells:
-    """Pseudo-cells: `expression` (cells × genes) log1p-normalised expression, one row per (text, draw)."""
+    """Pseudo-cells, one row per (text, draw): `expression` (cells × genes) of the kind `output` names —
+    `"counts"` (int32 draws from the decoder's count distribution at `library_sizes`), `"log1p"` (those draws as
+    log1p(counts / library × `target_sum`)) or `"mean"` (float32 log1p mean of the decoder, the paper's decoding).
+    `library_sizes` (cells,): each sampled cell's library size (None for `"mean"`)."""
 
     expression: np.ndarray
     gene_names: list[str]
     texts: list[str]
+    output: str = "mean"
+    library_sizes: np.ndarray | None = None
+    target_sum: float = 1e4
+
+    def log1p(self) -> np.ndarray:
+        """(cells, genes) float32 log1p-normalised expression: counts normalised by their library, other kinds as
+        they are."""
+        if self.output != "counts":
+            return np.asarray(self.expression, dtype=np.float32)
+        scale = self.target_sum / np.asarray(self.library_sizes, dtype=np.float64)
+        return np.log1p(self.expression * scale[:, None]).astype(np.float32)
 
     def to_anndata(self):
+        """AnnData of the cells: `.X` the expression as generated (integer counts for `"counts"`, with the log1p
+        values in `.layers["log1p"]`), `obs["prompt"]` (and `obs["library_size"]` for sampled cells),
+        `uns["scmmgpt"]["output"]` the kind."""
         import anndata  # optional dependency, needed only here
         import pandas as pd
 
         obs = pd.DataFrame({"prompt": self.texts}, index=[f"pseudo_{i}" for i in range(len(self.texts))])
-        return anndata.AnnData(X=self.expression.astype(np.float32), obs=obs, var=pd.DataFrame(index=self.gene_names))
+        if self.library_sizes is not None:
+            obs["library_size"] = np.asarray(self.library_sizes, dtype=np.float64)
+        counts = self.output == "counts"
+        adata = anndata.AnnData(X=self.expression.astype(np.int32 if counts else np.float32), obs=obs,
+                                var=pd.DataFrame(index=self.gene_names), uns={"scmmgpt": {"output": self.output}})
+        if counts:
+            adata.layers["log1p"] = self.log1p()
+        return adata
 
 
 def ontology_name(text: str) -> str:
@@ -495,16 +521,37 @@ class ScMMGPTJobs:
         frame = len(self.processor.tokenizer(GENERATE_PROMPT.format(text="") + self.processor.cell_slot_text)["input_ids"])
         return max(1, positions - frame)
 
+    @property
+    def expression_distribution(self) -> str:
+        """What the model's expression decoder predicts: `"mse"` (log1p values), `"nb"` or `"zinb"` (counts)."""
+        return getattr(self.model.config, "expression_distribution", "mse")
+
     @torch.inference_mode()
     def generate_cells(self, texts, n_per_text: int = 1, genes: list[str] | None = None, seed: int | None = None,
-                       noise_scale: float = 0.1, batch_size: int = 32) -> GeneratedCells:
+                       noise_scale: float | None = None, batch_size: int = 32, *, output: str | None = None,
+                       library_size=None) -> GeneratedCells:
         """Pseudo-cells from text prompts: the LLM reads `"Generate a cell. {text} Cell:"` and the output cell slots,
-        whose states are projected to a cell state and decoded to log1p expression of `genes` (default: the whole
-        vocabulary). A text's reading is deterministic; draws beyond the first add seeded Gaussian noise of
-        `noise_scale` × the state's std, so `n_per_text` cells scatter around it."""
+        whose states are projected to a cell state and decoded over `genes` (default: the whole vocabulary).
+
+        Args:
+            output: `"counts"`: counts drawn from the decoder's per-gene count distribution (a `"nb"` / `"zinb"`
+                decoder, `config.expression_distribution`) at each cell's library size; `"log1p"`: those draws as
+                log1p(counts / library × target_sum), comparable with log-normalised cells; `"mean"`: the decoder's
+                log1p mean, one point per text (the paper's decoding, and the only one of an `"mse"` decoder).
+                Default: `"log1p"` for a count decoder, `"mean"` for an MSE one.
+            library_size: of sampled cells: a number, or one per generated cell; None draws them from the training
+                cells' library sizes (`config.library_size_quantiles`), else uses `DEFAULT_LIBRARY_SIZE` (10 000).
+            noise_scale: draws beyond a text's first add seeded Gaussian noise of `noise_scale` × the state's std to
+                its cell state, so `n_per_text` means scatter around it; default 0.1 for `"mean"`, 0 for the sampled
+                kinds, whose spread is the distribution's.
+            seed: every random draw (state noise, library sizes, counts) comes from it: the same seed gives the same
+                cells (None: 0).
+        """
         require_job(self.kind, "generate_cells")
         texts = self._check_prompts(texts)
         n_per_text, batch_size = _positive_int(n_per_text, "n_per_text"), _positive_int(batch_size, "batch_size")
+        output = self._generated_output(output)
+        noise_scale = (0.1 if output == "mean" else 0.0) if noise_scale is None else noise_scale
         if not (isinstance(noise_scale, (int, float)) and np.isfinite(noise_scale) and noise_scale >= 0):
             raise ValueError(f"noise_scale must be a non-negative number, got {noise_scale!r}")
         genes = list(self.cell_tokenizer.gene_names) if genes is None else _names(genes, "genes")
@@ -513,20 +560,61 @@ class ScMMGPTJobs:
             unknown = [g for g, i in zip(genes, gene_ids.tolist()) if i < 0]
             raise ValueError(f"{len(unknown)} requested genes are not in the model's vocabulary: {unknown[:10]}")
         states = torch.cat([self.text_cell_states(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
-        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
-        expression = np.empty((len(texts) * n_per_text, len(genes)), dtype=np.float32)
-        bar = tqdm(total=len(expression), desc="generate", unit="cell", disable=not self.progress)
-        for start in range(0, len(expression), batch_size):
-            rows = torch.arange(start, min(start + batch_size, len(expression)))
+        seed = 0 if seed is None else int(seed)
+        generator, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+        n_cells = len(texts) * n_per_text
+        libraries = None if output == "mean" else self._library_sizes(library_size, n_cells, rng)
+        expression = np.empty((n_cells, len(genes)), dtype=np.int32 if output == "counts" else np.float32)
+        bar = tqdm(total=n_cells, desc="generate", unit="cell", disable=not self.progress)
+        for start in range(0, n_cells, batch_size):
+            rows = torch.arange(start, min(start + batch_size, n_cells))
             drawn = states[rows // n_per_text]
             noise = torch.randn(drawn.shape, generator=generator).to(drawn)
             scale = noise_scale * drawn.std(dim=(1, 2), keepdim=True) * (rows % n_per_text > 0).to(drawn)[:, None, None]
-            decoded = self.model.decode_expression(drawn + noise * scale,
-                                                   gene_ids.to(self.model.device).expand(len(rows), -1))
-            expression[start : start + len(rows)] = decoded.clamp(min=0).float().cpu().numpy()
+            expression[start : start + len(rows)] = self._decoded_cells(
+                drawn + noise * scale, gene_ids.to(self.model.device).expand(len(rows), -1), output,
+                None if libraries is None else libraries[rows.numpy()], rng)
             bar.update(len(rows))
         bar.close()
-        return GeneratedCells(expression=expression, gene_names=genes, texts=[t for t in texts for _ in range(n_per_text)])
+        return GeneratedCells(expression=expression, gene_names=genes, texts=[t for t in texts for _ in range(n_per_text)],
+                              output=output, library_sizes=libraries,
+                              target_sum=float(self.cell_tokenizer.target_sum))
+
+    def _generated_output(self, output) -> str:
+        """The kind `generate_cells` returns: `output` checked against the decoder, or the decoder's default."""
+        sampled = self.expression_distribution != "mse"
+        output = ("log1p" if sampled else "mean") if output is None else output
+        if output not in GENERATED_OUTPUTS:
+            raise ValueError(f"output must be one of {list(GENERATED_OUTPUTS)}, got {output!r}")
+        if output != "mean" and not sampled:
+            raise ValueError(f"output={output!r} draws cells from a count distribution, but this model's expression "
+                             "decoder predicts log1p values only (expression_distribution 'mse'): use output='mean'")
+        return output
+
+    def _library_sizes(self, library_size, n_cells: int, rng: np.random.Generator) -> np.ndarray:
+        """(n_cells,) library sizes of sampled cells: given, or drawn (log-linear between the training quantiles)."""
+        if library_size is None:
+            quantiles = getattr(self.model.config, "library_size_quantiles", None)
+            if not quantiles:
+                return np.full(n_cells, DEFAULT_LIBRARY_SIZE)
+            log_quantiles = np.log(np.maximum(np.asarray(quantiles, dtype=np.float64), 1.0))
+            drawn = np.interp(rng.random(n_cells), np.linspace(0.0, 1.0, len(log_quantiles)), log_quantiles)
+            return np.round(np.exp(drawn))
+        sizes = np.asarray(library_size, dtype=np.float64)
+        sizes = np.full(n_cells, float(sizes)) if sizes.ndim == 0 else sizes
+        if sizes.shape != (n_cells,) or not np.isfinite(sizes).all() or (sizes <= 0).any():
+            raise ValueError(f"library_size must be a positive number or {n_cells} positive numbers (one per "
+                             f"generated cell), got {library_size!r}")
+        return sizes
+
+    def _decoded_cells(self, cell_states, gene_ids, output: str, libraries, rng) -> np.ndarray:
+        """(cells, genes) of one batch of cell states: the log1p mean, or counts drawn at `libraries` (as counts or
+        as log1p)."""
+        if output == "mean":
+            return self.model.decode_expression(cell_states, gene_ids).clamp(min=0).float().cpu().numpy()
+        size_factors = libraries / self.cell_tokenizer.target_sum
+        counts = self.model.decode_expression_distribution(cell_states, gene_ids).sample(size_factors, rng)
+        return counts if output == "counts" else np.log1p(counts / size_factors[:, None])
 
     @torch.inference_mode()
     def text_cell_states(self, texts: list[str]) -> torch.Tensor:
@@ -554,5 +642,6 @@ def read_label_texts(path, **hub) -> dict | None:
         return json.load(f)
 
 
-__all__ = ["ScMMGPTJobs", "CellAnnotation", "GeneratedCells", "MODEL_KINDS", "ModelKind", "model_kind", "kind_of_model",
-           "require_job", "ontology_name", "read_label_texts", "LABELS_FILE"]
+__all__ = ["ScMMGPTJobs", "CellAnnotation", "GeneratedCells", "GENERATED_OUTPUTS", "DEFAULT_LIBRARY_SIZE",
+           "MODEL_KINDS", "ModelKind", "model_kind", "kind_of_model", "require_job", "ontology_name",
+           "read_label_texts", "LABELS_FILE"]

@@ -16,8 +16,9 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_scmmgpt import ScMMGPTConfig
-from .modeling_cell_encoder import ScMMGPTCellModel, masked_mean, masked_mse
+from .modeling_cell_encoder import ScMMGPTCellModel, masked_mean
 from .modeling_cell_pretraining import maskable_positions
+from .modeling_expression_decoder import CountDistribution, ExpressionDecoder, decoded_log1p, expression_loss
 from .modeling_qformer import ScMMGPTQFormer
 from .saving import SafeSerializationMixin
 
@@ -278,27 +279,6 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         )
 
 
-class ExpressionDecoder(nn.Module):
-    """Predicts log1p expression of requested genes from a cell state: gene embeddings are the queries of a
-    cross-attention over the cell state's slots, then an MLP on [context, gene embedding, their product] gives each
-    gene's value (the product lets the cell state scale each gene directly, rather than through the MLP alone, which
-    left predictions near the per-gene mean)."""
-
-    def __init__(self, config: ScMMGPTConfig):
-        super().__init__()
-        width, state_width = config.expression_decoder_hidden_size, config.qformer_config.hidden_size
-        self.gene_embedding = nn.Embedding(config.cell_config.vocab_size, width)
-        heads = 4 if width % 4 == 0 else 1
-        self.cross_attention = nn.MultiheadAttention(width, heads, kdim=state_width, vdim=state_width, batch_first=True)
-        self.mlp = _mlp(3 * width, width, 1)
-
-    def forward(self, cell_states: torch.Tensor, gene_ids: torch.LongTensor) -> torch.Tensor:
-        """cell_states (n, slots, state_width), gene_ids (n, genes) → predicted log1p expression (n, genes)."""
-        genes = self.gene_embedding(gene_ids)
-        context, _ = self.cross_attention(genes, cell_states, cell_states, need_weights=False)
-        return self.mlp(torch.cat([context, genes, context * genes], dim=-1)).squeeze(-1)
-
-
 class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
     r"""
     Stage 2: the stage-1 model (`scmmgpt`), a cell→text projector into the LLM's `<cell_i>` slots, the causal LLM
@@ -420,14 +400,25 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
 
     def decode_cell_states(self, slot_states: torch.Tensor, gene_ids: torch.LongTensor | None = None):
         """LLM states at output slots (n, num_query_tokens, llm_hidden) → (cell states (n, slots, qformer_hidden),
-        predicted log1p expression (n, genes) of `gene_ids`, or None)."""
+        the expression decoder's raw output for `gene_ids` ((n, genes), or (n, genes, 2 | 3) for a count
+        distribution; see `ExpressionDecoder`), or None)."""
         cell_states = self.text_to_cell_projector(slot_states)
-        expression = None if gene_ids is None else self.decode_expression(cell_states, gene_ids)
-        return cell_states, expression
+        decoded = None if gene_ids is None else self.expression_decoder(cell_states, gene_ids)
+        return cell_states, decoded
 
     def decode_expression(self, cell_states: torch.Tensor, gene_ids: torch.LongTensor) -> torch.Tensor:
-        """Cell states (n, slots, qformer_hidden) → predicted log1p expression (n, genes) of `gene_ids` (n, genes)."""
-        return self.expression_decoder(cell_states, gene_ids)
+        """Cell states (n, slots, qformer_hidden) → predicted log1p expression (n, genes) of `gene_ids` (n, genes):
+        the MSE decoder's value, or log1p of a count distribution's expected reads per target_sum (its mean)."""
+        return decoded_log1p(self.expression_decoder(cell_states, gene_ids), self.config.expression_distribution)
+
+    def decode_expression_distribution(self, cell_states: torch.Tensor,
+                                       gene_ids: torch.LongTensor) -> CountDistribution:
+        """Cell states (n, slots, qformer_hidden) → the per-gene count distribution (n, genes) of `gene_ids`, for a
+        model whose `config.expression_distribution` is `"nb"` or `"zinb"`."""
+        if self.config.expression_distribution == "mse":
+            raise ValueError("this model's expression decoder predicts log1p values only (expression_distribution "
+                             "'mse'), not a count distribution: decode the mean, or train an 'nb' / 'zinb' decoder")
+        return CountDistribution.from_decoder_output(self.expression_decoder(cell_states, gene_ids))
 
     def get_text_cell_states(self, input_ids: torch.LongTensor, attention_mask=None) -> torch.Tensor:
         """The cell states a text describes, (batch, num_query_tokens, qformer_hidden): the LLM reads `input_ids`,
@@ -439,19 +430,23 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
         return self.text_to_cell_projector(hidden[slots].view(len(input_ids), self.config.num_query_tokens, -1))
 
     def text_to_cell_loss(self, slot_states, target_cells, decoder_gene_ids=None, decoder_targets=None,
-                          decoder_mask=None) -> "ScMMGPTTextToCellOutput":
+                          decoder_mask=None, decoder_counts=None, decoder_size_factors=None) -> "ScMMGPTTextToCellOutput":
         """The text → cell losses of output slots: MSE of the cell states read from the LLM's slot states (n,
         num_query_tokens, llm_hidden) to the target cells' own Q-Former states (`target_cells`: gene ids, values,
-        mask), and the masked MSE of the decoded log1p expression of `decoder_gene_ids`; `loss` is their sum weighted
-        by `config.cell_embed_loss_weight` / `config.expression_loss_weight`."""
-        cell_states, expression = self.decode_cell_states(slot_states, decoder_gene_ids)
+        mask), and the expression loss of `decoder_gene_ids` weighted by `decoder_mask` (`expression_loss`: MSE to
+        the log1p `decoder_targets`, or for a count decoder the negative log-likelihood of `decoder_counts` (n,
+        genes) at `decoder_size_factors` (n,), library / target_sum); `loss` is their sum weighted by
+        `config.cell_embed_loss_weight` / `config.expression_loss_weight`."""
+        cell_states, decoded = self.decode_cell_states(slot_states, decoder_gene_ids)
         with torch.no_grad():  # the target is the cell's own Q-Former reading, not trained through this loss
             true_states = self.scmmgpt.query_outputs(*target_cells)
+        distribution = self.config.expression_distribution
         out = ScMMGPTTextToCellOutput(loss_cell_embed=F.mse_loss(cell_states, true_states), cell_states=cell_states,
-                                      expression=expression)
+                                      expression=None if decoded is None else decoded_log1p(decoded, distribution))
         out.loss = self.config.cell_embed_loss_weight * out.loss_cell_embed
-        if expression is not None:
-            out.loss_expression = masked_mse(expression, decoder_targets, decoder_mask)
+        if decoded is not None:
+            out.loss_expression = expression_loss(decoded, distribution, decoder_targets, decoder_mask, decoder_counts,
+                                                  decoder_size_factors)
             out.loss = out.loss + self.config.expression_loss_weight * out.loss_expression
         return out
 
@@ -469,6 +464,8 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
         decoder_gene_ids: torch.LongTensor | None = None,
         decoder_targets: torch.Tensor | None = None,
         decoder_mask: torch.Tensor | None = None,
+        decoder_counts: torch.Tensor | None = None,
+        decoder_size_factors: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         cache=None,
         use_cache: bool | None = None,
@@ -501,7 +498,7 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
                             None if target_cell_attention_mask is None else target_cell_attention_mask[rows])
             pick = (lambda t: None if t is None else t[rows])
             cells = self.text_to_cell_loss(slot_states, target_cells, pick(decoder_gene_ids), pick(decoder_targets),
-                                           pick(decoder_mask))
+                                           pick(decoder_mask), pick(decoder_counts), pick(decoder_size_factors))
             result.loss = result.loss + cells.loss
             result.loss_cell_embed, result.loss_expression = cells.loss_cell_embed, cells.loss_expression
             result.cell_states, result.expression = cells.cell_states, cells.expression
@@ -516,4 +513,4 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
 
 
 __all__ = ["ScMMGPTPreTrainedModel", "ScMMGPTModel", "ScMMGPTForConditionalGeneration", "ExpressionDecoder",
-           "ScMMGPTTextToCellOutput"]
+           "ScMMGPTTextToCellOutput", "CountDistribution"]

@@ -16,7 +16,7 @@ STAGE1_KEYS = {"gene_ids", "expression_values", "cell_attention_mask", "qformer_
 STAGE2_KEYS = {
     "input_ids", "attention_mask", "labels", "gene_ids", "expression_values", "cell_attention_mask",
     "target_gene_ids", "target_expression_values", "target_cell_attention_mask",
-    "decoder_gene_ids", "decoder_targets", "decoder_mask",
+    "decoder_gene_ids", "decoder_targets", "decoder_mask", "decoder_counts", "decoder_size_factors",
 }
 N_QUERY = 4
 
@@ -161,6 +161,27 @@ def test_stage2_decoder_targets_of_counts_are_log1p_normalised(processor):
     assert len(genes) == 4 and not set(genes[2:].tolist()) & {3, 7, 9} and not targets[2:].any()
     n_genes = len(processor.feature_extractor.gene_names)
     assert weights[:2].tolist() == [1.0, 1.0] and weights[2:].sum() == pytest.approx(n_genes - 3)
+
+
+def test_stage2_decoder_counts_are_the_cells_counts_and_size_factors_their_libraries(processor, rows, pbmc):
+    # a count row: the stored counts themselves, at its stored library
+    row = {"cell_id": "x", "text": "cell type: B cell.", "task": "text_to_cell", "gene_ids": [3, 7, 9],
+           "expression": [1.0, 3.0, 6.0], "total_counts": 20.0, "value_kind": "counts"}
+    batch = Stage2Collator(processor)([row])
+    expressed = batch["decoder_targets"][0] > 0
+    assert sorted(batch["decoder_counts"][0][expressed].tolist()) == [1.0, 3.0, 6.0]
+    assert not batch["decoder_counts"][0][~expressed].any()
+    assert batch["decoder_size_factors"][0].item() == pytest.approx(20.0 / 1e4)
+    # PBMC's log-normalised rows: integer counts that normalise back to the stored values, at a library within 0.1 %
+    # of the file's own n_counts; cell → text rows get size factor 1 and no counts
+    batch = Stage2Collator(processor)(with_task(rows[:3], "text_to_cell", "text_to_cell", "cell_to_text"))
+    for i, row in enumerate(rows[:2]):
+        counts, targets = batch["decoder_counts"][i].double(), batch["decoder_targets"][i].double()
+        assert torch.equal(counts, counts.round()) and (counts[targets > 0] >= 1).all()
+        size_factor = batch["decoder_size_factors"][i].item()
+        assert size_factor * 1e4 == pytest.approx(pbmc.obs["n_counts"][row["cell_id"]], rel=1e-3)
+        torch.testing.assert_close(torch.log1p(counts / size_factor), targets, atol=2e-3, rtol=0)
+    assert batch["decoder_size_factors"][2].item() == 1.0 and not batch["decoder_counts"][2].any()
 
 
 def test_stage2_task_draw_is_seeded_and_mixed(processor, built):

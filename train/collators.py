@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .shifts import smallest_count_library_sizes
+from .sources import COUNTS
 from .streaming import N_SPECIAL, log_normalized, rows_to_cell_inputs, rows_to_matrix
 
 CELL_TO_TEXT = "cell_to_text"
@@ -21,6 +23,16 @@ IGNORE_INDEX = -100  # labels ignored by the LM loss
 def _row_seed(seed: int, row: dict) -> list[int]:
     """A per-cell seed, stable across processes and DataLoader workers (Python's `hash` is salted per process)."""
     return [int(seed), zlib.crc32(str(row.get("cell_id", "")).encode())]
+
+
+def library_size(row: dict, target_sum: float = 1e4) -> float:
+    """A built row's library size: a count row's stored `total_counts` (its reads over all of the source's genes,
+    else its row sum); for a log-normalised row, the size at which its smallest expressed value is one read
+    (`shifts.smallest_count_library_sizes`: PBMC's rows get their `n_counts` back to within 0.1 %)."""
+    values = np.asarray(row["expression"], dtype=np.float64)
+    if row.get("value_kind", COUNTS) == COUNTS:
+        return float(row.get("total_counts") or values.sum())
+    return float(smallest_count_library_sizes(values[None], target_sum)[0])
 
 
 def augmented(augment, rows: list[dict | None], cell_tokenizer) -> list[dict | None]:
@@ -119,6 +131,9 @@ class Stage2Collator:
             a fraction p of a type's cells is scored as a zero about half as often as it is one, and the decoder
             learns inflated values for rarely expressed genes. Targets are log1p(x / total · target_sum) for count
             rows and the stored values for log-normalised rows.
+        `decoder_counts`: B × G, the same genes' counts (a count decoder's targets): stored counts, or for a
+            log-normalised row round(expm1(value) · library / target_sum) (`library_size`); 0 where unexpressed.
+        `decoder_size_factors`: B, each target cell's library size / target_sum (1 for cell → text examples).
     """
 
     processor: object
@@ -236,9 +251,19 @@ class Stage2Collator:
         gene_ids = np.full((len(rows), width), self.cell_tokenizer.pad_token_id, dtype=np.int64)
         targets = np.zeros((len(rows), width), dtype=np.float32)
         weights = np.zeros((len(rows), width), dtype=np.float32)
-        for i, (ids, vals, w) in enumerate(per_row):
+        counts = np.zeros((len(rows), width), dtype=np.float32)
+        size_factors = np.ones(len(rows), dtype=np.float32)
+        target_sum = self.cell_tokenizer.target_sum
+        for i, (row, kind, (ids, vals, w)) in enumerate(zip(rows, kinds, per_row)):
             gene_ids[i, : ids.size], targets[i, : ids.size], weights[i, : ids.size] = ids, vals, w
-        return {"decoder_gene_ids": gene_ids, "decoder_targets": targets, "decoder_mask": weights}
+            if kind == TEXT_TO_CELL:
+                library = library_size(row, target_sum)
+                size_factors[i] = max(library, 1.0) / target_sum
+                # targets are log1p(x · target_sum / library): inverting them gives back a count row's own counts
+                counts[i, : ids.size] = np.round(np.expm1(vals.astype(np.float64)) * library / target_sum)
+        return {"decoder_gene_ids": gene_ids, "decoder_targets": targets, "decoder_mask": weights,
+                "decoder_counts": counts, "decoder_size_factors": size_factors}
 
 
-__all__ = ["CELL_TO_TEXT", "IGNORE_INDEX", "TEXT_TO_CELL", "Stage1Collator", "Stage2Collator", "augmented"]
+__all__ = ["CELL_TO_TEXT", "IGNORE_INDEX", "TEXT_TO_CELL", "Stage1Collator", "Stage2Collator", "augmented",
+           "library_size"]

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTProcessor
 from modeling_scmmgpt.processing_scmmgpt import DESCRIBE_PROMPT, GENERATE_PROMPT
 from modeling_scmmgpt.jobs_scmmgpt import ScMMGPTJobs
-from modeling_scmmgpt.modeling_cell_encoder import masked_mse
+from modeling_scmmgpt.modeling_expression_decoder import CountDistribution, ExpressionDecoder, expression_loss
 
-from .collators import Stage2Collator
+from .collators import Stage2Collator, library_size
 from .streaming import log_normalized, rows_to_matrix
 from .trainers import LossPartsLoggingMixin
 
@@ -64,6 +64,9 @@ class Stage2Arguments:
             (and the teacher-forced loss, which has nothing left to train, is skipped). Trained on, the decoder
             drifted to the common types' single cells and mis-decoded rare ones (PBMC, CD34+: 5.6 PCA units from
             the type's mean expression against 2.5 kept fixed).
+        expression_distribution: what the expression decoder predicts (`ScMMGPTConfig.expression_distribution`):
+            `"mse"` (log1p values, the paper's), `"nb"` / `"zinb"` (a count distribution fitted by its likelihood on
+            the cells' counts, so generated cells are draws); None keeps the model config's.
         max_seconds: wall-time guard on training (None: none).
     """
 
@@ -84,6 +87,7 @@ class Stage2Arguments:
     decoder_warmup_cells: int = 4096
     train_expression_decoder: bool = True
     text_to_cell_min_rows: int = 0
+    expression_distribution: str | None = None
     max_seconds: float | None = None
 
     def __post_init__(self):
@@ -91,6 +95,9 @@ class Stage2Arguments:
             raise ValueError(f"stage2 tuning must be 'lora', 'full' or 'frozen', got {self.tuning!r}")
         if not 0.0 <= self.text_to_cell_fraction <= 1.0:
             raise ValueError(f"text_to_cell_fraction must be in [0, 1], got {self.text_to_cell_fraction}")
+        if self.expression_distribution not in (None, "mse", "nb", "zinb"):
+            raise ValueError(f"stage2 expression_distribution must be 'mse', 'nb' or 'zinb', got "
+                             f"{self.expression_distribution!r}")
 
 
 def quantization_config_4bit(compute_dtype=torch.bfloat16):
@@ -185,7 +192,8 @@ def _sft_trainer_class():
             return (loss, outputs) if return_outputs else loss
 
         def _teacher_forced_expression_loss(self, model, inputs):
-            """MSE of the expression decoded from the target cells' true Q-Former states (text → cell rows only)."""
+            """The expression loss (`expression_loss`: MSE, or a count decoder's negative log-likelihood) of the
+            expression decoded from the target cells' true Q-Former states (text → cell rows only)."""
             base = self.accelerator.unwrap_model(model)
             base = base.get_base_model() if hasattr(base, "get_base_model") else base
             rows = inputs["decoder_mask"].bool().any(1)
@@ -195,8 +203,10 @@ def _sft_trainer_class():
                 states = base.scmmgpt.query_outputs(inputs["target_gene_ids"][rows],
                                                     inputs["target_expression_values"][rows],
                                                     inputs["target_cell_attention_mask"][rows])
-            predicted = base.expression_decoder(states, inputs["decoder_gene_ids"][rows])
-            return masked_mse(predicted, inputs["decoder_targets"][rows], inputs["decoder_mask"][rows])
+            decoded = base.expression_decoder(states, inputs["decoder_gene_ids"][rows])
+            return expression_loss(decoded, base.config.expression_distribution, inputs["decoder_targets"][rows],
+                                   inputs["decoder_mask"][rows], inputs["decoder_counts"][rows],
+                                   inputs["decoder_size_factors"][rows])
 
     return Stage2Trainer
 
@@ -262,24 +272,28 @@ def warm_up_expression_decoder(model: ScMMGPTForConditionalGeneration, rows, cel
     mode (`true_cell_states`): fitted to the dropout-perturbed states of a Q-Former left in training mode, the decoder
     of one seed's pipeline decoded the mean states 1.84 units off on average (CD34+ 3.23), against 0.75 (0.31).
 
+    A count decoder (`"nb"` / `"zinb"`) is fitted by the likelihood of the member cells' own counts instead of a
+    mixed target: a mixture's state must give a distribution under which each of its cells is likely (weighted as
+    in the mixture), and a text's mean state one under which `mixture_size` of the text's cells drawn at random are,
+    so that the state generation decodes carries the spread of the text's cells, not their average. Genes no row
+    expresses (a fixed sample, at most as many as the expressed ones) are fitted to zero counts, so that they are
+    never drawn.
+
     Returns the loss of each step.
     """
     from tqdm.auto import tqdm
-
-    from .streaming import N_SPECIAL
 
     if steps <= 0:
         return []
     generator = torch.Generator().manual_seed(seed)
     device = next(model.expression_decoder.parameters()).device
-    expression = torch.from_numpy(cell_expression_matrix(rows, cell_tokenizer))
-    genes = torch.nonzero(expression.sum(0) > 0).squeeze(1)  # only genes seen expressed: the rest decode to 0 anyway
-    expression = expression[:, genes].to(device)
-    gene_ids = (genes + N_SPECIAL).to(device)
+    counting = model.config.expression_distribution != "mse"
+    gene_ids, targets_of, size_factors = _warmup_targets(rows, cell_tokenizer, counting, generator)
+    gene_ids, targets_of = gene_ids.to(device), targets_of.to(device)
     states = true_cell_states(model, rows, cell_tokenizer).to(device)
     groups = [torch.as_tensor(g) for g in rows_by_text([row["text"] for row in rows])]
     group_states = torch.stack([states[g.to(device)].mean(0) for g in groups])
-    group_expression = torch.stack([expression[g.to(device)].mean(0) for g in groups])
+    group_targets = None if counting else torch.stack([targets_of[g.to(device)].mean(0) for g in groups])
     decoder = model.expression_decoder
     decoder.train()
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=learning_rate)
@@ -293,20 +307,59 @@ def warm_up_expression_decoder(model: ScMMGPTForConditionalGeneration, rows, cel
         weights = torch.zeros(batch_size, mixture_size)
         weights[:, 0] = 1.0  # single cells ...
         weights[batch_size // 2:] = dirichlet.sample((batch_size - batch_size // 2,))  # ... and same-text mixtures
-        weights = weights.to(device)
-        batch_states = torch.einsum("bm,bmqh->bqh", weights, states[members.to(device)])
-        targets = torch.einsum("bm,bmg->bg", weights, expression[members.to(device)])
-        if group_means:
-            means = torch.randint(len(groups), (group_means,), generator=generator)
-            batch_states = torch.cat([batch_states, group_states[means]])
-            targets = torch.cat([targets, group_expression[means]])
-        loss = F.mse_loss(decoder(batch_states, gene_ids.expand(len(targets), -1)), targets)
+        batch_states = torch.einsum("bm,bmqh->bqh", weights.to(device), states[members.to(device)])
+        means = torch.randint(len(groups), (group_means,), generator=generator) if group_means else None
+        if means is not None:
+            batch_states = torch.cat([batch_states, group_states[means.to(device)]])
+        decoded = decoder(batch_states, gene_ids.expand(len(batch_states), -1))
+        if counting:  # each row's cells: its mixture's members, or cells drawn from the text of a mean
+            if means is not None:
+                members = torch.cat([members, torch.stack([
+                    groups[g][torch.randint(len(groups[g]), (mixture_size,), generator=generator)]
+                    for g in means.tolist()])])
+                weights = torch.cat([weights, torch.full((group_means, mixture_size), 1.0 / mixture_size)])
+            loss = _mixture_nll(decoded, members.to(device), weights.to(device), targets_of, size_factors.to(device))
+        else:
+            targets = torch.einsum("bm,bmg->bg", weights.to(device), targets_of[members.to(device)])
+            if means is not None:
+                targets = torch.cat([targets, group_targets[means.to(device)]])
+            loss = F.mse_loss(decoded, targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
     return losses
+
+
+def _warmup_targets(rows, cell_tokenizer, counting: bool, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The warm-up's genes and each row's targets over them: (vocabulary gene ids (genes,), log1p expression or, for
+    a count decoder, counts (cells, genes), size factors (cells,))."""
+    from .streaming import N_SPECIAL
+
+    expression = torch.from_numpy(cell_expression_matrix(rows, cell_tokenizer))
+    seen = expression.sum(0) > 0
+    genes = torch.nonzero(seen).squeeze(1)  # the MSE decoder: only genes seen expressed
+    target_sum = cell_tokenizer.target_sum
+    libraries = torch.tensor([max(library_size(rows[i], target_sum), 1.0) for i in range(len(rows))],
+                             dtype=torch.float64)
+    if not counting:
+        return genes + N_SPECIAL, expression[:, genes], libraries / target_sum
+    unseen = torch.nonzero(~seen).squeeze(1)
+    unseen = unseen[torch.randperm(len(unseen), generator=generator)[: len(genes)]]
+    genes = torch.cat([genes, unseen])
+    counts = torch.round(torch.expm1(expression[:, genes].double()) * libraries[:, None] / target_sum)
+    return genes + N_SPECIAL, counts.float(), (libraries / target_sum).float()
+
+
+def _mixture_nll(decoded, members, weights, counts, size_factors) -> torch.Tensor:
+    """Mean over rows of Σ_m weight_m · (negative log-likelihood per gene of member m's counts under the row's
+    distribution): decoded (rows, genes, 2 | 3), members and weights (rows, members), counts (cells, genes)."""
+    n_members = members.shape[1]
+    distribution = CountDistribution.from_decoder_output(decoded.repeat_interleave(n_members, 0))
+    cells = members.flatten()
+    nll = -distribution.log_prob(counts[cells], size_factors[cells]).mean(-1).view(-1, n_members)
+    return (nll * weights).sum(1).mean()
 
 
 def oversample_rare_texts(dataset, min_rows: int, seed: int = 0, text_column: str = "text"):
@@ -347,10 +400,15 @@ def train_stage2(model: ScMMGPTForConditionalGeneration, train_dataset, processo
         raise ValueError('stage 2 needs dataset_kwargs={"skip_prepare_dataset": True}: the collator builds the text')
     model.config.cell_embed_loss_weight = args.cell_embed_loss_weight
     model.config.expression_loss_weight = args.expression_loss_weight
+    use_expression_distribution(model, args.expression_distribution, seed=sft_config.seed)
+    counting = model.config.expression_distribution != "mse"
     warmup_losses = []
-    if args.decoder_warmup_steps:  # every rank reads the same first rows with the same seed: identical decoders
-        torch.manual_seed(sft_config.seed)
+    if args.decoder_warmup_steps or counting:  # every rank reads the same first rows: identical decoders
         rows = _first_rows(train_dataset, args.decoder_warmup_cells)
+    if counting:
+        model.config.library_size_quantiles = library_size_quantiles(rows, processor.feature_extractor.target_sum)
+    if args.decoder_warmup_steps:
+        torch.manual_seed(sft_config.seed)
         warmup_losses = warm_up_expression_decoder(model, rows, processor.feature_extractor,
                                                    args.decoder_warmup_steps, seed=sft_config.seed,
                                                    progress=not sft_config.disable_tqdm)
@@ -371,6 +429,26 @@ def train_stage2(model: ScMMGPTForConditionalGeneration, train_dataset, processo
         trained = trained.merge_and_unload()
     _undo_fused_head(trained)
     return trainer, trained
+
+
+def use_expression_distribution(model: ScMMGPTForConditionalGeneration, distribution: str | None, seed: int = 0):
+    """Give `model` a new expression decoder predicting `distribution` (`"mse"`, `"nb"`, `"zinb"`) when its config
+    names another (None: keep it). Stage 2 builds the decoder new anyway; initialised as the model's own weights."""
+    if distribution is None or distribution == model.config.expression_distribution:
+        return
+    model.config.expression_distribution = distribution
+    device = next(model.expression_decoder.parameters()).device
+    torch.manual_seed(seed)
+    decoder = ExpressionDecoder(model.config)
+    decoder.apply(model._init_weights)
+    model.expression_decoder = decoder.to(device)
+
+
+def library_size_quantiles(rows, target_sum: float = 1e4) -> list[float]:
+    """The 101 quantiles (0 %, 1 %, …, 100 %) of the library sizes of built `rows` (`collators.library_size`), which
+    `generate_cells` draws sampled cells' library sizes from (`ScMMGPTConfig.library_size_quantiles`)."""
+    sizes = np.array([library_size(rows[i], target_sum) for i in range(len(rows))], dtype=np.float64)
+    return [round(float(q), 1) for q in np.quantile(sizes, np.linspace(0.0, 1.0, 101))]
 
 
 def _undo_fused_head(model):
@@ -431,5 +509,5 @@ def generated_state_accuracy(model, label_texts: dict[str, str], rows, cell_toke
 
 __all__ = ["LLM_LORA_TARGETS", "PROJECTORS", "STAGE2_LOSSES", "STAGE2_TRAINING", "Stage2Arguments", "apply_tuning",
            "build_stage2_model", "cell_expression_matrix", "generated_cell_knn_accuracy", "generated_state_accuracy",
-           "load_language_model", "quantization_config_4bit", "stage2_collator", "train_stage2", "true_cell_states",
-           "warm_up_expression_decoder"]
+           "library_size_quantiles", "load_language_model", "quantization_config_4bit", "stage2_collator",
+           "train_stage2", "true_cell_states", "use_expression_distribution", "warm_up_expression_decoder"]
