@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU build of torch where no GPU is present (a CUDA build is several GB); users with GPUs keep their own build
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow test-gpu train-tiny eval bench bench-jobs clean
+.PHONY: setup demo test test-slow test-gpu train-tiny eval bench bench-jobs bench-paper clean
 
 setup: $(STAMP)
 
@@ -51,3 +51,9 @@ clean:
 # peak memory of `scmmgpt embed` / `annotate` on 20k and 200k cells (backed input; ~20 min on 2 cores)
 bench-jobs: setup
 	mkdir -p benchmarks/results && HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_jobs_scale.py --sizes 20000 200000 --json benchmarks/results/jobs_scale.json
+
+# the paper's shapes with random weights, nothing downloaded (scGPT-human encoder, BERT-base Q-Former, a Llama): stage-1 /
+# stage-2 (LoRA, QLoRA on CUDA) training steps and the four jobs -> benchmarks/results/paper_shape.json. CPU: 1 step,
+# batch 2, 256 genes, a small LLM (~1.5 min on 2 cores); CUDA: Llama-2-7B (>= 40 GB), official and largest batches
+bench-paper: setup
+	mkdir -p benchmarks/results && HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_paper_shape.py

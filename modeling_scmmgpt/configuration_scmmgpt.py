@@ -188,17 +188,32 @@ class ScMMGPTConfig(PreTrainedConfig):
 
     @classmethod
     def paper(cls, text_config=None, qformer_config=None, **overrides) -> "ScMMGPTConfig":
-        """The published shape: scGPT-human encoder (2048 genes), BERT-base Q-Former, 32 queries, Llama-2-7B."""
+        """The published shape: scGPT whole-human encoder (60,697 gene tokens, d_model 512, 12 layers, 8 heads, 2048
+        genes per cell), a BERT-base Q-Former (PubMedBERT's shape: 30,522-token vocabulary, 768 wide, 12 layers) with 32
+        queries cross-attending every 2nd layer, and Llama-2-7B (`meta-llama/Llama-2-7b-hf`'s config, 6.74 B
+        parameters); projectors and expression decoder 256 wide."""
         defaults = dict(
             cell_config=ScMMGPTCellConfig.scgpt_human(max_genes=2048),
-            qformer_config=qformer_config or dict(model_type="bert", vocab_size=30522),
+            qformer_config=qformer_config or dict(model_type="bert", vocab_size=30522),  # BertConfig's defaults: base
             text_config=text_config
             or dict(
                 model_type="llama", vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
-                num_attention_heads=32, intermediate_size=11008, max_position_embeddings=4096,
+                num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008, max_position_embeddings=4096,
+                rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
             ),
+            num_query_tokens=32,
+            cross_attention_frequency=2,
         )
         return cls(**{**defaults, **overrides})
 
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> "ScMMGPTConfig":
+        """`ScMMGPTConfig.<preset>(**overrides)`, `preset` one of `PRESETS` (a training config's `model.preset`)."""
+        if preset not in PRESETS:
+            raise ValueError(f"unknown model preset {preset!r}; known: {list(PRESETS)}")
+        return getattr(cls, preset)(**overrides)
 
-__all__ = ["ScMMGPTCellConfig", "ScMMGPTConfig"]
+
+PRESETS = ("tiny", "paper")  # the classmethods of ScMMGPTConfig that build a whole model's shape
+
+__all__ = ["PRESETS", "ScMMGPTCellConfig", "ScMMGPTConfig"]

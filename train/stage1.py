@@ -18,19 +18,39 @@ from .trainers import LossPartsTrainer, check_validation
 STAGE1_LOSSES = ("loss_contrastive", "loss_matching", "loss_captioning")
 
 
-def build_stage1_model(cell_tokenizer, text_tokenizer, qformer_path: str | None = None, cell_config: dict | None = None,
-                       qformer_config: dict | None = None, **config_overrides) -> ScMMGPTModel:
-    """A stage-1 model sized to its tokenizers. With `qformer_path` (a BERT folder or Hub id), the Q-Former takes that
-    BERT's shape and weights; otherwise `qformer_config` (BERT fields) sizes a randomly initialised one."""
-    cell = ScMMGPTCellConfig(**{**ScMMGPTCellConfig.tiny().to_dict(), **(cell_config or {}),
-                                "vocab_size": len(cell_tokenizer), "max_genes": cell_tokenizer.max_genes})
+# the Q-Former of a preset when no BERT folder gives one (over BertConfig's defaults): the tiny pipeline's 64-wide
+# 2-layer BERT (wider than ScMMGPTConfig.tiny()'s 32-wide test Q-Former), and for the paper BERT-base itself
+RANDOM_QFORMER = {
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128},
+    "paper": {},
+}
+
+
+def stage1_config(cell_tokenizer, text_tokenizer, preset: str = "tiny", qformer_path: str | None = None,
+                  cell_config: dict | None = None, qformer_config: dict | None = None,
+                  **config_overrides) -> ScMMGPTConfig:
+    """The stage-1 model's config: `ScMMGPTConfig.<preset>` (`"tiny"` or `"paper"`) with its cell encoder updated by
+    `cell_config` and sized to the cell tokenizer (vocabulary, genes per cell), its Q-Former from the BERT folder or
+    Hub id `qformer_path` (config only: no weights are read) or else the preset's random one updated by
+    `qformer_config`, its Q-Former vocabulary at least the text tokenizer's; `config_overrides` are the model
+    config's own fields (`num_query_tokens`, `embed_dim`, ...)."""
+    preset_cell = ScMMGPTConfig.from_preset(preset).cell_config.to_dict()
+    cell = ScMMGPTCellConfig(**{**preset_cell, **(cell_config or {}), "vocab_size": len(cell_tokenizer),
+                                "max_genes": cell_tokenizer.max_genes})
     if qformer_path is not None:
         bert = BertConfig.from_pretrained(qformer_path).to_dict()
     else:
-        bert = {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                "intermediate_size": 128, **(qformer_config or {})}
+        bert = {"model_type": "bert", **RANDOM_QFORMER[preset], **(qformer_config or {})}
     bert["vocab_size"] = max(len(text_tokenizer), bert.get("vocab_size", 0))
-    config = ScMMGPTConfig.tiny(cell_config=cell, qformer_config=bert, **config_overrides)
+    return ScMMGPTConfig.from_preset(preset, cell_config=cell, qformer_config=bert, **config_overrides)
+
+
+def build_stage1_model(cell_tokenizer, text_tokenizer, qformer_path: str | None = None, cell_config: dict | None = None,
+                       qformer_config: dict | None = None, preset: str = "tiny", **config_overrides) -> ScMMGPTModel:
+    """A stage-1 model built from `stage1_config` (same arguments). With `qformer_path` (a BERT folder or Hub id), the
+    Q-Former takes that BERT's shape and weights; otherwise it is randomly initialised."""
+    config = stage1_config(cell_tokenizer, text_tokenizer, preset=preset, qformer_path=qformer_path,
+                           cell_config=cell_config, qformer_config=qformer_config, **config_overrides)
     model = ScMMGPTModel(config)
     if qformer_path is not None:
         model.load_qformer_from_bert(qformer_path)
@@ -116,5 +136,5 @@ def train_stage1(model: ScMMGPTModel, train_dataset, cell_tokenizer, text_tokeni
     return trainer, metrics
 
 
-__all__ = ["build_stage1_model", "train_stage1", "Stage1Trainer", "stage1_collator", "label_texts_of", "retrieval_predictions",
-           "retrieval_accuracy", "STAGE1_LOSSES"]
+__all__ = ["RANDOM_QFORMER", "STAGE1_LOSSES", "Stage1Trainer", "build_stage1_model", "label_texts_of",
+           "retrieval_accuracy", "retrieval_predictions", "stage1_collator", "stage1_config", "train_stage1"]

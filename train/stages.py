@@ -66,13 +66,22 @@ def _cell_config_dict(model_args: ModelArguments, cell_tokenizer) -> dict:
     """The cell encoder's config fields: the preset, the section's `cell_config`, sized to the tokenizer."""
     from modeling_scmmgpt import ScMMGPTCellConfig
 
-    presets = {"tiny": ScMMGPTCellConfig.tiny, "scgpt_human": ScMMGPTCellConfig.scgpt_human}
-    if model_args.cell_preset not in presets:
-        raise ValueError(f"cell_preset must be one of {sorted(presets)}, got {model_args.cell_preset!r}")
-    base = presets[model_args.cell_preset]().to_dict()
+    base = getattr(ScMMGPTCellConfig, model_args.cell_preset)().to_dict()  # a name ModelArguments checked
     base = {k: v for k, v in base.items() if k not in ("transformers_version", "model_type", "architectures")}
     return {**base, **(model_args.cell_config or {}), "vocab_size": len(cell_tokenizer),
             "max_genes": cell_tokenizer.max_genes}
+
+
+def stage1_model_arguments(model_args: ModelArguments, cell_tokenizer, captioning_max_cells=None) -> dict:
+    """`stage1.build_stage1_model` / `stage1_config`'s arguments (after the two tokenizers) from a config's `model`
+    section: its preset, its cell encoder, its Q-Former's BERT (`"minilm"`: the shipped one) and the model fields."""
+    m = model_args
+    return dict(preset=m.preset, qformer_path=shipped_minilm_path() if m.qformer_path == MINILM else m.qformer_path,
+                cell_config=_cell_config_dict(m, cell_tokenizer), qformer_config=m.qformer_config,
+                num_query_tokens=m.num_query_tokens, embed_dim=m.embed_dim,
+                cross_attention_frequency=m.cross_attention_frequency, projector_hidden_size=m.projector_hidden_size,
+                expression_decoder_hidden_size=m.expression_decoder_hidden_size, max_text_length=m.max_text_length,
+                captioning_max_cells=captioning_max_cells)
 
 
 def _qformer_tokenizer(model_args: ModelArguments):
@@ -144,14 +153,9 @@ def _stage1(run: StageRun, targs, extra) -> dict:
     m, cells, cell_encoder_dir = run.config.model, run.cells, run.inputs.get("cell_encoder")
     cell_tokenizer = cells.tokenizer
     text_tokenizer = _qformer_tokenizer(m)
-    qformer_path = shipped_minilm_path() if m.qformer_path == MINILM else m.qformer_path
     torch.manual_seed(run.config.pipeline.seed)
-    model = build_stage1_model(
-        cell_tokenizer, text_tokenizer, qformer_path=qformer_path, cell_config=_cell_config_dict(m, cell_tokenizer),
-        qformer_config=m.qformer_config, num_query_tokens=m.num_query_tokens, embed_dim=m.embed_dim,
-        cross_attention_frequency=m.cross_attention_frequency, projector_hidden_size=m.projector_hidden_size,
-        expression_decoder_hidden_size=m.expression_decoder_hidden_size, max_text_length=m.max_text_length,
-        captioning_max_cells=extra.captioning_max_cells)
+    model = build_stage1_model(cell_tokenizer, text_tokenizer,
+                               **stage1_model_arguments(m, cell_tokenizer, extra.captioning_max_cells))
     if cell_encoder_dir is not None:
         encoder = ScMMGPTCellModel.from_pretrained(str(cell_encoder_dir))
         model.cell_model.load_state_dict(encoder.state_dict())
@@ -280,4 +284,5 @@ def model_card(model, config_path: str | None = None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PIPELINE", "Stage", "StageRun", "model_card", "model_name", "save_final_model", "shipped_minilm_path"]
+__all__ = ["PIPELINE", "Stage", "StageRun", "model_card", "model_name", "save_final_model", "shipped_minilm_path",
+           "stage1_model_arguments"]
