@@ -5,13 +5,17 @@ The algorithm is scGPT's, made deterministic and vectorised over a CSR matrix:
 2. optionally normalise each cell to `target_sum` total counts and log1p;
 3. encode values: continuous (as they are) or per-cell quantile bins over the cell's non-zero values;
 4. keep non-zero genes, the top `max_genes` by expression at float32 (the output's precision), ties broken by gene
-   id, never by a random draw; one packed-integer sort per chunk of cells, no per-cell Python;
+   id, never by a random draw; blocks of cells are sorted row-wise on packed integer keys, no per-cell Python;
 5. prepend `<cls>`, pad to the longest cell (or `max_genes + 1`).
+
+Chunks of cells are independent, so they are encoded on a thread pool (`num_workers`); the output does not depend on
+the number of workers or on the chunking.
 """
 
 import json
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import sparse
@@ -20,7 +24,6 @@ from transformers.utils import cached_file
 
 VOCAB_FILE = "gene_vocab.json"
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
-ROW_CHUNK = 4096  # cells per vectorised chunk: bounds the temporary arrays on big matrices
 
 
 def is_anndata(obj) -> bool:
@@ -47,9 +50,14 @@ class ScMMGPTCellTokenizer(FeatureExtractionMixin):
         pad_value: value written at padded positions.
         cls_value: value of the `<cls>` token (0; scGPT's own embedding code writes its `pad_value` there, which
             `convert_scgpt` sets so that converted checkpoints give scGPT's cell embeddings).
+        num_workers: threads encoding chunks of cells (None: the cores this process may use, at most 8; 1: serial).
+            Never changes the output.
+        ids_dtype: `"int64"` (as transformers' inputs) or `"int32"` (half the memory; the cell encoder takes both)
+            for `gene_ids` and `attention_mask`.
 
     Calling it returns a `BatchFeature` with
-        `gene_ids` (cells × L, int64), `expression_values` (cells × L, float32), `attention_mask` (cells × L, int64),
+        `gene_ids` (cells × L, `ids_dtype`), `expression_values` (cells × L, float32), `attention_mask` (cells × L,
+        `ids_dtype`),
     where position 0 is `<cls>` (value 0) and L = 1 + the most genes kept in any cell (or `max_genes + 1` with
     `padding="max_length"`).
     """
@@ -67,6 +75,8 @@ class ScMMGPTCellTokenizer(FeatureExtractionMixin):
         n_bins: int = 51,
         pad_value: float = -2.0,
         cls_value: float = 0.0,
+        num_workers: int | None = None,
+        ids_dtype: str = "int64",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -91,6 +101,8 @@ class ScMMGPTCellTokenizer(FeatureExtractionMixin):
         self.n_bins = int(n_bins)
         self.pad_value = float(pad_value)
         self.cls_value = float(cls_value)
+        self.num_workers = None if num_workers is None else _check_num_workers(num_workers)
+        self.ids_dtype = _check_ids_dtype(ids_dtype).name
         self._build_index()
 
     # ----------------------------------------------------------------------------------------------- vocabulary
@@ -201,78 +213,6 @@ class ScMMGPTCellTokenizer(FeatureExtractionMixin):
         return vocab_ids, known, [g for g, k in zip(gene_names, known) if not k]
 
     # ----------------------------------------------------------------------------------------------- encoding
-    def _bin_values(self, values: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """Per-cell quantile bins of non-zero values, as scGPT: `np.digitize(x, np.quantile(x, linspace(0, 1, n_bins - 1)))`.
-
-        `values` (float64) must be grouped by cell (`starts`, `counts` of non-empty cells) and ascending within each cell.
-        Returns bins 1..n_bins-1, bit for bit what numpy gives cell by cell, for all cells at once and in O(values).
-        """
-        q = np.linspace(0.0, 1.0, self.n_bins - 1)
-        n = counts[:, None].astype(np.float64)
-        # numpy's linear-method virtual index and neighbours, written as numpy writes them so that rounding matches
-        virtual = n * q + (1.0 + q * (1.0 - 1.0 - 1.0)) - 1.0
-        below = np.floor(virtual)
-        lo = np.clip(below, 0, n - 1).astype(np.int64)
-        hi = np.where((virtual < 0) | (virtual >= n - 1), lo, lo + 1)  # out of range: both neighbours clamp
-        gamma = virtual - below
-        a, b = values[starts[:, None] + lo], values[starts[:, None] + hi]
-        diff = b - a
-        edges = np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)  # numpy's _lerp
-        # np.digitize(x, edges) = #{edges <= x}. Each edge lies in [a, b] of two neighbouring sorted values, so the first
-        # value >= the edge is the start of a's run of equal values (edge == a) or b's position; counting those
-        # positions with a cumulative sum gives every value's bin exactly, with no search and no float tolerance
-        index = np.arange(values.size)
-        run_start = np.where(np.r_[True, values[1:] != values[:-1]], index, 0)
-        run_start[starts] = starts
-        run_start = np.maximum.accumulate(run_start)
-        first_at_least = np.where(edges <= a, run_start[starts[:, None] + lo], starts[:, None] + hi).ravel()
-        below_or_at = np.cumsum(np.bincount(np.maximum.accumulate(first_at_least), minlength=values.size))[: values.size]
-        return below_or_at - (self.n_bins - 1) * np.repeat(np.arange(counts.size), counts)
-
-    def _sort_chunk(self, rows, gene_ids, expression):
-        """Sorts a chunk's non-zero entries by (cell, expression descending, gene id) with one radix-friendly integer
-        sort: the three keys are packed into one uint64 (expression as its float32 bits, the precision of the output).
-        Returns the packed, sorted keys; `_unpack` reads them back."""
-        gene_bits = max(int(len(self) - 1).bit_length(), 1)
-        bits = expression.astype(np.float32).view(np.uint32).astype(np.uint64)
-        key = (rows.astype(np.uint64) << np.uint64(31 + gene_bits)) | ((np.uint64(0x7FFFFFFF) - bits) << np.uint64(gene_bits))
-        key |= gene_ids.astype(np.uint64)
-        key.sort()
-        return key
-
-    def _unpack(self, key):
-        """(gene ids, float32 values) of packed keys."""
-        gene_bits = max(int(len(self) - 1).bit_length(), 1)
-        gene_ids = key & np.uint64((1 << gene_bits) - 1)
-        bits = ((key >> np.uint64(gene_bits)) & np.uint64(0x7FFFFFFF)).astype(np.uint32)
-        return gene_ids, (np.uint32(0x7FFFFFFF) - bits).view(np.float32)
-
-    def _encode_chunk(self, matrix: sparse.csr_matrix, rows_from: int, rows_to: int, vocab_ids, scale):
-        """Sorted packed keys of the non-zero, known genes of cells `rows_from:rows_to`, their values' bins (binned
-        mode) and the number of such genes in each cell."""
-        lo, hi = matrix.indptr[rows_from], matrix.indptr[rows_to]
-        rows = np.repeat(np.arange(rows_to - rows_from), np.diff(matrix.indptr[rows_from : rows_to + 1]))
-        expression = matrix.data[lo:hi].astype(np.float64)
-        gene_ids = vocab_ids[matrix.indices[lo:hi]]
-        if scale is not None:
-            expression = np.log1p(expression * scale[rows_from + rows])
-        keep = (gene_ids >= 0) & (expression > 0)
-        rows, gene_ids, expression = rows[keep], gene_ids[keep], expression[keep]
-        if expression.size and expression.max() > np.finfo(np.float32).max:
-            raise ValueError(
-                f"cells contain values above the float32 range (max {expression.max():.3g}); pass counts or "
-                "log-normalised expression"
-            )
-        per_cell = np.bincount(rows, minlength=rows_to - rows_from)
-        key = self._sort_chunk(rows, gene_ids, expression)
-        bins = None
-        if self.input_value_mode == "binned" and key.size:
-            _, values = self._unpack(key[::-1])  # ascending values within each cell (cells in reverse order)
-            counts = per_cell[::-1][per_cell[::-1] > 0]
-            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-            bins = self._bin_values(values.astype(np.float64), starts, counts)[::-1]
-        return key, bins, per_cell
-
     def __call__(
         self,
         cells,
@@ -285,6 +225,8 @@ class ScMMGPTCellTokenizer(FeatureExtractionMixin):
         layer: str | None = None,
         use_raw: bool = False,
         gene_column: str | None = None,
+        num_workers: int | None = None,
+        ids_dtype=None,
         **kwargs,
     ) -> BatchFeature:
         r"""
@@ -299,43 +241,37 @@ class ScMMGPTCellTokenizer(FeatureExtractionMixin):
             normalize: override of the tokenizer's `normalize` for this call.
             layer, use_raw, gene_column: which AnnData matrix (`layers[layer]`, `raw`) and which `var` column holds
                 gene names.
+            num_workers, ids_dtype: overrides of the tokenizer's settings for this call.
         """
         if padding not in ("longest", "max_length"):
             raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
         max_genes = self.max_genes if max_genes is None else int(max_genes)
         normalize = self.normalize if normalize is None else normalize
+        workers = _check_num_workers(self.num_workers if num_workers is None else num_workers)
+        ids_dtype = _check_ids_dtype(self.ids_dtype if ids_dtype is None else ids_dtype)
         matrix, gene_names = self._matrix_and_genes(cells, gene_names, layer, use_raw, gene_column)
-        self._check_values(matrix)
-        vocab_ids, _ = self._map_columns(gene_names)
+        try:
+            vocab_ids, _ = self._map_columns(gene_names)
+        except ValueError:
+            self._check_values(matrix)  # a bad value is named first, before unknown genes
+            raise
         scale = None
         if normalize:
             totals = np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()
             scale = np.divide(self.target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-        n_cells = matrix.shape[0]
-        # 2**(64 - 31 - gene bits) cells fit the packed sort key
-        chunk = min(ROW_CHUNK, 1 << (33 - max(int(len(self) - 1).bit_length(), 1)))
-        bounds = [(i, min(i + chunk, n_cells)) for i in range(0, n_cells, chunk)]
-        encoded, kept = [], np.zeros(n_cells, dtype=np.int64)
-        for start, stop in bounds:
-            key, bins, per_cell = self._encode_chunk(matrix, start, stop, vocab_ids, scale)
-            kept[start:stop] = np.minimum(per_cell, max_genes)
-            encoded.append((key, bins, per_cell))
+        encoding = _Encoding(self, matrix, vocab_ids, scale, max_genes)
+        chunks = _row_ranges(matrix.indptr, 0, matrix.shape[0], CHUNK_VALUES, MAX_CHUNK_ROWS)
+        scans = _map(encoding.scan, chunks, workers)
+        if any(problem for problem, _ in scans):
+            self._check_values(matrix)
+            raise ValueError(
+                f"cells contain values above the float32 range (max {max(p for p, _ in scans if p):.3g}); pass counts "
+                "or log-normalised expression"
+            )
+        kept = np.minimum(encoding.counts, max_genes)
         length = 1 + (max_genes if padding == "max_length" else int(kept.max(initial=0)))
-        gene_ids = np.full((n_cells, length), self.pad_token_id, dtype=np.int64)
-        values = np.full((n_cells, length), self.pad_value, dtype=np.float32)
-        mask = (np.arange(length)[None, :] <= kept[:, None]).astype(np.int64)
-        gene_ids[:, 0], values[:, 0] = self.cls_token_id, self.cls_value
-        for (start, stop), (key, bins, per_cell) in zip(bounds, encoded):
-            if not key.size:
-                continue
-            # the top max_genes of each cell are its first entries; they fill positions 1..kept in order
-            rank = np.arange(key.size) - np.repeat(np.cumsum(per_cell) - per_cell, per_cell)
-            top = rank < max_genes
-            ids, expression = self._unpack(key[top])
-            slots = mask[start:stop, 1:].astype(bool)
-            gene_ids[start:stop, 1:][slots] = ids
-            values[start:stop, 1:][slots] = expression if bins is None else bins[top]
-        data = {"gene_ids": gene_ids, "expression_values": values, "attention_mask": mask}
+        data = encoding.allocate(length, ids_dtype, kept)
+        _map(encoding.write, [(start, stop, fast) for (start, stop), (_, fast) in zip(chunks, scans)], workers)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     # ----------------------------------------------------------------------------------------------- save / load
@@ -381,4 +317,243 @@ class ScMMGPTCellTokenizer(FeatureExtractionMixin):
         return cls(gene_names=genes, **kwargs)
 
 
-__all__ = ["ScMMGPTCellTokenizer"]
+# --------------------------------------------------------------------------------------------------- encoding core
+CHUNK_VALUES = 1 << 21  # stored values per thread-pool task: milliseconds of work, many tasks to balance the cores
+MAX_CHUNK_ROWS = 1 << 14
+BLOCK_VALUES = 1 << 17  # (cells × longest cell) keys sorted at once: ~1 MB, in the core's cache
+MAX_WORKERS = 8
+SIGN = 0x7FFFFFFF  # a value field holds SIGN - the float32 bits, so that ascending keys are descending values
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def default_num_workers() -> int:
+    """Threads for the tokenizer: the cores this process may use, at most `MAX_WORKERS`."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_WORKERS))
+
+
+def _check_num_workers(num_workers) -> int:
+    if num_workers is None:
+        return default_num_workers()
+    if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 1:
+        raise ValueError(f"num_workers must be a positive integer or None (all cores), got {num_workers!r}")
+    return int(num_workers)
+
+
+def _check_ids_dtype(ids_dtype) -> np.dtype:
+    dtype = np.dtype(ids_dtype)
+    if dtype not in (np.dtype(np.int64), np.dtype(np.int32)):
+        raise ValueError(f"ids_dtype must be int64 or int32, got {ids_dtype!r}")
+    return dtype
+
+
+def _row_ranges(indptr, start: int, stop: int, values: int, max_rows: int) -> list[tuple[int, int]]:
+    """Consecutive (start, stop) row ranges covering `start:stop`, each with about `values` stored values (at least
+    one row, at most `max_rows`)."""
+    if stop <= start:
+        return []
+    ptr = indptr[start : stop + 1]
+    by_values = np.searchsorted(ptr, np.arange(ptr[0] + values, ptr[-1], values), side="right") - 1 + start
+    cuts = np.union1d(np.union1d(by_values, np.arange(start, stop, max_rows)), [start, stop])
+    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def _map(fn, ranges: list[tuple], workers: int) -> list:
+    """`fn(*r)` for each range, on a thread pool (numpy releases the GIL in its loops and sorts); in order."""
+    if workers == 1 or len(ranges) <= 1:
+        return [fn(*r) for r in ranges]
+    with ThreadPoolExecutor(max_workers=min(workers, len(ranges))) as pool:
+        return list(pool.map(lambda r: fn(*r), ranges))
+
+
+class _Encoding:
+    """One call's encoding of a CSR matrix, in independent row chunks: `scan` checks the values and counts each
+    cell's expressed known genes (which fixes the padded length), `write` fills the preallocated outputs.
+
+    Within a chunk, blocks of cells are laid out padded, (cells × longest cell), and each row sorted at once on
+    packed uint64 keys: [row | SIGN - float32 value bits (32) | gene id (gene_bits)], so a row's keys ascend as its
+    values descend, ties by gene id (the row field is set in binned mode only, where the flat block must be sorted as
+    a whole for `np.searchsorted`). Non-expressed, unknown and padding entries get the pad key, which sorts last and
+    reads back as gene `<pad>` (and as `pad_value` when that is negative)."""
+
+    def __init__(self, tokenizer, matrix, vocab_ids, scale, max_genes: int):
+        self.matrix, self.vocab_ids, self.scale, self.max_genes = matrix, vocab_ids, scale, max_genes
+        self.all_known = bool((vocab_ids >= 0).all())
+        self.binned, self.n_bins = tokenizer.input_value_mode == "binned", tokenizer.n_bins
+        self.pad_id, self.cls_id = tokenizer.pad_token_id, tokenizer.cls_token_id
+        self.pad_value, self.cls_value = np.float32(tokenizer.pad_value), np.float32(tokenizer.cls_value)
+        self.gene_bits = int(len(tokenizer)).bit_length()  # the all-ones gene field is above every id
+        self.gene_mask = np.uint64((1 << self.gene_bits) - 1)
+        self.max_block_rows = min(4096, 1 << (32 - self.gene_bits))
+        pad_bits = int(self.pad_value.view(np.uint32))
+        # a negative pad_value has its sign bit set, so its field SIGN - bits (mod 2^32) is above every value's field
+        self.pad_reads_back = pad_bits >= 1 << 31 and not self.binned
+        pad_field = (SIGN - pad_bits) % (1 << 32) if self.pad_reads_back else 0xFFFFFFFF
+        self.pad_key = np.uint64(pad_field << self.gene_bits | self.pad_id)
+        self.counts = np.zeros(matrix.shape[0], dtype=np.int64)
+
+    # ------------------------------------------------------------------------------------------- scan
+    def scan(self, start: int, stop: int):
+        """Counts the expressed known genes of cells `start:stop` into `self.counts`. Returns (problem, fast):
+        problem is True for NaN / infinite / negative values, the largest value where one exceeds float32, else
+        None; fast says every stored entry of the chunk is expressed and known."""
+        indptr = self.matrix.indptr
+        lo, hi = int(indptr[start]), int(indptr[stop])
+        stored = np.diff(indptr[start : stop + 1]).astype(np.int64)
+        if lo == hi:
+            return None, True
+        data = self.matrix.data[lo:hi]
+        low, high = data.min(), data.max()
+        if not (np.isfinite(low) and np.isfinite(high)) or low < 0:
+            return True, False
+        fast = self.all_known and low > 0 and self._no_underflow(start, stop, stored, low)
+        if fast:
+            self.counts[start:stop] = stored
+            expressed = None
+        else:
+            expressed = self._expressed(data, lo, hi, np.repeat(np.arange(start, stop), stored))
+            total = np.concatenate([[0], np.cumsum(expressed)])
+            self.counts[start:stop] = total[indptr[start + 1 : stop + 1] - lo] - total[indptr[start:stop] - lo]
+        if self.scale is None and high > FLOAT32_MAX:
+            largest = float(data.max() if expressed is None else data[expressed].max(initial=0))
+            if largest > FLOAT32_MAX:
+                return largest, fast
+        return None, fast
+
+    def _no_underflow(self, start, stop, stored, low) -> bool:
+        """Whether every stored (positive) value stays positive once normalised: no cell's scale is 0 (an infinite
+        total) and the smallest value times the smallest scale is a normal float64."""
+        if self.scale is None:
+            return True
+        scales = self.scale[start:stop][stored > 0]
+        return bool(scales.min() > 0 and float(low) * float(scales.min()) >= np.finfo(np.float64).tiny)
+
+    @staticmethod
+    def _expression(data, scale):
+        """float64 expression of raw values: as they are, or normalised (`scale` per value, float64) and log1p."""
+        if scale is None:
+            return data.astype(np.float64)
+        return np.log1p(np.multiply(data, scale, dtype=np.float64))  # float64(value) * scale, one pass
+
+    def _expressed(self, data, lo, hi, rows):
+        """Which stored entries are kept: expressed (> 0 once normalised) and of a known gene."""
+        expression = self._expression(data, None if self.scale is None else self.scale[rows])
+        return (expression > 0) & (self.vocab_ids[self.matrix.indices[lo:hi]] >= 0)
+
+    # ------------------------------------------------------------------------------------------- write
+    def allocate(self, length: int, ids_dtype, kept) -> dict:
+        n_cells = self.matrix.shape[0]
+        self.length, self.kept = length, kept
+        self.gene_ids = np.empty((n_cells, length), dtype=ids_dtype)
+        self.values = np.empty((n_cells, length), dtype=np.float32)
+        self.mask = np.empty((n_cells, length), dtype=ids_dtype)
+        return {"gene_ids": self.gene_ids, "expression_values": self.values, "attention_mask": self.mask}
+
+    def write(self, start: int, stop: int, fast: bool):
+        """Writes the outputs' rows `start:stop`, a block of cells at a time."""
+        stored = np.diff(self.matrix.indptr[start : stop + 1])
+        rows = min(self.max_block_rows, max(1, BLOCK_VALUES // max(1, int(stored.max(initial=0)))))
+        for a in range(start, stop, rows):
+            self._write_block(a, min(a + rows, stop), fast)
+
+    def _write_block(self, a: int, b: int, fast: bool):
+        kept = self.kept[a:b]
+        width = int(np.diff(self.matrix.indptr[a : b + 1]).max(initial=0))
+        w = min(width, self.length - 1)
+        ids, values = self.gene_ids[a:b], self.values[a:b]
+        ids[:, 0], values[:, 0] = self.cls_id, self.cls_value
+        ids[:, 1 + w :], values[:, 1 + w :] = self.pad_id, self.pad_value
+        np.less_equal(np.arange(self.length), kept[:, None], out=self.mask[a:b])
+        if w == 0:
+            return
+        keys = self._sorted_keys(a, b, width, fast)
+        top = keys[:, :w]
+        np.bitwise_and(top, self.gene_mask, out=ids[:, 1 : 1 + w], casting="unsafe")
+        if self.binned:
+            values[:, 1 : 1 + w] = self._bins(keys, self.counts[a:b], w)
+        else:
+            _key_values(top, self.gene_bits, out=values[:, 1 : 1 + w])
+        if not self.pad_reads_back:
+            np.copyto(values[:, 1 : 1 + w], self.pad_value, where=np.arange(w) >= kept[:, None])
+
+    def _sorted_keys(self, a: int, b: int, width: int, fast: bool) -> np.ndarray:
+        """(cells, width) uint64 keys of cells `a:b`, each row ascending: expressed genes by descending value, ties
+        by gene id, then pad keys."""
+        matrix = self.matrix
+        starts = matrix.indptr[a:b].astype(np.int64)
+        stored = matrix.indptr[a + 1 : b + 1] - starts
+        position = starts[:, None] + np.arange(width)
+        gene_ids = self.vocab_ids.take(matrix.indices.take(position, mode="clip"))
+        expression = self._expression(matrix.data.take(position, mode="clip"),
+                                      None if self.scale is None else self.scale[a:b, None])
+        field = np.subtract(np.uint32(SIGN), expression.astype(np.float32).view(np.uint32))
+        keys = np.left_shift(field, np.uint64(self.gene_bits))
+        keys |= gene_ids.view(np.uint64)
+        pad = np.full(b - a, self.pad_key)
+        if self.binned:  # rows in the top bits: the flattened block is sorted as a whole
+            rows = np.arange(b - a, dtype=np.uint64) << np.uint64(32 + self.gene_bits)
+            keys |= rows[:, None]
+            pad |= rows
+        if fast:  # only the rows' padding tails are missing: a few entries, written by index
+            tails = width - stored
+            keys.ravel()[_ranges(np.arange(b - a) * width + stored, tails)] = np.repeat(pad, tails)
+        else:
+            missing = (np.arange(width) >= stored[:, None]) | ~(expression > 0)
+            if not self.all_known:
+                missing |= gene_ids < 0
+            np.copyto(keys, pad[:, None], where=missing)
+        keys.sort(axis=1)
+        return keys
+
+    def _bins(self, keys: np.ndarray, counts: np.ndarray, w: int) -> np.ndarray:
+        """Per-cell quantile bins (scGPT: `np.digitize(x, np.quantile(x, linspace(0, 1, n_bins - 1)))` over the cell's
+        expressed values) of the first `w` sorted keys of each row, float32, bit for bit what numpy gives cell by cell.
+
+        `keys` (cells, width) as `_sorted_keys` gives them in binned mode, `counts` (cells,) the expressed genes."""
+        n_edges, cells, width = self.n_bins - 1, keys.shape[0], keys.shape[1]
+        q = np.linspace(0.0, 1.0, n_edges)
+        n = np.maximum(counts, 1)[:, None]
+        # numpy's linear-method virtual index and neighbours, written as numpy writes them so that rounding matches
+        virtual = n.astype(np.float64) * q + (1.0 + q * (1.0 - 1.0 - 1.0)) - 1.0
+        below = np.floor(virtual)
+        lo = np.clip(below, 0, n - 1).astype(np.int64)
+        hi = np.where((virtual < 0) | (virtual >= n - 1), lo, lo + 1)  # out of range: both neighbours clamp
+        gamma = virtual - below
+        # ascending index i is descending position n - 1 - i
+        key_a = np.take_along_axis(keys, n - 1 - lo, axis=1)
+        a = _key_values(key_a, self.gene_bits).astype(np.float64)
+        b = _key_values(np.take_along_axis(keys, n - 1 - hi, axis=1), self.gene_bits).astype(np.float64)
+        diff = b - a
+        edges = np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)  # numpy's _lerp
+        # values >= each edge: every value from b up, or, where the edge is a itself, also a's whole run of equal
+        # values, whose end is where a's key with the largest gene id would be inserted
+        run_end = np.searchsorted(keys.ravel(), (key_a | self.gene_mask).ravel(), side="right").reshape(key_a.shape)
+        at_least = np.where(edges <= a, run_end - np.arange(cells)[:, None] * width, n - hi)
+        at_least = np.minimum.accumulate(at_least, axis=1)  # edges are ascending, as numpy's digitize needs
+        # the value at descending position p is in bin #{edges <= value}: bin n_edges down to the first count, then
+        # one less at each count, 0 past the last (padding); run lengths of those bins fill each row's w positions
+        bounds = np.concatenate([np.full((cells, 1), w), np.minimum(at_least, w), np.zeros((cells, 1), np.int64)], 1)
+        runs = bounds[:, :-1] - bounds[:, 1:]
+        bins = np.arange(n_edges + 1, dtype=np.float32)
+        return np.repeat(np.broadcast_to(bins, runs.shape)[:, ::-1].ravel(), runs[:, ::-1].ravel()).reshape(cells, w)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated `arange(start, start + length)` of each (start, length)."""
+    ends = np.cumsum(lengths)
+    return np.arange(ends[-1] if ends.size else 0) + np.repeat(starts - ends + lengths, lengths)
+
+
+def _key_values(keys: np.ndarray, gene_bits: int, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 values of packed keys (their 32-bit value field, whatever the row field above it), into `out`."""
+    field = np.empty(keys.shape, dtype=np.uint32)
+    np.right_shift(keys, np.uint64(gene_bits), out=field, casting="unsafe")
+    out = field.view(np.float32) if out is None else out
+    np.subtract(np.uint32(SIGN), field, out=out.view(np.uint32))
+    return out
+
+
+__all__ = ["ScMMGPTCellTokenizer", "default_num_workers"]

@@ -150,3 +150,128 @@ def test_column_mapping_is_reused_only_for_the_same_genes():
         with pytest.warns(UserWarning, match="1 of 3 genes are not in the vocabulary"):
             tokenizer(cells, gene_names=["A", "B", "NOVEL"])
     assert "_columns" not in tokenizer.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------------- chunked, threaded
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of a few values and blocks of a few cells, so that small matrices cross many chunk / block edges."""
+    from modeling_scmmgpt import feature_extraction_scmmgpt as module
+
+    monkeypatch.setattr(module, "CHUNK_VALUES", 97)
+    monkeypatch.setattr(module, "BLOCK_VALUES", 64)
+    monkeypatch.setattr(module, "MAX_CHUNK_ROWS", 5)
+
+
+def _counts_with_edge_cases(n_cells=120, n_genes=300, seed=0) -> sparse.csr_matrix:
+    """Seeded counts with many ties, an empty cell, a cell with one gene, a cell with every gene and explicit zeros."""
+    from benchmarks.bench_tokenizer import synthetic_counts
+
+    matrix = synthetic_counts(n_cells, n_genes=n_genes, p=0.15, seed=seed).tolil()
+    matrix[3, :] = 0
+    matrix[4, :] = 0
+    matrix[4, 7] = 5
+    matrix[5, :] = np.arange(1, n_genes + 1) % 4 + 1
+    matrix = matrix.tocsr()
+    matrix.data[::50] = 0  # stored zeros: not expressed
+    return matrix
+
+
+@pytest.mark.parametrize("mode", ["continuous", "binned"])
+@pytest.mark.parametrize("max_genes", [8, 64, 400])
+def test_matches_the_per_cell_reference_of_scgpts_algorithm(mode, max_genes, small_chunks):
+    """Bit for bit the plain per-cell loop (dense row, normalise + log1p, np.quantile + np.digitize, stable top-k),
+    across chunk and block edges, with empty cells, cells shorter than max_genes and tied values."""
+    from benchmarks.bench_tokenizer import reference_tokenize
+
+    matrix = _counts_with_edge_cases()
+    genes = [f"g{i}" for i in range(matrix.shape[1])]
+    tok = ScMMGPTCellTokenizer(gene_names=genes, max_genes=max_genes, input_value_mode=mode, n_bins=11, num_workers=1)
+    out = tok(matrix, genes)
+    reference = reference_tokenize(matrix, tok.convert_genes_to_ids(genes), max_genes, binned=mode == "binned",
+                                   n_bins=11, pad_value=tok.pad_value)
+    _same(out, reference)
+    assert out["attention_mask"][3].sum() == 1 and out["attention_mask"][4].sum() == 2  # <cls> only; <cls> + 1 gene
+    expressed = int((matrix[5].data > 0).sum())  # every gene, less the stored zeros
+    assert matrix.shape[1] - 10 < expressed < matrix.shape[1]
+    assert out["attention_mask"][5].sum() == 1 + min(max_genes, expressed)
+
+
+def test_matches_the_reference_on_pbmc_counts():
+    """The real PBMC cells (as integer counts, so that both sides total them exactly), both value modes."""
+    import scanpy as sc
+
+    from benchmarks.bench_tokenizer import reference_tokenize
+
+    adata = sc.datasets.pbmc68k_reduced()
+    counts = sparse.csr_matrix(np.round(np.expm1(adata.raw.X.toarray()) * 3).astype(np.float32))
+    genes = list(adata.raw.var_names)
+    for mode in ("continuous", "binned"):
+        tok = ScMMGPTCellTokenizer(gene_names=genes, max_genes=100, input_value_mode=mode)
+        reference = reference_tokenize(counts, tok.convert_genes_to_ids(genes), 100, binned=mode == "binned")
+        _same(tok(counts, genes, num_workers=1), reference)
+        _same(tok(counts, genes, num_workers=2), reference)
+
+
+@pytest.mark.parametrize("mode", ["continuous", "binned"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_number_of_workers_never_changes_the_output(mode, normalize, small_chunks):
+    matrix = _counts_with_edge_cases(seed=1)
+    genes = [f"g{i}" for i in range(matrix.shape[1])]
+    vocabulary = genes[::-1][:250] + ["extra"]  # gene ids in another order than the columns; 50 columns unknown
+    tok = ScMMGPTCellTokenizer(gene_names=vocabulary, max_genes=50, normalize=normalize, input_value_mode=mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        serial = tok(matrix, genes, num_workers=1)
+        assert serial["attention_mask"].sum() > matrix.shape[0]
+        for workers in (2, 3):
+            _same(tok(matrix, genes, num_workers=workers), serial)
+        _same(ScMMGPTCellTokenizer(gene_names=vocabulary, max_genes=50, normalize=normalize, input_value_mode=mode,
+                                   num_workers=2)(matrix, genes), serial)
+
+
+def test_int32_ids_and_mask_carry_the_same_tokens_and_the_encoder_takes_them(pbmc):
+    from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTCellModel
+
+    tok = ScMMGPTCellTokenizer(gene_names=list(pbmc.raw.var_names), max_genes=64, normalize=False)
+    wide = tok(pbmc[:32], use_raw=True, return_tensors="pt")
+    narrow = tok(pbmc[:32], use_raw=True, return_tensors="pt", ids_dtype="int32")
+    assert narrow["gene_ids"].dtype == narrow["attention_mask"].dtype == torch.int32
+    assert wide["gene_ids"].dtype == wide["attention_mask"].dtype == torch.int64
+    assert narrow["expression_values"].dtype == torch.float32
+    for key in wide:
+        assert torch.equal(narrow[key].long() if key != "expression_values" else narrow[key], wide[key])
+    assert ScMMGPTCellTokenizer(gene_names=["A"], ids_dtype="int32")(np.ones((2, 1)), ["A"])["gene_ids"].dtype == np.int32
+    torch.manual_seed(0)
+    encoder = ScMMGPTCellModel(ScMMGPTCellConfig.tiny(vocab_size=len(tok))).eval()
+    with torch.inference_mode():
+        states = [encoder(t["gene_ids"], t["expression_values"], t["attention_mask"]).last_hidden_state
+                  for t in (wide, narrow)]
+    assert torch.equal(*states)
+
+
+def test_cells_with_only_unknown_or_unexpressed_genes_give_cls_only():
+    tok = ScMMGPTCellTokenizer(gene_names=["A", "B"], normalize=True, input_value_mode="binned", n_bins=5)
+    cells = sparse.csr_matrix(np.array([[0.0, 0.0, 7.0], [2.0, 1.0, 3.0], [0.0, 0.0, 0.0]]))
+    with pytest.warns(UserWarning, match="1 of 3 genes"):
+        out = tok(cells, ["A", "B", "NOVEL"])
+    assert out["attention_mask"].tolist() == [[1, 0, 0], [1, 1, 1], [1, 0, 0]]
+    assert out["gene_ids"].tolist() == [[1, 0, 0], [1, 3, 4], [1, 0, 0]]
+    assert out["expression_values"].tolist() == [[0, -2, -2], [0, 4, 1], [0, -2, -2]]  # A above B: bins 4, 1
+
+
+def test_non_negative_pad_value_fills_padding():
+    tok = ScMMGPTCellTokenizer(gene_names=["A", "B", "C"], normalize=False, pad_value=0.5)
+    out = tok(np.array([[3.0, 0.0, 1.0], [0.0, 2.0, 0.0]]), ["A", "B", "C"])
+    assert out["gene_ids"].tolist() == [[1, 3, 5], [1, 4, 0]]
+    assert out["expression_values"].tolist() == [[0.0, 3.0, 1.0], [0.0, 2.0, 0.5]]
+
+
+@pytest.mark.parametrize("option, value", [("num_workers", 0), ("num_workers", 1.5), ("ids_dtype", "float32"),
+                                           ("ids_dtype", "int16")])
+def test_bad_worker_count_or_ids_dtype_is_refused(option, value):
+    tok = ScMMGPTCellTokenizer(gene_names=["A"])
+    with pytest.raises(ValueError, match=option):
+        tok(np.ones((1, 1)), ["A"], **{option: value})
+    with pytest.raises(ValueError, match=option):
+        ScMMGPTCellTokenizer(gene_names=["A"], **{option: value})
