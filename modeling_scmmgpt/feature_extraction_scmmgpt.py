@@ -18,6 +18,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 from scipy import sparse
 from transformers.feature_extraction_utils import BatchFeature, FeatureExtractionMixin
 from transformers.utils import cached_file
@@ -324,6 +325,7 @@ BLOCK_VALUES = 1 << 17  # (cells × longest cell) keys sorted at once: ~1 MB, in
 MAX_WORKERS = 8
 SIGN = 0x7FFFFFFF  # a value field holds SIGN - the float32 bits, so that ascending keys are descending values
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+UNKNOWN = 0xFFFFFFFF  # gene table entry of a column outside the vocabulary
 
 
 def default_num_workers() -> int:
@@ -382,6 +384,7 @@ class _Encoding:
     def __init__(self, tokenizer, matrix, vocab_ids, scale, max_genes: int):
         self.matrix, self.vocab_ids, self.scale, self.max_genes = matrix, vocab_ids, scale, max_genes
         self.all_known = bool((vocab_ids >= 0).all())
+        self.gene_table = np.where(vocab_ids >= 0, vocab_ids, UNKNOWN).astype(np.uint32)  # 4 bytes: cache-friendly
         self.binned, self.n_bins = tokenizer.input_value_mode == "binned", tokenizer.n_bins
         self.pad_id, self.cls_id = tokenizer.pad_token_id, tokenizer.cls_token_id
         self.pad_value, self.cls_value = np.float32(tokenizer.pad_value), np.float32(tokenizer.cls_value)
@@ -485,13 +488,12 @@ class _Encoding:
         matrix = self.matrix
         starts = matrix.indptr[a:b].astype(np.int64)
         stored = matrix.indptr[a + 1 : b + 1] - starts
-        position = starts[:, None] + np.arange(width)
-        gene_ids = self.vocab_ids.take(matrix.indices.take(position, mode="clip"))
-        expression = self._expression(matrix.data.take(position, mode="clip"),
-                                      None if self.scale is None else self.scale[a:b, None])
+        columns, raw = _padded_rows(matrix.indices, starts, width), _padded_rows(matrix.data, starts, width)
+        gene_ids = self.gene_table.take(columns)
+        expression = self._expression(raw, None if self.scale is None else self.scale[a:b, None])
         field = np.subtract(np.uint32(SIGN), expression.astype(np.float32).view(np.uint32))
         keys = np.left_shift(field, np.uint64(self.gene_bits))
-        keys |= gene_ids.view(np.uint64)
+        keys |= gene_ids
         pad = np.full(b - a, self.pad_key)
         if self.binned:  # rows in the top bits: the flattened block is sorted as a whole
             rows = np.arange(b - a, dtype=np.uint64) << np.uint64(32 + self.gene_bits)
@@ -503,7 +505,7 @@ class _Encoding:
         else:
             missing = (np.arange(width) >= stored[:, None]) | ~(expression > 0)
             if not self.all_known:
-                missing |= gene_ids < 0
+                missing |= gene_ids == UNKNOWN
             np.copyto(keys, pad[:, None], where=missing)
         keys.sort(axis=1)
         return keys
@@ -539,6 +541,14 @@ class _Encoding:
         runs = bounds[:, :-1] - bounds[:, 1:]
         bins = np.arange(n_edges + 1, dtype=np.float32)
         return np.repeat(np.broadcast_to(bins, runs.shape)[:, ::-1].ravel(), runs[:, ::-1].ravel()).reshape(cells, w)
+
+
+def _padded_rows(values: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
+    """(len(starts), width) copy of `values[start : start + width]` for each start; past the end of `values`, rows
+    are filled with its last entry."""
+    if starts.size and starts[-1] + width <= values.size:  # whole rows of a sliding window: a copy per row
+        return sliding_window_view(values, width)[starts]
+    return values.take(starts[:, None] + np.arange(width), mode="clip")
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
