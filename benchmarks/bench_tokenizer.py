@@ -3,7 +3,8 @@
 The input is a seeded synthetic count matrix (default 50k cells × 20k genes, each gene expressed with probability
 0.1, so ~2k non-zero genes per cell; geometric counts, so many ties as in real UMI data). The tokenizer encodes the
 whole matrix; the reference loop (`reference_tokenize`) runs on the first `reference_cells` cells and its per-cell time
-is extrapolated to the whole matrix (it is linear in cells). Both outputs are compared on those cells.
+is extrapolated to the whole matrix (it is linear in cells). Both outputs are compared on those cells. The tokenizer is
+timed as users get it (all usable cores, int64 ids), on one thread, and with int32 ids and mask.
 """
 
 import time
@@ -67,17 +68,23 @@ def reference_tokenize(matrix: sparse.csr_matrix, vocab_ids: np.ndarray, max_gen
 
 
 def run(mode: str = "continuous", n_cells: int = 50_000, reference_cells: int = 500, max_genes: int = 2048,
-        seed: int = 0, repeats: int = 2) -> dict:
-    """Best of `repeats` timings of each side (the machine may be shared)."""
+        seed: int = 0, repeats: int = 2, num_workers: int | None = None) -> dict:
+    """Best of `repeats` timings of each side (the machine may be shared). The tokenizer runs as users get it (all
+    usable cores, int64 ids and mask), then on one thread (`serial_*`) and with int32 ids and mask (`int32_*`)."""
     from modeling_scmmgpt import ScMMGPTCellTokenizer
+    from modeling_scmmgpt.feature_extraction_scmmgpt import default_num_workers
 
     start = time.perf_counter()
     matrix = synthetic_counts(n_cells, seed=seed)
     generate_s = time.perf_counter() - start
     genes = [f"GENE{i}" for i in range(matrix.shape[1])]
-    tokenizer = ScMMGPTCellTokenizer(gene_names=genes, max_genes=max_genes, input_value_mode=mode)
+    workers = default_num_workers() if num_workers is None else num_workers
+    tokenizer = ScMMGPTCellTokenizer(gene_names=genes, max_genes=max_genes, input_value_mode=mode, num_workers=workers)
 
-    tokenizer_s, _ = best_time(lambda: tokenizer(matrix, genes), min_repeats=repeats, min_seconds=0)
+    def seconds(**options):
+        return best_time(lambda: tokenizer(matrix, genes, **options), min_repeats=repeats, min_seconds=0)[0]
+
+    tokenizer_s, serial_s, int32_s = seconds(), seconds(num_workers=1), seconds(ids_dtype="int32")
 
     subset = matrix[:reference_cells]
     vocab_ids = tokenizer.convert_genes_to_ids(genes)
@@ -88,19 +95,23 @@ def run(mode: str = "continuous", n_cells: int = 50_000, reference_cells: int = 
     reference_s, _ = best_time(reference_run, min_repeats=3, min_seconds=0)
     reference = reference_run()
 
-    # the same cells tokenised alone (the tokenizer pads to the longest cell of its call)
-    alone = tokenizer(subset, genes)
-    identical = all(np.array_equal(np.asarray(alone[k]), reference[k]) for k in reference)
-    tokenizer_cells_s = n_cells / tokenizer_s
+    # the same cells tokenised alone (the tokenizer pads to the longest cell of its call), by every variant
+    variants = [tokenizer(subset, genes), tokenizer(subset, genes, num_workers=1),
+                tokenizer(subset, genes, ids_dtype="int32")]
+    identical = all(np.array_equal(np.asarray(v[k]), reference[k]) for v in variants for k in reference)
     reference_cells_s = reference_cells / reference_s
+    rates = {name: n_cells / s for name, s in (("tokenizer", tokenizer_s), ("serial", serial_s), ("int32", int32_s))}
     return {
         "mode": mode, "n_cells": n_cells, "n_genes": matrix.shape[1], "max_genes": max_genes,
         "mean_nonzero_per_cell": round(matrix.nnz / n_cells, 1), "matrix_mb": round(
             (matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes) / 2**20, 1),
-        "generate_s": round(generate_s, 2), "tokenizer_s": round(tokenizer_s, 2),
-        "tokenizer_cells_per_s": round(tokenizer_cells_s, 1),
+        "generate_s": round(generate_s, 2), "num_workers": workers, "tokenizer_s": round(tokenizer_s, 2),
+        "tokenizer_cells_per_s": round(rates["tokenizer"], 1),
+        "serial_cells_per_s": round(rates["serial"], 1), "int32_cells_per_s": round(rates["int32"], 1),
         "reference_cells": reference_cells, "reference_s": round(reference_s, 2),
         "reference_cells_per_s": round(reference_cells_s, 1),
-        "speedup": round(tokenizer_cells_s / reference_cells_s, 2),
+        "speedup": round(rates["tokenizer"] / reference_cells_s, 2),
+        "serial_speedup": round(rates["serial"] / reference_cells_s, 2),
+        "int32_speedup": round(rates["int32"] / reference_cells_s, 2),
         "identical_to_reference": bool(identical),
     }
