@@ -13,6 +13,7 @@ from scmmgpt_train.evaluate import (
     annotation_scores,
     description_scores,
     evaluate_model,
+    evaluate_pseudo_cells,
     fit_pca,
     nearest_cell_descriptions,
     noisy_mean_cells,
@@ -99,7 +100,12 @@ def test_evaluate_model_end_to_end_on_a_tiny_model(pbmc_split, minilm_tokenizer)
     table = results_table(results)
     assert results["pseudo_cells"]["real training cells"]["expression"].shape[1] == 765
     assert results["pseudo_cells"][TYPE_MEAN_REFERENCE]["expression"].shape == (len(label_texts), 765)
-    assert table.count("\n") == 2 + 7 + 2 + 4 - 1 and "k-NN accuracy" in table
+    # 12 held-out cells: too few of any type to score its distribution, flagged, NaN figures
+    model = results["pseudo_cells"]["scMMGPT"]
+    assert sorted(model["types_too_few_cells"]) == sorted(label_texts) and np.isnan(model["energy_distance"])
+    assert 0 <= model["classifier_accuracy"] <= 1 and model["types scored"] == 0
+    # annotation (7 rows) and description (2) under one header, then the pseudo-cell table (7 rows)
+    assert table.count("\n") == (2 + 7 + 2 - 1) + 2 + (2 + 7 - 1) and "k-NN vote (rewards type centres)" in table
 
 
 def test_seed_summary_is_mean_and_sd_of_each_figure():
@@ -122,12 +128,11 @@ def test_report_writes_table_figures_and_examples(pbmc_split, tmp_path):
     pca = fit_pca(train)
     types = list(label_texts)
     predicted = annotation_baselines(train, test, pca)["logistic regression (PCA)"]
-    generated, generated_labels = noisy_mean_cells(train, types, 5, noise=0.2)
+    generated = {"scMMGPT": noisy_mean_cells(train, types, 5, noise=0.2)}
     results = {
         "annotation": {"scMMGPT (retrieval)": {**annotation_scores(test.labels, predicted), "predictions": predicted}},
         "description": {"scMMGPT": {**description_scores(test.texts, test.texts), "texts": test.texts}},
-        "pseudo_cells": {"scMMGPT": {**pseudo_cell_scores(test, generated, generated_labels, pca),
-                                     "expression": generated, "labels": generated_labels}},
+        "pseudo_cells": evaluate_pseudo_cells(train, test, types, generated, pca, n_per_type=5),
     }
     for stage, (run, planned) in {"stage1": (300, 300), "stage2": (158, 600)}.items():
         (tmp_path / f"{stage}.json").write_text(json.dumps({"global_step": run, "max_steps": planned}))
@@ -137,6 +142,7 @@ def test_report_writes_table_figures_and_examples(pbmc_split, tmp_path):
     text = report.read_text()
     assert "| stage1 | 300 / 300 |" in text and "| stage2 | 158 / 600 (cut short by max_seconds) |" in text
     assert "| annotation | scMMGPT (retrieval) |" in text and "](confusion_matrix.png)" in text and "](umap.png)" in text
+    assert "| per-type negative binomial |" in text and "Goals (issue 17):" in text and "](marker_genes.png)" in text
     assert text.count(test.texts[0][:60]) >= 2  # an example description beside its reference
-    for png in ("confusion_matrix.png", "umap.png"):
+    for png in ("confusion_matrix.png", "umap.png", "marker_genes.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

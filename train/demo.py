@@ -2,8 +2,8 @@
 
 Builds the dataset from the shipped PBMC cells and the Cell Ontology, pre-trains the cell encoder and a small LLM,
 trains stage 1 and stage 2 (`train/configs/tiny-cpu.yaml`), evaluates the three jobs on held-out cells against
-baselines on the same split, and writes `demo_output/`: `report.md`, `confusion_matrix.png`, `umap.png` and the
-Hub-ready `model/`. A second run reuses the trained stages unless `--fresh`.
+baselines on the same split, and writes `demo_output/`: `report.md`, `confusion_matrix.png`, `umap.png`,
+`marker_genes.png` and the Hub-ready `model/`. A second run reuses the trained stages unless `--fresh`.
 
 With several `--seeds` (`make eval`: 0 1 2), each seed draws its own train/test split and model initialisation and
 gets its own folder `seed_<n>/` with the full report; `summary.md` and `results.json` give the mean ± standard
@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny-cpu.yaml"
+FIGURES = ("confusion_matrix.png", "umap.png", "marker_genes.png")  # besides shifts.png with a shift suite
 # each shift suite's stage-2 annotation methods and whether it scores descriptions (its shifts: shifts.SUITES)
 SHIFT_SUITES = {"short": (("retrieval",), False), "full": (("retrieval", "likelihood", "generate"), True)}
 
@@ -133,7 +134,7 @@ def run_seed(config_path: str, output_dir: Path, seed: int | None, fresh: bool, 
     print()
     print(results_table(results))
     print()
-    print(f"report: {report}   figures: {output_dir / 'confusion_matrix.png'}, {output_dir / 'umap.png'}   "
+    print(f"report: {report}   figures: {', '.join(str(output_dir / f) for f in FIGURES)}   "
           f"model card: {card}")
     print(f"model (Hub-ready): {model_dir}   e.g. scmmgpt annotate {model_dir} cells.h5ad -o annotated.h5ad")
     if classifier is not None:
@@ -254,7 +255,7 @@ def summarize_seeds(per_seed: dict[int, dict]) -> tuple[dict, str]:
 
 
 def main(argv=None) -> int:
-    from .report import robustness_sections
+    from .report import pseudo_cell_sections, robustness_sections
 
     args = parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -271,7 +272,8 @@ def main(argv=None) -> int:
     summary, table = summarize_seeds(per_seed)
     output_dir.mkdir(parents=True, exist_ok=True)
     held_out = {seed: results["unseen_types"] for seed, results in per_seed.items() if "unseen_types" in results}
-    sections = robustness_sections(summary, output_dir, held_out)
+    sections = [*pseudo_cell_sections(summary.get("pseudo_cells", {})),
+                *robustness_sections(summary, output_dir, held_out)]
     (output_dir / "results.json").write_text(json.dumps({**summary, "unseen_types": held_out}, indent=1),
                                              encoding="utf-8")
     (output_dir / "summary.md").write_text("\n".join([f"# scMMGPT over {len(per_seed)} seeds", "", table, *sections])

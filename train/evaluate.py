@@ -3,16 +3,18 @@
 - cell type annotation: accuracy and macro-F1 for each `annotate` method; baselines: majority class, logistic
   regression and k-NN on PCA of log1p expression;
 - cell description: BLEU-2/4, ROUGE-1/2/L, METEOR; baseline: the text of the nearest training cell (PCA space);
-- text-conditioned pseudo-cells: k-NN accuracy of generated cells, classified by a k-NN fitted on real held-out cells
-  in a fixed embedding (PCA of log1p expression fitted on training cells), and the mean correlation of generated and
-  real per-type mean expression; baseline: per-type mean expression of training cells plus Gaussian noise; reference:
-  real training cells of each type scored the same way.
+- text-conditioned pseudo-cells (`evaluate_pseudo_cells`, metrics in `pseudo_cell_metrics`): generated cells against
+  the real held-out cells of their type: a classifier's accuracy, energy distance in PCA space, per-gene mean /
+  variance / detection-rate correlations, diversity, and the k-NN vote of the paper (which rewards type centres);
+  references: real training cells (the ideal) and the per-type mean (collapse); baselines: per-type mean + noise,
+  per-type negative binomial, per-type Gaussian in PCA space.
 
 Metrics go through `evaluate` with the local modules in `train/metrics/` (they load offline).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -21,12 +23,20 @@ import numpy as np
 
 from modeling_scmmgpt.jobs_scmmgpt import ScMMGPTJobs
 
+from .pseudo_cell_metrics import (METRICS, SCORED_TYPES, marker_genes, negative_binomial_cells,
+                                  pca_gaussian_cells, reference_rows, score_pseudo_cells, types_won, won_key)
 from .streaming import log_normalized, rows_to_matrix
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 ANNOTATION_METHODS = ("retrieval", "likelihood", "generate")
 REAL_CELLS_REFERENCE = "real training cells"
 TYPE_MEAN_REFERENCE = "per-type mean, no noise"
+REAL_HELD_OUT = "real held-out cells (classifier yardstick)"
+NOISY_MEAN_BASELINE, NB_BASELINE, GAUSSIAN_BASELINE = ("per-type mean + noise", "per-type negative binomial",
+                                                       "per-type Gaussian (PCA)")
+PSEUDO_CELL_BASELINES = (NOISY_MEAN_BASELINE, NB_BASELINE, GAUSSIAN_BASELINE)
+FIDELITY_CLASSIFIER = "logistic regression (all genes)"
+PSEUDO_CELLS_PER_TYPE = 50  # enough draws for a type's per-gene variance and detection rate to be compared
 
 
 @lru_cache(maxsize=None)
@@ -126,7 +136,8 @@ def real_cell_draws(train: EvalCells, types: list[str], n_per_type: int,
     """A reference for the pseudo-cell scores: `n_per_type` real training cells of each type (all of a type with
     fewer), scored as if generated. Far below 1 on a small held-out set: a type with fewer held-out cells than half
     of k can never win a k-NN vote, and single cells scatter into neighbouring types, so a generator of type-typical
-    (centroid-like) cells can score above real cells."""
+    (centroid-like) cells can score above real cells. `evaluate_pseudo_cells` draws its reference with
+    `pseudo_cell_metrics.reference_rows` instead (at most half of a type, kept out of the scoring fits)."""
     rng = np.random.default_rng(seed)
     cells, labels = [], []
     for cell_type in types:
@@ -154,18 +165,70 @@ def pseudo_cell_scores(real: EvalCells, generated: np.ndarray, generated_labels,
     return {"knn_accuracy": knn_accuracy, "mean_correlation": float(np.mean(correlations)), "predicted": predicted}
 
 
+def generate_pseudo_cells(jobs, texts: list[str], n_per_text: int, seed: int = 0) -> np.ndarray:
+    """(texts · n_per_text, genes) log1p pseudo-cells of `jobs.generate_cells`: a count-distribution decoder's draws
+    asked for as log1p values by name (never counts, whatever the jobs' default); a decoder of log1p values (the
+    paper's MSE decoding, or jobs without an `output`) gives its values as they are."""
+    samples = getattr(jobs, "expression_distribution", "mse") != "mse"
+    takes_output = "output" in inspect.signature(jobs.generate_cells).parameters
+    options = {"output": "log1p"} if samples and takes_output else {}
+    return jobs.generate_cells(texts, n_per_text=n_per_text, seed=seed, **options).expression
+
+
+def evaluate_pseudo_cells(train: EvalCells, test: EvalCells, types: list[str], generated: dict, pca,
+                          n_per_type: int = PSEUDO_CELLS_PER_TYPE, seed: int = 0, k: int = 15) -> dict:
+    """Generated cells and the reference rows scored against the real held-out cells (`pseudo_cell_metrics`).
+
+    `generated`: {name: ((cells, genes) log1p values, labels)}, e.g. the model's; `pca`: fitted on all training
+    cells (the Gaussian baseline's space). Reference rows: real training cells (`reference_rows`: kept out of the
+    scoring PCA and classifier, which are fitted on the other training cells), the per-type mean, and the
+    baselines: per-type mean + noise, negative binomial and PCA Gaussian (`n_per_type` cells each). Each row holds
+    `score_pseudo_cells`' figures, `knn_accuracy` (a k-NN vote of held-out cells), `expression` and `labels`; each
+    generated row adds the count of types where it is below each baseline on energy distance (`won_key`),
+    `SCORED_TYPES` and `marker_genes` (each type's top 3 in the training cells, for the report's figure). The row
+    `REAL_HELD_OUT` holds the classifier's accuracy on the held-out cells; the real-cell reference is its
+    per-type-balanced counterpart (cells drawn per type, as generated ones are)."""
+    reference = reference_rows(train.labels, types, n_per_type, seed)
+    outside = np.setdiff1d(np.arange(len(train.labels)), reference)
+    fit = EvalCells(train.matrix[outside], train.labels[outside], [train.texts[i] for i in outside], train.gene_names)
+    scoring_pca = fit_pca(fit, seed=seed)
+    classifier = fit_annotation_baselines(fit, scoring_pca, names=[FIDELITY_CLASSIFIER])[FIDELITY_CLASSIFIER]
+    rows = {
+        **generated,
+        REAL_CELLS_REFERENCE: (train.matrix[reference], train.labels[reference]),
+        # a type's centre: the collapse every distribution figure must punish
+        TYPE_MEAN_REFERENCE: noisy_mean_cells(train, types, 1, noise=0.0),
+        NOISY_MEAN_BASELINE: noisy_mean_cells(train, types, n_per_type, seed=seed),
+        NB_BASELINE: negative_binomial_cells(train, types, n_per_type, seed=seed),
+        GAUSSIAN_BASELINE: pca_gaussian_cells(train, types, n_per_type, pca, seed=seed),
+    }
+    results = {}
+    for name, (cells, labels) in rows.items():
+        knn = pseudo_cell_scores(test, cells, labels, scoring_pca, k)["knn_accuracy"]
+        results[name] = {**score_pseudo_cells(test.matrix, test.labels, cells, labels, scoring_pca, classifier),
+                         "knn_accuracy": knn, "expression": cells, "labels": np.asarray(labels)}
+    markers = marker_genes(train.matrix, train.labels, train.gene_names)  # the figure's genes, from training cells
+    for name in generated:
+        results[name]["marker_genes"] = markers
+        for baseline in PSEUDO_CELL_BASELINES:
+            won, scored = types_won(results[name], results[baseline])
+            results[name][won_key(baseline)], results[name][SCORED_TYPES] = float(won), float(scored)
+    results[REAL_HELD_OUT] = {"classifier_accuracy": float(np.mean(classifier.predict(test.matrix) == test.labels))}
+    return results
+
+
 # ------------------------------------------------------------------------------------------------ the model
 def _annotation_row(test: EvalCells, predicted) -> dict:
     return {**annotation_scores(test.labels, predicted), "predictions": np.asarray(predicted)}
 
 
 def evaluate_model(model, processor, train: EvalCells, test: EvalCells, label_texts: dict[str, str], *,
-                   methods=ANNOTATION_METHODS, n_per_type: int = 20, describe_cells: int | None = None, seed: int = 0,
+                   methods=ANNOTATION_METHODS, n_per_type: int = PSEUDO_CELLS_PER_TYPE, describe_cells: int | None = None, seed: int = 0,
                    progress: bool = True, classifier=None) -> dict:
     """Scores of the model and the baselines on the test cells; `classifier`, a fine-tuned
     `ScMMGPTCellForClassification`, adds the row "scMMGPT (fine-tuned)". Returns
     {"annotation": {name: {accuracy, macro_f1, predictions}}, "description": {name: scores + texts},
-     "pseudo_cells": {name: {knn_accuracy, mean_correlation, expression, labels}}}."""
+     "pseudo_cells": `evaluate_pseudo_cells`' rows}; `n_per_type` pseudo-cells are generated per cell type."""
     pca = fit_pca(train, seed=seed)
     labels = list(label_texts)
     jobs = ScMMGPTJobs(model, processor, label_texts, progress=progress, verbose=False)
@@ -188,18 +251,9 @@ def evaluate_model(model, processor, train: EvalCells, test: EvalCells, label_te
     nearest = nearest_cell_descriptions(train, test, pca)[:n]
     results["description"]["nearest training cell"] = {**description_scores(references, nearest), "texts": nearest}
 
-    generated = jobs.generate_cells([label_texts[t] for t in labels], n_per_text=n_per_type, seed=seed)
-    pseudo_cells = {
-        "scMMGPT": (generated.expression, np.repeat(labels, n_per_type)),
-        "per-type mean + noise": noisy_mean_cells(train, labels, n_per_type, seed=seed),
-        REAL_CELLS_REFERENCE: real_cell_draws(train, labels, n_per_type, seed=seed),
-        # the centre of each type: what an ideal generator of type-typical cells aims at, and the most a k-NN
-        # vote on a small held-out set lets it score (a type with few held-out cells never wins a vote)
-        TYPE_MEAN_REFERENCE: noisy_mean_cells(train, labels, 1, noise=0.0),
-    }
-    for name, (cells, cell_labels) in pseudo_cells.items():
-        results["pseudo_cells"][name] = {**pseudo_cell_scores(test, cells, cell_labels, pca), "expression": cells,
-                                         "labels": cell_labels}
+    generated = generate_pseudo_cells(jobs, [label_texts[t] for t in labels], n_per_type, seed)
+    model_cells = {"scMMGPT": (generated, np.repeat(labels, n_per_type))}
+    results["pseudo_cells"] = evaluate_pseudo_cells(train, test, labels, model_cells, pca, n_per_type, seed)
     return results
 
 
@@ -211,13 +265,29 @@ def results_table(results: dict) -> str:
     for name, row in results["description"].items():
         scores = " / ".join(f"{row[k]:.3f}" for k in ("bleu2", "bleu4", "rouge1", "rouge2", "rougeL", "meteor"))
         lines.append(f"| description | {name} | BLEU-2 / BLEU-4 / ROUGE-1 / ROUGE-2 / ROUGE-L / METEOR | {scores} |")
-    for name, row in results["pseudo_cells"].items():
-        lines.append(f"| pseudo-cells | {name} | k-NN accuracy / mean correlation | "
-                     f"{row['knn_accuracy']:.3f} / {row['mean_correlation']:.3f} |")
+    return "\n".join(lines) + "\n\n" + pseudo_cell_table(results["pseudo_cells"])
+
+
+def _figure(row: dict, key: str) -> str:
+    return f"{row[key]:.3f}" if key in row else "—"
+
+
+def pseudo_cell_table(rows: dict) -> str:
+    """Markdown: a row per generator or reference, a column per pseudo-cell figure (`evaluate_pseudo_cells`' rows)."""
+    components = next((row["pca_components"] for row in rows.values() if "pca_components" in row), "")
+    lines = [f"| pseudo-cells vs real held-out cells | classifier accuracy | energy distance (PCA {components}) | "
+             "mean / variance / detection-rate correlation | diversity | k-NN vote (rewards type centres) |",
+             "|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        correlations = " / ".join(_figure(row, key) for key in METRICS[2:5])
+        lines.append(f"| {name} | {_figure(row, 'classifier_accuracy')} | {_figure(row, 'energy_distance')} | "
+                     f"{correlations} | {_figure(row, 'diversity')} | {_figure(row, 'knn_accuracy')} |")
     return "\n".join(lines)
 
 
 __all__ = ["EvalCells", "evaluate_model", "results_table", "annotation_scores", "description_scores",
            "annotation_baselines", "fit_annotation_baselines", "nearest_cell_descriptions", "noisy_mean_cells",
            "real_cell_draws", "pseudo_cell_scores", "fit_pca", "REAL_CELLS_REFERENCE", "TYPE_MEAN_REFERENCE",
-           "load_metric", "ANNOTATION_METHODS"]
+           "load_metric", "ANNOTATION_METHODS", "generate_pseudo_cells", "evaluate_pseudo_cells", "pseudo_cell_table",
+           "REAL_HELD_OUT", "NOISY_MEAN_BASELINE", "NB_BASELINE", "GAUSSIAN_BASELINE", "PSEUDO_CELL_BASELINES",
+           "FIDELITY_CLASSIFIER", "PSEUDO_CELLS_PER_TYPE"]

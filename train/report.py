@@ -8,7 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluate import results_table
+from .evaluate import (NB_BASELINE, PSEUDO_CELL_BASELINES, PSEUDO_CELLS_PER_TYPE, REAL_CELLS_REFERENCE, REAL_HELD_OUT,
+                       results_table)
+from .plots import plot_marker_genes
+from .pseudo_cell_metrics import MIN_HELD_OUT_CELLS, SCORED_TYPES, marker_genes, mean_figure, pseudo_cell_goals
 from .robustness import goal_lines, shift_goals, shift_table, unseen_goals, unseen_table
 from .shifts import FULL_SUITE
 
@@ -46,40 +49,97 @@ def plot_confusion_matrix(references, predictions, labels: list[str], path: Path
     return path
 
 
-def plot_cells_umap(real, real_labels, generated, generated_labels, path: Path, seed: int = 0) -> Path:
-    """UMAP (PCA fallback) of real held-out cells, coloured by type, with generated cells as crosses. The embedding is
-    fitted on the real cells alone and the generated ones are placed into it (`transform`): fitted on both, tight
-    generated clusters became islands of their own and hid where they fall among real cells."""
+def _embeddings(real: np.ndarray, generated: np.ndarray, seed: int) -> list[tuple[str, np.ndarray]]:
+    """[(title, (real + generated cells, 2) coordinates)]: a PCA fitted on the real cells, the generated ones
+    projected into it (linear: distances to the real cloud are kept), and a UMAP fitted on real and generated cells
+    together (where generated cells differ from every real cell they form islands of their own; a UMAP fitted on the
+    real cells alone would place them among their nearest real cells however far those are)."""
     from sklearn.decomposition import PCA
 
-    plt = _pyplot()
     pca = PCA(n_components=min(30, *real.shape), random_state=seed).fit(real)
-    real_pcs, generated_pcs = pca.transform(real), pca.transform(generated)
+    pcs = np.concatenate([pca.transform(real), pca.transform(generated)])
+    embeddings = [("PCA of the real cells, generated cells projected", pcs[:, :2])]
     try:
         import umap
-
-        reducer = umap.UMAP(random_state=seed, n_neighbors=15).fit(real_pcs)
-        coords, method = np.concatenate([reducer.embedding_, reducer.transform(generated_pcs)]), "UMAP"
     except ImportError:
-        coords, method = np.concatenate([real_pcs, generated_pcs])[:, :2], "PCA"
+        return embeddings
+    coords = umap.UMAP(random_state=seed, n_neighbors=15).fit_transform(pcs)
+    return embeddings + [("UMAP of real and generated cells together", coords)]
+
+
+def plot_cells_umap(real, real_labels, generated, generated_labels, path: Path, seed: int = 0) -> Path:
+    """Real held-out cells (dots, coloured by type) and generated cells (crosses, their prompt's type's colour), in
+    a PCA of the real cells and in a UMAP of both together (`_embeddings`): generated cells that look like draws
+    from their type mix into that type's real cloud in both."""
+    plt = _pyplot()
+    embeddings = _embeddings(np.asarray(real), np.asarray(generated), seed)
     labels = sorted(set(real_labels) | set(generated_labels))
     colours = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
-    fig, ax = plt.subplots(figsize=(8, 6.5))
-    n_real = len(real)
-    for k, label in enumerate(labels):
-        colour = colours(k % colours.N)
-        real_mask, gen_mask = np.asarray(real_labels) == label, np.asarray(generated_labels) == label
-        ax.scatter(*coords[:n_real][real_mask].T, s=14, color=colour, alpha=0.6, label=label)
-        ax.scatter(*coords[n_real:][gen_mask].T, s=30, color=colour, marker="x", linewidths=1.2)
-    ax.set_title(f"{method} of real held-out cells (dots); scMMGPT pseudo-cells from text placed in it (crosses)",
+    fig, axes = plt.subplots(1, len(embeddings), figsize=(6.5 * len(embeddings), 6), squeeze=False)
+    real_labels, generated_labels, n_real = np.asarray(real_labels), np.asarray(generated_labels), len(real)
+    for ax, (title, coords) in zip(axes[0], embeddings):
+        for k, label in enumerate(labels):
+            ax.scatter(*coords[n_real:][generated_labels == label].T, s=22, color=colours(k % colours.N), marker="x",
+                       linewidths=0.9, alpha=0.6)
+        for k, label in enumerate(labels):  # real cells drawn last, outlined: fewer than the generated ones
+            ax.scatter(*coords[:n_real][real_labels == label].T, s=18, color=colours(k % colours.N),
+                       edgecolors="black", linewidths=0.4, label=label)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0][-1].legend(fontsize=7, markerscale=2, loc="best")
+    fig.suptitle("Real held-out cells (dots) and scMMGPT pseudo-cells from text (crosses), coloured by cell type",
                  fontsize=10)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.legend(fontsize=7, markerscale=2, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+PSEUDO_CELL_TEXT = (
+    "Pseudo-cells ({n} per cell type) from each type's label text, compared with the real held-out cells of their "
+    "type (`scmmgpt_train.pseudo_cell_metrics`). *Classifier accuracy*: logistic regression on all genes fitted on "
+    "training cells, applied to the generated cells; it asks only whether a cell is recognisable as its type, so the "
+    "per-type mean scores 1.0: read it with the distribution figures. *Energy distance*: per type, in the PCA space "
+    "of the training cells, unbiased (real draws score ~0, below 0 by chance), mean over the {scored} types with at "
+    "least {min_cells} held-out cells{flagged}. *Correlations*: over genes, of each type's per-gene mean, variance "
+    "and detection rate (share of cells > 0); the mean's, like the classifier, checks location only (the per-type "
+    "mean tops real cells on it). *Diversity*: mean within-type pairwise distance (PCA space) relative to "
+    "the real held-out cells', 1 for real spread, 0 for collapse. *Real training cells* (as many per type, at most "
+    "half of a type's, left out of the PCA and classifier fits) mark the ideal at this sample size, the *per-type "
+    "mean* collapse; the baselines are what a user writes without a model: the type's mean plus Gaussian noise, a "
+    "negative binomial per gene fitted on the training counts, a Gaussian in PCA space. The *k-NN vote* (15 held-out "
+    "neighbours, the paper's metric) rewards type centres: a type with few held-out cells never wins a vote."
+)
+
+
+def pseudo_cell_sections(rows: dict, output_dir: Path | None = None, test=None) -> list[str]:
+    """Markdown lines of the pseudo-cell section: what the figures mean and issue 17's goal lines, from the rows of
+    one run or of the seeds' summary ([mean, sd]). With the run's `test` cells, draws `umap.png` (real and
+    generated cells) and `marker_genes.png` (marker genes' mean and variance, generated vs real) into `output_dir`."""
+    model = rows.get("scMMGPT", {})
+    labels = model.get("labels", ())
+    n_per_type = len(labels) // len(set(labels)) if len(labels) else PSEUDO_CELLS_PER_TYPE
+    flagged = model.get("types_too_few_cells")
+    scored = mean_figure(model.get(SCORED_TYPES, float("nan")))
+    text = PSEUDO_CELL_TEXT.format(
+        n=n_per_type, scored=f"{scored:.0f}", min_cells=MIN_HELD_OUT_CELLS,
+        flagged=f" (too few held-out cells: {', '.join(flagged)})" if flagged else "")
+    lines = ["", "## Pseudo-cells", "", text]
+    if "energy_distance" in model:
+        goals = pseudo_cell_goals(rows, "scMMGPT", PSEUDO_CELL_BASELINES, REAL_HELD_OUT, REAL_CELLS_REFERENCE)
+        lines += ["", "Goals (issue 17):", "", goal_lines(goals)]
+    if test is not None and "expression" in model:
+        output_dir = Path(output_dir)
+        plot_cells_umap(test.matrix, test.labels, model["expression"], model["labels"], output_dir / "umap.png")
+        markers = model.get("marker_genes") or marker_genes(test.matrix, test.labels, test.gene_names)
+        shown = {name: (rows[name]["expression"], rows[name]["labels"]) for name in ("scMMGPT", NB_BASELINE)
+                 if name in rows}
+        plot_marker_genes(test.matrix, test.labels, shown, test.gene_names, markers, output_dir / "marker_genes.png",
+                          min_cells=MIN_HELD_OUT_CELLS)
+        lines += ["", "![real and generated cells](umap.png)", "",
+                  "![marker genes' mean and variance, generated vs real](marker_genes.png)"]
+    return lines
 
 
 # shift families whose strength is a number: (x-axis label, the clean cells' strength)
@@ -174,17 +234,16 @@ def training_steps(stages: dict) -> dict[str, tuple[int, int]]:
 
 def write_report(results: dict, test, output_dir: Path, labels: list[str], timings: dict | None = None,
                  n_examples: int = 6, steps: dict | None = None, held_out: dict | None = None) -> Path:
-    """Writes report.md and the two figures into `output_dir` (and `shifts.png` with the shift suite's results);
-    returns the report's path. `steps`: the `training_steps` of the run, listed with a warning for stages cut short;
-    `held_out`: {seed: types} of the unseen-type model, if `results` has its figures."""
+    """Writes report.md and its figures (confusion matrix, UMAP, marker genes) into `output_dir` (and `shifts.png`
+    with the shift suite's results); returns the report's path. `steps`: the `training_steps` of the run, listed
+    with a warning for stages cut short; `held_out`: {seed: types} of the unseen-type model, if `results` has its
+    figures."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     best = max((name for name in results["annotation"] if name.startswith("scMMGPT")),
                key=lambda name: results["annotation"][name]["accuracy"])
     plot_confusion_matrix(test.labels, results["annotation"][best]["predictions"], labels,
                           output_dir / "confusion_matrix.png", f"{best} on held-out PBMC cells")
-    generated = results["pseudo_cells"]["scMMGPT"]
-    plot_cells_umap(test.matrix, test.labels, generated["expression"], generated["labels"], output_dir / "umap.png")
     described = results["description"]["scMMGPT"]["texts"]
     lines = [
         "# scMMGPT demo report",
@@ -194,14 +253,8 @@ def write_report(results: dict, test, output_dir: Path, labels: list[str], timin
         "",
         results_table(results),
         "",
-        "Pseudo-cells are classified by a 15-neighbour k-NN fitted on the held-out cells: a type with only a few "
-        "held-out cells can never win a vote, so even each type's exact mean expression (\"per-type mean, no "
-        "noise\", a reference, not a generator) scores below 1; \"real training cells\" scatter into neighbouring "
-        "types.",
-        "",
         f"![confusion matrix of {best}](confusion_matrix.png)",
-        "",
-        "![real and generated cells](umap.png)",
+        *pseudo_cell_sections(results["pseudo_cells"], output_dir, test),
         "",
         "## Example descriptions",
         "",
@@ -276,5 +329,6 @@ def write_model_card(model_dir, results: dict, config) -> Path:
     return Path(model_dir) / "README.md"
 
 
-__all__ = ["write_report", "training_steps", "plot_shift_accuracy", "robustness_sections", "plot_confusion_matrix",
+__all__ = ["write_report", "pseudo_cell_sections", "PSEUDO_CELL_TEXT", "training_steps",
+           "plot_shift_accuracy", "robustness_sections", "plot_confusion_matrix",
            "plot_cells_umap", "card_eval_results", "held_out_dataset", "write_model_card"]
