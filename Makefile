@@ -52,6 +52,12 @@ clean:
 bench-jobs: setup
 	mkdir -p benchmarks/results && HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_jobs_scale.py --sizes 20000 200000 --json benchmarks/results/jobs_scale.json
 
+# the same on one million cells (input written 20k cells at a time; ~1.3 GB in the temp folder): cells/s and peak RSS
+# of `embed` / `annotate` at flat memory (~20-25 min on 2 quiet cores)
+.PHONY: bench-jobs-1m
+bench-jobs-1m: setup
+	mkdir -p benchmarks/results && HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_jobs_scale.py --sizes 1000000 --json benchmarks/results/jobs_scale_1m.json
+
 # the paper's shapes with random weights, nothing downloaded (scGPT-human encoder, BERT-base Q-Former, a Llama): stage-1 /
 # stage-2 (LoRA, QLoRA on CUDA) training steps and the four jobs -> benchmarks/results/paper_shape.json. CPU: 1 step,
 # batch 2, 256 genes, a small LLM (~1.5 min on 2 cores); CUDA: Llama-2-7B (>= 40 GB), official and largest batches

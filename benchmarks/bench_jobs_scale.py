@@ -1,11 +1,14 @@
-"""Peak memory of `scmmgpt embed` and `scmmgpt annotate` against the number of cells: the jobs read a backed `.h5ad`
-chunk by chunk and keep only what they return, so peak RSS should stay flat from 20k to 200k cells.
+"""Peak memory and cells/s of `scmmgpt embed` and `scmmgpt annotate` against the number of cells: the jobs read a
+backed `.h5ad` chunk by chunk and keep only what they return, so peak RSS should stay flat from 20k to 1M cells.
 
-    python benchmarks/bench_jobs_scale.py --sizes 20000 200000 --json out.json
+    python benchmarks/bench_jobs_scale.py --sizes 20000 200000 --json out.json    # make bench-jobs
+    python benchmarks/bench_jobs_scale.py --sizes 1000000 --json out_1m.json      # make bench-jobs-1m
 
-Input: seeded synthetic counts over PBMC's 765 genes (each expressed with p = 0.1, sparse CSR on disk); model: the
+Input: seeded synthetic counts over PBMC's 765 genes (each expressed with p = 0.1, sparse CSR on disk: ~0.63 GB for
+1M cells), generated and written 20k cells at a time (the same cells as one in-memory write would give); model: the
 tiny stage-2 config of `bench_model` with random weights (memory of the path, not of a big model's weights). Each
-command runs as its own child of a fresh wrapper process, whose `RUSAGE_CHILDREN` peak is that command's alone.
+command runs as its own child of a fresh wrapper process, whose `RUSAGE_CHILDREN` peak is that command's alone; its
+seconds include starting Python, loading the model and writing the output file.
 """
 
 import argparse
@@ -20,25 +23,40 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 GENE_P = 0.1
-CHUNK = 20_000  # cells generated at a time (the dense random draw of a chunk is the big temporary)
+CHUNK = 20_000  # cells generated and written at a time
 
 
-def write_cells(path: str, n_cells: int, genes: list[str], seed: int = 0):
-    """An `.h5ad` of `n_cells` synthetic count cells (generated chunk by chunk, written as one CSR matrix)."""
-    import anndata
+def synthetic_chunks(n_cells: int, genes: list[str], seed: int = 0):
+    """Seeded synthetic counts (each gene expressed with p = `GENE_P`, geometric(0.3) counts), as float32 CSR
+    chunks of at most `CHUNK` cells (the dense random draw of a chunk is the big temporary)."""
     import numpy as np
-    import pandas as pd
     from scipy import sparse
 
     rng = np.random.default_rng(seed)
-    parts = []
     for start in range(0, n_cells, CHUNK):
         rows = min(CHUNK, n_cells - start)
         mask = rng.random((rows, len(genes))) < GENE_P
-        parts.append(sparse.csr_matrix(np.where(mask, rng.geometric(0.3, mask.shape), 0).astype(np.float32)))
-    matrix = sparse.vstack(parts, format="csr")
-    obs = pd.DataFrame(index=[f"cell_{i}" for i in range(n_cells)])
-    anndata.AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=genes)).write_h5ad(path)
+        yield sparse.csr_matrix(np.where(mask, rng.geometric(0.3, mask.shape), 0).astype(np.float32))
+
+
+def write_cells(path: str, n_cells: int, genes: list[str], seed: int = 0):
+    """An `.h5ad` of `synthetic_chunks`, written chunk by chunk (the CSR datasets are appended to), so that a million
+    cells take no more memory than twenty thousand."""
+    import h5py
+    import pandas as pd
+    from anndata.io import sparse_dataset, write_elem
+
+    with h5py.File(path, "w") as f:
+        f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
+        write_elem(f, "obs", pd.DataFrame(index=[f"cell_{i}" for i in range(n_cells)]))
+        write_elem(f, "var", pd.DataFrame(index=genes))
+        for key in ("layers", "obsm", "varm", "obsp", "varp", "uns"):
+            write_elem(f, key, {})
+        for i, chunk in enumerate(synthetic_chunks(n_cells, genes, seed)):
+            if i == 0:  # anndata writes sparse datasets resizable, so the next chunks append
+                write_elem(f, "X", chunk)
+            else:
+                sparse_dataset(f["X"]).append(chunk)
 
 
 def tiny_model_folder(folder: str) -> list[str]:
@@ -76,7 +94,10 @@ def run(sizes: list[int], jobs=("embed", "annotate"), batch_size: int = 256) -> 
         genes = tiny_model_folder(model)
         for n in sizes:
             cells = os.path.join(tmp, f"cells_{n}.h5ad")
+            start = time.time()
             write_cells(cells, n, genes)
+            print(json.dumps({"wrote_cells": n, "write_s": round(time.time() - start, 1),
+                              "input_mb": round(os.path.getsize(cells) / 2**20, 1)}), flush=True)
             for job in jobs:
                 out = os.path.join(tmp, f"{job}_{n}.h5ad")
                 peak, seconds = peak_of(cli + [job, model, cells, "-o", out, "--batch-size", str(batch_size)])
