@@ -261,7 +261,7 @@ class ScMMGPTCellTokenizer(FeatureExtractionMixin):
             totals = np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()
             scale = np.divide(self.target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
         encoding = _Encoding(self, matrix, vocab_ids, scale, max_genes)
-        chunks = _row_ranges(matrix.indptr, 0, matrix.shape[0], CHUNK_VALUES, MAX_CHUNK_ROWS)
+        chunks = _row_ranges(matrix.indptr, CHUNK_VALUES, MAX_CHUNK_ROWS)
         scans = _map(encoding.scan, chunks, workers)
         if any(problem for problem, _ in scans):
             self._check_values(matrix)
@@ -352,14 +352,12 @@ def _check_ids_dtype(ids_dtype) -> np.dtype:
     return dtype
 
 
-def _row_ranges(indptr, start: int, stop: int, values: int, max_rows: int) -> list[tuple[int, int]]:
-    """Consecutive (start, stop) row ranges covering `start:stop`, each with about `values` stored values (at least
-    one row, at most `max_rows`)."""
-    if stop <= start:
-        return []
-    ptr = indptr[start : stop + 1]
-    by_values = np.searchsorted(ptr, np.arange(ptr[0] + values, ptr[-1], values), side="right") - 1 + start
-    cuts = np.union1d(np.union1d(by_values, np.arange(start, stop, max_rows)), [start, stop])
+def _row_ranges(indptr, values: int, max_rows: int) -> list[tuple[int, int]]:
+    """Consecutive (start, stop) row ranges covering a CSR matrix's rows, each with about `values` stored values (at
+    least one row, at most `max_rows`)."""
+    n_rows = len(indptr) - 1
+    by_values = np.searchsorted(indptr, np.arange(values, indptr[-1], values), side="right") - 1
+    cuts = np.union1d(np.union1d(by_values, np.arange(0, n_rows, max_rows)), [0, n_rows])
     return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
