@@ -27,7 +27,8 @@ from .saving import SafeSerializationMixin
 class ScMMGPTModelOutput(ModelOutput):
     r"""
     loss: sum of the three stage-1 losses. loss_contrastive / loss_matching / loss_captioning: each of them.
-    logits_per_cell (`(batch, batch)`): scaled cell–text similarities. cell_embeds / text_embeds (`(batch, embed_dim)`):
+    logits_per_cell (`(batch, batch)`): scaled cell–text similarities (training under several processes: of the
+    global batch, every rank's cells × every rank's texts). cell_embeds / text_embeds (`(batch, embed_dim)`):
     normalised features in the shared space.
     """
 
@@ -86,16 +87,63 @@ class ScMMGPTPreTrainedModel(SafeSerializationMixin, PreTrainedModel):
     # the losses are per-batch means (LM, MSEs, contrastive), never sums over `num_items_in_batch`: Trainer must divide
     # them by the gradient-accumulation steps itself (a forward with **kwargs would otherwise read as doing it)
     accepts_loss_kwargs = False
+    # checkpoints from before `contrastive_logit_scale` hold a 0-d `logit_scale`: a stage-1 training parameter only
+    # (inference never reads it), so such checkpoints load with the initial temperature in its place
+    _keys_to_ignore_on_load_unexpected = [r"(^|\.)logit_scale$"]
+    _keys_to_ignore_on_load_missing = [r"(^|\.)contrastive_logit_scale$"]
 
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, ScMMGPTModel):
             init.normal_(module.query_tokens, mean=0.0, std=self.config.initializer_range)
-            init.constant_(module.logit_scale, float(torch.tensor(1.0 / self.config.contrastive_temperature).log()))
+            init.constant_(module.contrastive_logit_scale,
+                           float(torch.tensor(1.0 / self.config.contrastive_temperature).log()))
 
 
 def _mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, out_features))
+
+
+# ---------------------------------------------------------------------------------------- data-parallel batches
+def _data_parallel_world() -> tuple[int, int]:
+    """(rank, world size) of the running process group (DDP, FSDP, DeepSpeed: one process per device), else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's rows of a tensor, concatenated in rank order (other dimensions padded to the largest rank's with
+    `pad_value`), with the gradient of each rank's rows: backward sums what every rank computed for the gathered rows
+    and hands each rank its own (BLIP-2's `all_gather_with_grad`; `torch.distributed.nn.all_gather` needs
+    all_to_all, which gloo lacks). Ranks may hold different numbers of rows (a last, smaller batch)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, pad_value: float = 0) -> torch.Tensor:
+        dist, world = torch.distributed, torch.distributed.get_world_size()
+        shape = torch.tensor(tensor.shape, device=tensor.device)
+        shapes = [torch.empty_like(shape) for _ in range(world)]
+        dist.all_gather(shapes, shape)
+        shapes = torch.stack(shapes).tolist()
+        largest = [max(column) for column in zip(*shapes)]
+        padded = tensor.new_full(largest, pad_value)
+        padded[tuple(slice(0, n) for n in tensor.shape)] = tensor
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        ctx.rows = sum(s[0] for s in shapes[: dist.get_rank()]), tensor.shape
+        return torch.cat([part[: s[0]] for part, s in zip(parts, shapes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad)  # every rank's gradient for every gathered row, summed
+        start, shape = ctx.rows
+        return grad[(slice(start, start + shape[0]),) + tuple(slice(0, n) for n in shape[1:])], None
+
+
+def _gather_rows(tensor: torch.Tensor, world: int, pad_value: float = 0) -> torch.Tensor:
+    """The global batch's `tensor` (see `_GatherRows`); `tensor` itself in a single process."""
+    return tensor if world == 1 else _GatherRows.apply(tensor, pad_value)
 
 
 class ScMMGPTModel(ScMMGPTPreTrainedModel):
@@ -117,7 +165,8 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         self.cell_projection = nn.Linear(qconfig.hidden_size, config.embed_dim)
         self.text_projection = nn.Linear(qconfig.hidden_size, config.embed_dim)
         self.matching_head = nn.Linear(qconfig.hidden_size, 2)
-        self.logit_scale = nn.Parameter(torch.tensor(0.0))
+        # log of the contrastive loss's inverse temperature; one element, not a 0-d tensor: FSDP shards no 0-d parameter
+        self.contrastive_logit_scale = nn.Parameter(torch.zeros(1))
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -201,17 +250,22 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
     # ------------------------------------------------------------------------------------------------ losses
     def _contrastive_loss(self, cell_embeds, text_embeds, same_text):
         """Symmetric InfoNCE; cells whose texts are identical all count as positives (cell types repeat in a batch)."""
-        logits = self.logit_scale.clamp(max=4.6052).exp() * cell_embeds @ text_embeds.T  # scale <= 100, as CLIP
+        logits = self.contrastive_logit_scale.clamp(max=4.6052).exp() * cell_embeds @ text_embeds.T  # <= 100, as CLIP
         targets = same_text.float() / same_text.sum(1, keepdim=True)
         loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
         return loss, logits
 
-    def _matching_loss(self, gene_states, queries, cell_attention_mask, input_ids, attention_mask, logits, same):
+    def _matching_loss(self, gene_states, queries, cell_attention_mask, input_ids, attention_mask, logits, same,
+                       own_rows: slice | None = None, world: int = 1):
         """Cell–text matching: each positive pair, plus a hard negative text per cell and a hard negative cell per
-        text drawn in proportion to their similarity (BLIP-2's hard-negative mining)."""
+        text drawn in proportion to their similarity (BLIP-2's hard-negative mining). With `world` > 1 the inputs are
+        the global batch's (`forward` gathers them): every rank draws the negatives of the whole batch (with the same
+        seed, the same ones), scores the pairs anchored on its `own_rows`, and scales its sum so that the mean over
+        ranks is the mean over all pairs, the loss of one process holding the whole batch."""
         with torch.no_grad():
             weights = F.softmax(logits.float(), dim=1).masked_fill(same, 0.0)
-        cell_rows, texts, labels = [torch.arange(len(same), device=same.device)] * 2 + [torch.ones_like(same[0], dtype=torch.long)]
+        rows = torch.arange(len(same), device=same.device)
+        cell_rows, texts, anchors, labels = rows, rows, rows, torch.ones_like(rows)
         for w, fixed_is_cell in ((weights, True), (weights.T, False)):
             usable = w.sum(1) > 0  # rows whose batch holds some other text
             if usable.any():
@@ -219,16 +273,25 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
                 drawn = torch.multinomial(w[usable], 1).squeeze(1)
                 cell_rows = torch.cat([cell_rows, fixed if fixed_is_cell else drawn])
                 texts = torch.cat([texts, drawn if fixed_is_cell else fixed])
+                anchors = torch.cat([anchors, fixed])
                 labels = torch.cat([labels, torch.zeros_like(fixed)])
+        n_pairs = len(labels)
+        if world > 1:
+            own = (anchors >= own_rows.start) & (anchors < own_rows.stop)
+            cell_rows, texts, labels = cell_rows[own], texts[own], labels[own]
         joint = self._read_cells(gene_states[cell_rows], queries[cell_rows], cell_attention_mask[cell_rows],
                                  input_ids[texts], attention_mask[texts])
         match_logits = self.matching_head(joint[:, : self.config.num_query_tokens]).mean(1)
-        return F.cross_entropy(match_logits, labels)
+        if world == 1:
+            return F.cross_entropy(match_logits, labels)
+        return F.cross_entropy(match_logits, labels, reduction="sum") * (world / n_pairs)
 
-    def _captioning_loss(self, gene_states, queries, cell_attention_mask, input_ids, attention_mask):
+    def _captioning_loss(self, gene_states, queries, cell_attention_mask, input_ids, attention_mask, world: int = 1):
         """Next-token loss of the text through the Q-Former: queries see queries; text sees queries + earlier text.
-        With `config.captioning_max_cells`, only the batch's first that many cells are captioned: the LM head over
-        the BERT vocabulary is most of a small model's stage-1 step (77 % on PBMC at batch 32)."""
+        With `config.captioning_max_cells`, only the batch's first that many cells are captioned (per process): the
+        LM head over the BERT vocabulary is most of a small model's stage-1 step (77 % on PBMC at batch 32). With
+        `world` > 1 processes, this rank's token sum is scaled so that the mean over ranks is the mean over the
+        global batch's tokens (ranks' texts differ in length)."""
         keep = self.config.captioning_max_cells
         if keep is not None and keep < input_ids.shape[0]:
             gene_states, queries, cell_attention_mask, input_ids, attention_mask = (
@@ -244,7 +307,12 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         hidden = self._read_cells(gene_states, queries, cell_attention_mask, input_ids, text_bias=allowed[:, None])
         logits = self.qformer.text_logits(hidden[:, n_query:-1])
         targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        if world == 1:
+            return F.cross_entropy(logits, targets, ignore_index=-100)
+        tokens = (targets != -100).sum()
+        torch.distributed.all_reduce(tokens)
+        return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") * world / tokens.clamp(min=1)
 
     def forward(
         self,
@@ -264,14 +332,25 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         input_ids, attention_mask = qformer_input_ids, qformer_attention_mask
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         text_embeds = self.get_text_features(input_ids, attention_mask)
-        padded = input_ids.masked_fill(attention_mask == 0, -1)
+        # data-parallel training (DDP / FSDP / DeepSpeed): the contrastive and matching losses see the global batch,
+        # as BLIP-2's do, so N processes of batch B train like one process of batch N·B (the test suite checks it)
+        rank, world = _data_parallel_world() if self.training else (0, 1)
+        all_ids, all_mask = _gather_rows(input_ids, world), _gather_rows(attention_mask, world)
+        padded = all_ids.masked_fill(all_mask == 0, -1)
         same = (padded[:, None] == padded[None]).all(-1)
-        contrastive, logits = self._contrastive_loss(cell_embeds, text_embeds, same)
+        # every rank computes the whole contrastive loss; the gathers' backward sums the ranks' gradients, which
+        # DDP's averaging then divides back: the gradient of the one-process loss
+        contrastive, logits = self._contrastive_loss(_gather_rows(cell_embeds, world), _gather_rows(text_embeds, world),
+                                                     same)
         if not return_loss:
             return ScMMGPTModelOutput(logits_per_cell=logits, cell_embeds=cell_embeds, text_embeds=text_embeds)
-        matching = self._matching_loss(gene_states, queries, cell_attention_mask, input_ids, attention_mask, logits,
-                                       same)
-        captioning = (self._captioning_loss(gene_states, queries, cell_attention_mask, input_ids, attention_mask)
+        sizes = _gather_rows(torch.tensor([len(input_ids)], device=input_ids.device), world).tolist()
+        own_rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        matching = self._matching_loss(
+            _gather_rows(gene_states, world), _gather_rows(queries, world), _gather_rows(cell_attention_mask, world),
+            all_ids, all_mask, logits, same, own_rows, world)
+        captioning = (self._captioning_loss(gene_states, queries, cell_attention_mask, input_ids, attention_mask,
+                                            world)
                       if self.config.captioning_max_cells != 0 else contrastive.new_zeros(()))
         return ScMMGPTModelOutput(
             loss=contrastive + matching + captioning, loss_contrastive=contrastive, loss_matching=matching,

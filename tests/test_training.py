@@ -61,17 +61,54 @@ def test_configs_parse_into_training_arguments_and_sft_config(tmp_path):
 
 
 def test_accelerate_configs_are_valid_and_documented():
-    from accelerate.commands.config.config_args import load_config_from_file
+    """Every shipped accelerate config goes where `accelerate launch` takes it: accelerate's loader, the launcher's
+    validation, and the FSDP / DeepSpeed plugin its processes build from the environment it sets (DeepSpeed itself need
+    not be installed). Every nested key is a launch option (an unknown one would be dropped without a word), FSDP wraps
+    the models' own layers, and no model parameter is 0-d (FSDP shards none: `fully_shard` refuses the model)."""
+    import os
+    from unittest import mock
 
-    names = {p.name for p in ACCELERATE.glob("*.yaml")}
-    assert {"single_gpu.yaml", "multi_gpu.yaml", "fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"} <= names
-    for path in ACCELERATE.glob("*.yaml"):
+    from accelerate import DeepSpeedPlugin, FullyShardedDataParallelPlugin
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+    from transformers import LlamaPreTrainedModel
+
+    from modeling_scmmgpt import ScMMGPTConfig, ScMMGPTForConditionalGeneration, ScMMGPTPreTrainedModel
+
+    kinds = {"single_gpu.yaml": "NO", "multi_gpu.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP",
+             "deepspeed_zero2.yaml": "DEEPSPEED", "deepspeed_zero3.yaml": "DEEPSPEED"}
+    assert {p.name for p in ACCELERATE.glob("*.yaml")} == set(kinds)  # a new config is added here, and so checked
+    options = {action.dest for action in launch_command_parser()._actions}
+    plugins = {}
+    for path in sorted(ACCELERATE.glob("*.yaml")):
         text = path.read_text()
         assert f"accelerate launch --config_file train/accelerate/{path.name} -m scmmgpt_train.run --config" in text
-        config = load_config_from_file(str(path))  # accelerate's own loader and validation
-        assert config.num_processes >= 1
-        if "deepspeed" in path.name:
-            assert config.deepspeed_config["zero_stage"] == (2 if "zero2" in path.name else 3)
+        config = load_config_from_file(str(path))  # accelerate's own loader
+        assert config.distributed_type.value == kinds[path.name] and config.num_processes >= 1, path.name
+        nested = [*config.deepspeed_config, *(k if k.startswith("fsdp") else f"fsdp_{k}" for k in config.fsdp_config)]
+        assert set(nested) <= options, (path.name, set(nested) - options)
+        args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(
+            ["--config_file", str(path), "train.py"]))
+        if kinds[path.name] == "FSDP":
+            with mock.patch.dict(os.environ, prepare_multi_gpu_env(args)):
+                plugins[path.name] = FullyShardedDataParallelPlugin()
+        elif kinds[path.name] == "DEEPSPEED":
+            args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch sets it
+            with mock.patch.dict(os.environ, prepare_deepspeed_cmd_env(args)[1]):
+                plugins[path.name] = DeepSpeedPlugin()
+
+    fsdp = plugins["fsdp.yaml"]
+    assert fsdp.fsdp_version == 2 and fsdp.reshard_after_forward is True
+    assert set(fsdp.transformer_cls_names_to_wrap) == {*ScMMGPTPreTrainedModel._no_split_modules,
+                                                       *LlamaPreTrainedModel._no_split_modules}
+    for name, stage in (("deepspeed_zero2.yaml", 2), ("deepspeed_zero3.yaml", 3)):
+        ds = plugins[name].deepspeed_config
+        assert ds["zero_optimization"]["stage"] == stage and ds["gradient_clipping"] == 1.0
+        # ZeRO-3 gathers the sharded weights into one file on save
+        assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is (stage == 3)
+    model = ScMMGPTForConditionalGeneration(ScMMGPTConfig.tiny())  # stage 1's model is its `scmmgpt`
+    assert [name for name, p in model.named_parameters() if p.dim() == 0] == []
 
 
 def test_pipeline_runs_every_stage_caches_and_saves_a_hub_folder(tmp_path):

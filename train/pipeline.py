@@ -34,6 +34,19 @@ def _state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def _warn_unsharded():
+    """accelerate (1.x) turns FSDP on for GPU-type devices only: under `accelerate launch --config_file
+    train/accelerate/fsdp.yaml` without GPUs its state stays MULTI_CPU, the FSDP settings are dropped and the Trainer
+    wraps the model in plain DDP. Same weights (DDP and FSDP train alike), but nothing is sharded: say so."""
+    if (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and _state().num_processes > 1
+            and is_main_process()):
+        from accelerate.utils import DistributedType
+
+        if _state().distributed_type == DistributedType.MULTI_CPU:
+            warnings.warn("FSDP was asked for (ACCELERATE_USE_FSDP), but accelerate shards on GPUs only: these CPU "
+                          "processes train as plain DDP, every one holding the whole model", stacklevel=3)
+
+
 def is_main_process() -> bool:
     """Whether this is the main process (the only one under a single-process run)."""
     return _state().is_main_process
@@ -101,8 +114,9 @@ def _time_guard(seconds):
 
 
 class RankStepsCallback(TrainerCallback):
-    """Writes `ranks/rank-{i}.json` (process index, world size, optimizer steps this process took) at train end, so a
-    distributed run can be checked to have stepped on every rank."""
+    """Writes `ranks/rank-{i}.json` (process index, world size, optimizer steps this process took, accelerate's
+    `distributed_type`: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED) at train end, so a distributed run can be checked
+    to have stepped on every rank, the way it was launched."""
 
     def __init__(self, folder):
         self.folder, self.steps = Path(folder), 0
@@ -113,9 +127,11 @@ class RankStepsCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         out = self.folder / "ranks"
         out.mkdir(parents=True, exist_ok=True)
+        from accelerate.state import AcceleratorState
+
         (out / f"rank-{args.process_index}.json").write_text(json.dumps(
             {"process_index": args.process_index, "world_size": args.world_size, "steps": self.steps,
-             "global_step": state.global_step}))
+             "global_step": state.global_step, "distributed_type": str(AcceleratorState().distributed_type.value)}))
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -190,6 +206,7 @@ def run_pipeline(config, output_dir=None, fresh: bool = False, progress: bool = 
         and `metrics` (`{stage: metrics}`) for the stages that ran or were cached.
     """
     started = time.perf_counter()
+    _warn_unsharded()
     if isinstance(config, PipelineConfig):
         config = config.raw if output_dir is not None or overrides else config
     cfg = config if isinstance(config, PipelineConfig) else load_config(config, output_dir, overrides)
