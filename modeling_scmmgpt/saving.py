@@ -18,15 +18,16 @@ import tempfile
 _WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
 
 
-def _carry_over(source: str, target: str):
-    """Hard-link (or copy) into `target` whatever `source` holds that `target` lacks, weight files excepted."""
+def _carry_over(source: str, target: str, top: bool = True):
+    """Hard-link (or copy) into `target` whatever `source` holds that `target` lacks, the folder's own weight files
+    excepted (those of subfolders, e.g. a Trainer's `checkpoint-N/`, are kept)."""
     for name in os.listdir(source):
         src, dst = os.path.join(source, name), os.path.join(target, name)
-        if os.path.lexists(dst) or _WEIGHT_FILE.match(name):
+        if os.path.lexists(dst) or (top and _WEIGHT_FILE.match(name)):
             continue
         if os.path.isdir(src) and not os.path.islink(src):
             os.makedirs(dst)
-            _carry_over(src, dst)
+            _carry_over(src, dst, top=False)
             continue
         try:
             os.link(src, dst)  # the save is done: nothing writes into these files any more

@@ -210,11 +210,14 @@ def test_save_replaces_atomically_and_keeps_other_files(saved_model):
     model, folder = saved_model
     (folder / "tokenizer_note.txt").write_text("kept")
     (folder / "model-00001-of-00002.safetensors").write_bytes(b"stale shard")
+    (folder / "checkpoint-5").mkdir()  # a Trainer checkpoint inside a stage folder keeps its own weights
+    (folder / "checkpoint-5" / "model.safetensors").write_bytes(b"checkpoint weights")
     with torch.no_grad():
         model.encoder.embedding.weight.add_(1.0)
     model.save_pretrained(folder)
     assert (folder / "tokenizer_note.txt").read_text() == "kept"
     assert not (folder / "model-00001-of-00002.safetensors").exists()
+    assert (folder / "checkpoint-5" / "model.safetensors").read_bytes() == b"checkpoint weights"
     assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == []  # no staging left behind
     reloaded = ScMMGPTCellModel.from_pretrained(folder)
     torch.testing.assert_close(reloaded.encoder.embedding.weight, model.encoder.embedding.weight)
