@@ -25,9 +25,11 @@ from .modeling_cell_encoder import masked_mse
 # distribution → values the decoder predicts per gene (log1p value | log rate, log θ | log rate, log θ, zero logit)
 EXPRESSION_DISTRIBUTIONS = {"mse": 1, "nb": 2, "zinb": 3}
 # bounds of the predicted log rate and log θ: exp() stays finite and lgamma(x + θ) - lgamma(θ) keeps its precision in
-# float32 (θ ≤ e^10 ≈ 22 000 is already a Poisson for any count a cell holds)
+# float32 (θ ≤ e^10 ≈ 22 000 is already a Poisson for any count a cell holds). θ's floor is soft (softplus), never
+# a flat clamp: with rates far below the counts (a fresh decoder), the likelihood first lowers θ, and a θ held at a
+# hard floor has no gradient left, nor has the rate (d log NB / d log μ = (x - μ) θ / (θ + μ)): training then stalls
 LOG_RATE_RANGE = (-30.0, 15.0)
-LOG_THETA_RANGE = (-10.0, 10.0)
+LOG_THETA_RANGE = (-5.0, 10.0)
 
 
 def nb_log_prob(counts: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
@@ -66,7 +68,9 @@ class CountDistribution:
     def from_decoder_output(cls, output: torch.Tensor) -> "CountDistribution":
         """The decoder's (n, genes, 2 | 3) output → its distribution (bounded, in float32 at least)."""
         output = output if output.dtype == torch.float64 else output.float()
-        return cls(log_rate=output[..., 0].clamp(*LOG_RATE_RANGE), log_theta=output[..., 1].clamp(*LOG_THETA_RANGE),
+        low, high = LOG_THETA_RANGE
+        log_theta = (low + F.softplus(output[..., 1] - low)).clamp(max=high)
+        return cls(log_rate=output[..., 0].clamp(*LOG_RATE_RANGE), log_theta=log_theta,
                    zero_logits=output[..., 2] if output.shape[-1] > 2 else None)
 
     def log_prob(self, counts: torch.Tensor, size_factors: torch.Tensor) -> torch.Tensor:
@@ -149,5 +153,5 @@ def decoded_log1p(decoder_output: torch.Tensor, distribution: str) -> torch.Tens
     return CountDistribution.from_decoder_output(decoder_output).mean_log1p()
 
 
-__all__ = ["EXPRESSION_DISTRIBUTIONS", "CountDistribution", "ExpressionDecoder", "decoded_log1p", "expression_loss",
-           "nb_log_prob", "zinb_log_prob"]
+__all__ = ["EXPRESSION_DISTRIBUTIONS", "LOG_RATE_RANGE", "LOG_THETA_RANGE", "CountDistribution", "ExpressionDecoder",
+           "decoded_log1p", "expression_loss", "nb_log_prob", "zinb_log_prob"]

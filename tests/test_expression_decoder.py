@@ -15,8 +15,8 @@ from scipy import stats
 from modeling_scmmgpt import (ScMMGPTCellTokenizer, ScMMGPTConfig, ScMMGPTForConditionalGeneration, ScMMGPTJobs,
                               ScMMGPTProcessor)
 from modeling_scmmgpt.cli import main
-from modeling_scmmgpt.modeling_expression_decoder import (CountDistribution, expression_loss, nb_log_prob,
-                                                          zinb_log_prob)
+from modeling_scmmgpt.modeling_expression_decoder import (LOG_THETA_RANGE, CountDistribution, expression_loss,
+                                                          nb_log_prob, zinb_log_prob)
 from modeling_scmmgpt.pipeline_scmmgpt import save_pipelines
 
 from .conftest import TINY_LABEL_TEXTS
@@ -78,10 +78,15 @@ def test_count_distribution_log_prob_uses_size_factors_and_the_loss_weights_gene
     got = dist.log_prob(counts, torch.tensor([1.5])).double().numpy()
     mu, theta = np.array([3.0, 0.75]), np.array([3.0, 1.0])  # μ = size factor × rate
     np.testing.assert_allclose(got[0], stats.nbinom.logpmf([4, 0], theta, theta / (theta + mu)), rtol=1e-5)
+    # the decoder's output: log θ passes a soft floor (LOG_THETA_RANGE[0] + softplus(raw - floor)), ~identity here
     output = torch.stack([dist.log_rate, dist.log_theta], -1)
+    low = LOG_THETA_RANGE[0]
+    theta = np.exp(low + np.logaddexp(0.0, np.log(theta) - low))
+    assert theta == pytest.approx([3.0, 1.0], rel=0.01)
+    expected = stats.nbinom.logpmf([4, 0], theta, theta / (theta + mu))
     weights = torch.tensor([[1.0, 3.0]])
     loss = expression_loss(output, "nb", weights=weights, counts=counts, size_factors=torch.tensor([1.5]))
-    assert loss.item() == pytest.approx(-(got[0] * [1, 3]).sum() / 4, rel=1e-5)
+    assert loss.item() == pytest.approx(-(expected * [1, 3]).sum() / 4, rel=1e-5)
     with pytest.raises(ValueError, match="trained on counts"):
         expression_loss(output, "nb", torch.zeros(1, 2), weights)
 

@@ -4,7 +4,8 @@ One row per cell (`CELL_FEATURES`): the cell's expressed genes as vocabulary ids
 dense), `value_kind` (`"counts"` or `"log1p_normalized"`: whether the tokenizer must normalise them), `total_counts`
 (the cell's library size over all of the file's genes, so that normalisation is unaffected by genes missing from the
 vocabulary), metadata (cell type label, CL id and name, donor, dataset) and `text`
-(`"cell type: {name}. {CL definition} Tissue: …"`).
+(`"cell type: {name}. {CL definition} Tissue: … Disease: … Development stage: …"`, the context sentences where the
+source has CELLxGENE's `tissue` / `disease` / `development_stage` columns, or only their `*_ontology_term_id` ones).
 
 Files are read in row chunks (`CellSource`), so memory is bounded by the chunk, not the file. `write_dataset` streams
 chunks into parquet shards in a temporary folder beside the output and renames it into place only when complete;
@@ -170,6 +171,42 @@ def _string_column(values) -> np.ndarray:
     return np.array(["" if is_missing(v) else str(v) for v in values], dtype=object)
 
 
+def context_columns(source: CellSource) -> dict[str, np.ndarray]:
+    """The CELLxGENE context of each cell that goes into its text (`ontology.CONTEXT_COLUMNS`: tissue, disease,
+    development stage), column → values: the name column where the source has it, else its `<column>_ontology_term_id`
+    column (a file in CELLxGENE's submission schema holds the ids alone) with each id read as its term's label."""
+    context = {}
+    for column in CONTEXT_COLUMNS:
+        if column in source.obs_columns:
+            context[column] = _string_column(source.obs(column))
+        elif f"{column}_ontology_term_id" in source.obs_columns:
+            ids = _string_column(source.obs(f"{column}_ontology_term_id"))
+            labels = ontology_term_labels(sorted(set(ids) - {""}))
+            context[column] = np.array([labels.get(i, i) for i in ids], dtype=object)
+    return context
+
+
+def ontology_term_labels(term_ids: list[str]) -> dict[str, str]:
+    """{term id: label} of UBERON / MONDO / HsapDv / ... ids from the ontologies `cellxgene-ontology-guide` ships; ids
+    it does not know, or every id without the package (the `[ontology]` extra), are left out: the text then carries
+    the id itself, which still tells the cells' contexts apart."""
+    if not term_ids:
+        return {}
+    try:
+        from cellxgene_ontology_guide.ontology_parser import OntologyParser
+
+        parser = OntologyParser()
+    except Exception:  # not installed, or its ontology files unreadable: ids stay ids
+        return {}
+    labels = {}
+    for term_id in term_ids:
+        try:
+            labels[term_id] = parser.get_term_label(term_id)
+        except Exception:  # not an ontology id (a free-text value), or a term the shipped releases lack
+            continue
+    return labels
+
+
 @dataclass
 class CellMetadata:
     """Per-cell metadata of one source (arrays of length n_cells) and its label mapping."""
@@ -202,7 +239,7 @@ def read_metadata(source: CellSource, options: BuildOptions, ontology: CellOntol
         mapping.raise_if_unmapped(f"{source.name} (obs[{column!r}])")
     elif options.on_unmapped != "label_only":
         raise OptionError("on_unmapped", f"must be 'error' or 'label_only', got {options.on_unmapped!r}")
-    context = {c: _string_column(source.obs(c)) for c in CONTEXT_COLUMNS if c in source.obs_columns}
+    context = context_columns(source)
     texts, cache = np.empty(len(labels), dtype=object), {}
     for i, label in enumerate(labels):
         key = (label, *(values[i] for values in context.values()))
