@@ -90,6 +90,21 @@ def test_seeded_and_off_switches():
         CellAugmentation(depth_range=[0.0, 1.0])
 
 
+def test_a_batch_is_augmented_the_same_whatever_came_before():
+    """No state carried from batch to batch: a run resumed from a checkpoint (which saves no collator state) replays
+    its remaining batches' augmentations exactly; other batches draw differently."""
+    batches = [[count_row(seed, f"c{seed}") for seed in range(start, start + 4)] for start in (0, 4, 8)]
+    settings = dict(seed=3, probability=1.0, depth_probability=1.0, batch_probability=1.0)
+    run = CellAugmentation(**settings)
+    straight = [run(batch, N_GENES) for batch in batches]
+    resumed = CellAugmentation(**settings)(batches[2], N_GENES)
+    assert all(np.array_equal(x["expression"], y["expression"]) for x, y in zip(straight[2], resumed))
+    again = run(batches[0], N_GENES)  # the same cells in the same batch: the same draws
+    assert all(np.array_equal(x["expression"], y["expression"]) for x, y in zip(straight[0], again))
+    other = CellAugmentation(**settings)(batches[0][:3] + batches[1][:1], N_GENES)
+    assert not all(np.array_equal(x["expression"], y["expression"]) for x, y in zip(straight[0][:3], other[:3]))
+
+
 def test_stage2_collator_augments_input_cells_only(pbmc_path, minilm_tokenizer):
     from modeling_scmmgpt import ScMMGPTProcessor
     from scmmgpt_train.collators import Stage2Collator

@@ -8,6 +8,7 @@ import torch
 from scipy import sparse
 
 from modeling_scmmgpt.processing_scmmgpt import ScMMGPTProcessor
+from scmmgpt_train.augment import batch_seed
 from scmmgpt_train.collators import IGNORE_INDEX, Stage1Collator, Stage2Collator
 from scmmgpt_train.data import build_dataset
 from scmmgpt_train.streaming import rows_to_matrix
@@ -210,11 +211,16 @@ def test_stage1_writes_cell_type_texts_other_ways_from_the_ontology(built, rows,
     tail = " Tissue: blood."
     rows = [{**r, "text": r["text"] + tail} for r in rows]
     collate = Stage1Collator(built[1], minilm_tokenizer, text_variants=variants, text_variant_probability=1.0, seed=0)
-    texts = [collate.text(r) for r in rows]
+
+    def batch_texts(collate):  # one batch's draws, seeded as the collator seeds them
+        rng = np.random.default_rng(batch_seed(0, rows, b"text variants"))
+        return [collate.text(r, rng) for r in rows]
+
+    texts = batch_texts(collate)
     for row, text in zip(rows, texts):
         original, others = variants[row["cell_type_ontology_term_id"]]
         assert text.endswith(tail) and text[: -len(tail)] in others and row["text"].startswith(original)
     again = Stage1Collator(built[1], minilm_tokenizer, text_variants=variants, text_variant_probability=1.0, seed=0)
-    assert [again.text(r) for r in rows] == texts  # seeded
+    assert batch_texts(again) == texts  # seeded by the batch
     never = Stage1Collator(built[1], minilm_tokenizer, text_variants=variants, text_variant_probability=0.0)
-    assert [never.text(r) for r in rows] == [r["text"] for r in rows]
+    assert batch_texts(never) == [r["text"] for r in rows]

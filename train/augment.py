@@ -22,7 +22,6 @@ The rows come back as count rows; the collators normalise them as they do any co
 
 from __future__ import annotations
 
-import os
 import zlib
 from dataclasses import dataclass, field, replace
 
@@ -37,8 +36,9 @@ class CellAugmentation:
     """Augmentation settings (the `augmentation` section of a training config) and the augmenter itself.
 
     `enabled` switches it off; `probability` is the share of batches augmented (the rest stay clean); each transform
-    then applies with its own probability. `seed` seeds the draws (mixed with the DataLoader worker and the process
-    rank, so workers and ranks draw differently)."""
+    then applies with its own probability. `seed` and the batch's cells seed each batch's draws (`batch_seed`): no
+    state to lose, so a run resumed from a checkpoint augments the batches it replays exactly as the run it
+    continues, whatever the number of DataLoader workers or processes."""
 
     enabled: bool = True
     probability: float = 0.8
@@ -61,24 +61,14 @@ class CellAugmentation:
             if not 0.0 < low <= high <= 1.0:
                 raise ValueError(f"augmentation.{name} must be [low, high] with 0 < low <= high <= 1, got "
                                  f"{getattr(self, name)}")
-        self._rng = None
 
     def for_stage(self, name: str) -> "CellAugmentation":
         """A copy with a seed of its own for the stage `name`."""
         return replace(self, seed=zlib.crc32(f"{self.seed}:{name}".encode()))
 
-    def _generator(self) -> np.random.Generator:
-        if self._rng is None:
-            import torch.utils.data
-
-            worker = torch.utils.data.get_worker_info()
-            self._rng = np.random.default_rng([self.seed, int(os.environ.get("RANK", 0)),
-                                               worker.id if worker is not None else 0, zlib.crc32(b"augment")])
-        return self._rng
-
     def __call__(self, rows: list[dict | None], n_genes: int) -> list[dict | None]:
         """Augmented copies of `rows` (None rows pass through); `n_genes` is the vocabulary's gene count."""
-        rng = self._generator()
+        rng = np.random.default_rng(batch_seed(self.seed, rows, b"augment"))
         if not self.enabled or rng.random() >= self.probability:
             return rows
         plan = self._plan(rng, n_genes)
@@ -96,6 +86,19 @@ class CellAugmentation:
         if rng.random() < self.panel_probability:
             plan["kept"] = rng.random(n_genes) < rng.uniform(*self.panel_range)
         return plan
+
+
+def batch_seed(seed: int, rows: list[dict | None], salt: bytes) -> list[int]:
+    """A seed for one batch's random draws from `seed` and its cells (their `cell_id`s, else their values): a
+    collator that draws from it keeps no state a checkpoint would have to save. `salt` keeps separate uses apart."""
+    key = 0
+    for row in rows:
+        if row is None:
+            continue
+        cell_id = row.get("cell_id")
+        key = zlib.crc32(str(cell_id).encode() if cell_id is not None
+                         else np.asarray(row["gene_ids"]).tobytes() + np.asarray(row["expression"]).tobytes(), key)
+    return [int(seed), key, zlib.crc32(salt)]
 
 
 def row_counts(row: dict) -> tuple[np.ndarray, np.ndarray, float]:
@@ -136,4 +139,4 @@ def _augment_row(row: dict, plan: dict, rng: np.random.Generator) -> dict:
             "value_kind": COUNTS}
 
 
-__all__ = ["CellAugmentation", "row_counts"]
+__all__ = ["CellAugmentation", "batch_seed", "row_counts"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .augment import batch_seed
 from .shifts import smallest_count_library_sizes
 from .sources import COUNTS
 from .streaming import N_SPECIAL, log_normalized, rows_to_cell_inputs, rows_to_matrix
@@ -68,30 +69,28 @@ class Stage1Collator:
     text_variants: dict | None = None
     text_variant_probability: float = 0.0
     seed: int = 0
-    _rng: object = field(init=False, repr=False, default=None)
 
     def __call__(self, rows: list[dict]) -> dict:
         if not rows:
             raise ValueError("Stage1Collator got an empty batch")
         batch = rows_to_cell_inputs(augmented(self.augment, rows, self.cell_tokenizer), self.cell_tokenizer)
+        rng = np.random.default_rng(batch_seed(self.seed, rows, b"text variants"))
         text = self.text_tokenizer(
-            [self.text(r) for r in rows], padding="longest", truncation=True,
+            [self.text(r, rng) for r in rows], padding="longest", truncation=True,
             max_length=self.max_text_length, return_tensors="pt",
         )
         batch["qformer_input_ids"], batch["qformer_attention_mask"] = text["input_ids"], text["attention_mask"]
         return batch
 
-    def text(self, row: dict) -> str:
+    def text(self, row: dict, rng: np.random.Generator) -> str:
         """The row's text, its cell-type part swapped for a variant with probability `text_variant_probability`."""
         text = row[self.text_column]
         if not self.text_variants or not self.text_variant_probability:
             return text
-        if self._rng is None:
-            self._rng = np.random.default_rng([self.seed, zlib.crc32(b"text variants")])
         original, variants = self.text_variants.get(str(row.get("cell_type_ontology_term_id")), ("", []))
-        if not variants or not text.startswith(original) or self._rng.random() >= self.text_variant_probability:
+        if not variants or not text.startswith(original) or rng.random() >= self.text_variant_probability:
             return text
-        return variants[self._rng.integers(len(variants))] + text[len(original):]
+        return variants[rng.integers(len(variants))] + text[len(original):]
 
 
 @dataclass
