@@ -196,22 +196,25 @@ class CellDescriptionPipeline(ScMMGPTPipeline):
 
 
 class TextToCellPipeline(ScMMGPTPipeline):
-    """`text-to-cell`: pseudo-cells (log1p expression) from text prompts (stage-2 model).
+    """`text-to-cell`: pseudo-cells from text prompts (stage-2 model).
 
     Input: a text or a list of texts. Parameters: `n_per_text` (cells per text, default 1), `genes` (genes to decode,
-    default the whole vocabulary), `seed` (draws beyond a text's first), `noise_scale`, `return_anndata`, `batch_size`.
+    default the whole vocabulary), `seed`, `output` (`"counts"`, `"log1p"` or `"mean"`; default: log1p draws of a
+    count decoder, the mean of an MSE one), `library_size`, `noise_scale`, `return_anndata`, `batch_size`
+    (see `ScMMGPTJobs.generate_cells`).
 
-    Returns `{"gene_names": [...], "cells": [{"text", "expression": [one value per gene]}, ...]}` (one cell per text and
-    draw), or an AnnData with `return_anndata=True`.
+    Returns `{"gene_names": [...], "output": kind, "cells": [{"text", "expression": [one value per gene]}, ...]}` (one
+    cell per text and draw), or an AnnData with `return_anndata=True`.
     """
 
     job = "generate_cells"
 
-    def _sanitize_parameters(self, n_per_text=None, genes=None, seed=None, noise_scale=None, return_anndata=None,
-                             **kwargs):
+    def _sanitize_parameters(self, n_per_text=None, genes=None, seed=None, noise_scale=None, output=None,
+                             library_size=None, return_anndata=None, **kwargs):
         _check_unknown(kwargs, "text-to-cell")
         forward = {k: v for k, v in (("n_per_text", n_per_text), ("genes", genes), ("seed", seed),
-                                     ("noise_scale", noise_scale)) if v is not None}
+                                     ("noise_scale", noise_scale), ("output", output),
+                                     ("library_size", library_size)) if v is not None}
         postprocess = {} if return_anndata is None else {"return_anndata": bool(return_anndata)}
         return {}, forward, postprocess
 
@@ -228,6 +231,7 @@ class TextToCellPipeline(ScMMGPTPipeline):
         expression = np.asarray(generated.expression, dtype=np.float64)
         return {
             "gene_names": list(generated.gene_names),
+            "output": generated.output,
             "cells": [{"text": t, "expression": row.tolist()} for t, row in zip(generated.texts, expression)],
         }
 

@@ -52,9 +52,9 @@ def tiny_config(processor, **overrides) -> ScMMGPTConfig:
                               qformer_config=qformer, text_vocab_size=text_vocab, **overrides)
 
 
-def make_stage2(processor, seed: int = 0) -> ScMMGPTForConditionalGeneration:
+def make_stage2(processor, seed: int = 0, **overrides) -> ScMMGPTForConditionalGeneration:
     torch.manual_seed(seed)
-    model = ScMMGPTForConditionalGeneration(tiny_config(processor))
+    model = ScMMGPTForConditionalGeneration(tiny_config(processor, **overrides))
     model.set_cell_token_ids(processor)
     return model.eval()
 
@@ -174,9 +174,23 @@ def test_description_and_text_to_cell_outputs(model, jobs, processor, pbmc):
     expected = jobs.generate_cells(TEXTS, n_per_text=2, seed=3, genes=["LYZ", "MS4A1", "NKG7"])
     assert out["gene_names"] == ["LYZ", "MS4A1", "NKG7"] and [c["text"] for c in out["cells"]] == expected.texts
     np.testing.assert_allclose([c["expression"] for c in out["cells"]], expected.expression, atol=1e-6)
+    assert out["output"] == "mean"  # an MSE decoder's deterministic decoding
     json.dumps(out)
     adata = to_cells(TEXTS[0], return_anndata=True)
     assert adata.shape == (1, len(processor.feature_extractor.gene_names))
+
+
+def test_text_to_cell_draws_counts_from_a_count_decoder(processor):
+    sampler = ScMMGPTJobs(make_stage2(processor, expression_distribution="nb"), processor, verbose=False)
+    to_cells = pipeline("text-to-cell", model=sampler.model, processor=processor)
+    genes = ["LYZ", "MS4A1", "NKG7"]
+    out = to_cells(TEXTS, n_per_text=3, seed=5, genes=genes, output="counts", library_size=5000)
+    expected = sampler.generate_cells(TEXTS, n_per_text=3, seed=5, genes=genes, output="counts", library_size=5000)
+    assert out["output"] == "counts"
+    np.testing.assert_array_equal([c["expression"] for c in out["cells"]], expected.expression)
+    assert np.all(np.mod(expected.expression, 1) == 0)
+    with pytest.raises(ValueError, match="counts"):
+        pipeline("text-to-cell", model=make_stage2(processor), processor=processor)(TEXTS, output="counts")
 
 
 def test_bad_inputs_get_clear_errors(annotator, model, processor, pbmc):
