@@ -97,10 +97,14 @@ def train_tiny_context_model(tmp_path, minilm_tokenizer, seed: int = 0, **stage2
     return model.eval(), processor, ds
 
 
-def test_generation_follows_the_tissue_in_the_text(tmp_path, minilm_tokenizer):
+def test_generation_follows_the_tissue_in_the_text(tmp_path, minilm_path):
+    from transformers import AutoTokenizer
+
     from modeling_scmmgpt import ScMMGPTJobs
 
-    model, processor, ds = train_tiny_context_model(tmp_path, minilm_tokenizer)
+    # a fresh tokenizer: the session's `minilm_tokenizer` carries the cell tokens of tests that use it as an LLM
+    # tokenizer, which would change the Q-Former's vocabulary, hence its seeded initialisation, with the test order
+    model, processor, ds = train_tiny_context_model(tmp_path, AutoTokenizer.from_pretrained(minilm_path))
     assert model.config.expression_distribution == "nb" and len(model.config.library_size_quantiles) == 101
     jobs = ScMMGPTJobs(model, processor, verbose=False)
     texts = {(label, tissue): text for label, tissue, text in zip(ds["cell_type"], context_cells().obs["tissue"],

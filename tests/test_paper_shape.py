@@ -182,7 +182,16 @@ def _model_section_config(path, cell_tokenizer, text_tokenizer, tmp_path, overri
     return parsed, stage1_config(cell_tokenizer, text_tokenizer, **arguments)
 
 
-def test_paper_yaml_builds_through_the_paper_preset(tmp_path, minilm_tokenizer, monkeypatch):
+@pytest.fixture
+def text_tokenizer(minilm_path):
+    """The Q-Former's tokenizer as a training run loads it (the session's `minilm_tokenizer` may carry tokens other
+    tests' processors added to it)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path)
+
+
+def test_paper_yaml_builds_through_the_paper_preset(tmp_path, text_tokenizer, monkeypatch):
     """paper.yaml's model section, with its PubMedBERT Hub id replaced by a local BERT-base config (PubMedBERT's
     shape; nothing is downloaded) and scGPT's 60,697-token vocabulary, builds the paper preset's stage-1 model; the
     tiny presets are never called on the way."""
@@ -196,7 +205,7 @@ def test_paper_yaml_builds_through_the_paper_preset(tmp_path, minilm_tokenizer, 
     BertConfig(vocab_size=30522).save_pretrained(tmp_path / "pubmedbert")
     genes = [f"GENE{i}" for i in range(SCGPT_HUMAN_VOCAB - 3)]  # <pad>, <cls>, <eoc> come on top
     cell_tokenizer = ScMMGPTCellTokenizer(gene_names=genes, max_genes=2048)
-    parsed, config = _model_section_config(PAPER, cell_tokenizer, minilm_tokenizer, tmp_path,
+    parsed, config = _model_section_config(PAPER, cell_tokenizer, text_tokenizer, tmp_path,
                                            {"model.qformer_path": str(tmp_path / "pubmedbert")})
     assert parsed.model.preset == "paper" and parsed.data.max_genes == cell_tokenizer.max_genes
     assert len(cell_tokenizer) == SCGPT_HUMAN_VOCAB
@@ -214,10 +223,10 @@ def test_paper_yaml_builds_through_the_paper_preset(tmp_path, minilm_tokenizer, 
     assert count(model) == stage1_params(config)
 
 
-def test_tiny_cpu_config_keeps_building_the_tiny_preset(tmp_path, pbmc, minilm_tokenizer):
+def test_tiny_cpu_config_keeps_building_the_tiny_preset(tmp_path, pbmc, text_tokenizer):
     """tiny-cpu.yaml names no preset: its `cell_preset: tiny` picks the tiny one, with its 64-wide Q-Former."""
     cell_tokenizer = ScMMGPTCellTokenizer(gene_names=list(pbmc.raw.var_names), max_genes=256)
-    parsed, config = _model_section_config(TINY, cell_tokenizer, minilm_tokenizer, tmp_path)
+    parsed, config = _model_section_config(TINY, cell_tokenizer, text_tokenizer, tmp_path)
     assert parsed.model.preset == "tiny"
     assert config.text_config.to_dict() == ScMMGPTConfig.tiny().text_config.to_dict()
     q, c = config.qformer_config, config.cell_config
