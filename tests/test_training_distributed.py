@@ -87,10 +87,9 @@ def _checkpoint_written(folder: Path) -> bool:
 
 
 def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
-    # a checkpoint every 5 steps, all kept; no best-checkpoint choice (tiny-cpu's evaluates every 50 steps). No
-    # augmentation: its draws come from the collator's own generator, which checkpoints do not hold, so a resumed
-    # run augments its remaining batches differently from an uninterrupted one
-    config = stage1_config(tmp_path, augmentation=False, max_steps=30, save_strategy="steps", save_steps=5,
+    # a checkpoint every 5 steps, all kept; no best-checkpoint choice (tiny-cpu's evaluates every 50 steps).
+    # Augmentation on: each batch's draws are seeded by its cells (augment.batch_seed), so the resumed run replays them
+    config = stage1_config(tmp_path, max_steps=30, save_strategy="steps", save_steps=5,
                            save_total_limit=None, eval_strategy="no", load_best_model_at_end=False)
 
     reference = _run(config, tmp_path / "reference")
