@@ -101,6 +101,16 @@ def batch_seed(seed: int, rows: list[dict | None], salt: bytes) -> list[int]:
     return [int(seed), key, zlib.crc32(salt)]
 
 
+def library_size(row: dict, target_sum: float = 1e4) -> float:
+    """A built row's library size: a count row's stored `total_counts` (its reads over all of the source's genes,
+    else its row sum); for a log-normalised row, the size at which its smallest expressed value is one read
+    (`shifts.smallest_count_library_sizes`: PBMC's rows get their `n_counts` back to within 0.1 %)."""
+    values = np.asarray(row["expression"], dtype=np.float64)
+    if row.get("value_kind", COUNTS) == COUNTS:
+        return float(row.get("total_counts") or values.sum())
+    return float(smallest_count_library_sizes(values[None], target_sum)[0])
+
+
 def row_counts(row: dict) -> tuple[np.ndarray, np.ndarray, float]:
     """(gene ids, counts, library size) of a built row, counts reconstructed for a log-normalised row (see the
     module docstring)."""
@@ -108,15 +118,14 @@ def row_counts(row: dict) -> tuple[np.ndarray, np.ndarray, float]:
     values = np.asarray(row["expression"], dtype=np.float64)
     kind = row.get("value_kind", COUNTS)
     if kind == COUNTS:
-        return gene_ids, values, float(row.get("total_counts") or values.sum())
+        return gene_ids, values, library_size(row)
     if kind != LOG_NORMALIZED:
         raise ValueError(f"unknown value_kind {kind!r}; expected {COUNTS!r} or {LOG_NORMALIZED!r}")
     expressed = values > 0
     if not expressed.any():
         return gene_ids[:0], values[:0], 0.0
-    log1p = values[None, expressed]
-    library = smallest_count_library_sizes(log1p)
-    return gene_ids[expressed], counts_from_log1p(log1p, library)[0], float(library[0])
+    library = library_size(row)
+    return gene_ids[expressed], counts_from_log1p(values[None, expressed], np.array([library]))[0], library
 
 
 def _augment_row(row: dict, plan: dict, rng: np.random.Generator) -> dict:
@@ -139,4 +148,4 @@ def _augment_row(row: dict, plan: dict, rng: np.random.Generator) -> dict:
             "value_kind": COUNTS}
 
 
-__all__ = ["CellAugmentation", "batch_seed", "row_counts"]
+__all__ = ["CellAugmentation", "batch_seed", "library_size", "row_counts"]

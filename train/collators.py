@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .augment import batch_seed
-from .shifts import smallest_count_library_sizes
-from .sources import COUNTS
+from .augment import batch_seed, library_size
 from .streaming import N_SPECIAL, log_normalized, rows_to_cell_inputs, rows_to_matrix
 
 CELL_TO_TEXT = "cell_to_text"
@@ -24,16 +22,6 @@ IGNORE_INDEX = -100  # labels ignored by the LM loss
 def _row_seed(seed: int, row: dict) -> list[int]:
     """A per-cell seed, stable across processes and DataLoader workers (Python's `hash` is salted per process)."""
     return [int(seed), zlib.crc32(str(row.get("cell_id", "")).encode())]
-
-
-def library_size(row: dict, target_sum: float = 1e4) -> float:
-    """A built row's library size: a count row's stored `total_counts` (its reads over all of the source's genes,
-    else its row sum); for a log-normalised row, the size at which its smallest expressed value is one read
-    (`shifts.smallest_count_library_sizes`: PBMC's rows get their `n_counts` back to within 0.1 %)."""
-    values = np.asarray(row["expression"], dtype=np.float64)
-    if row.get("value_kind", COUNTS) == COUNTS:
-        return float(row.get("total_counts") or values.sum())
-    return float(smallest_count_library_sizes(values[None], target_sum)[0])
 
 
 def augmented(augment, rows: list[dict | None], cell_tokenizer) -> list[dict | None]:
@@ -264,5 +252,4 @@ class Stage2Collator:
                 "decoder_counts": counts, "decoder_size_factors": size_factors}
 
 
-__all__ = ["CELL_TO_TEXT", "IGNORE_INDEX", "TEXT_TO_CELL", "Stage1Collator", "Stage2Collator", "augmented",
-           "library_size"]
+__all__ = ["CELL_TO_TEXT", "IGNORE_INDEX", "TEXT_TO_CELL", "Stage1Collator", "Stage2Collator", "augmented"]

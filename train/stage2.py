@@ -22,7 +22,8 @@ from modeling_scmmgpt.processing_scmmgpt import DESCRIBE_PROMPT, GENERATE_PROMPT
 from modeling_scmmgpt.jobs_scmmgpt import ScMMGPTJobs
 from modeling_scmmgpt.modeling_expression_decoder import CountDistribution, ExpressionDecoder, expression_loss
 
-from .collators import Stage2Collator, library_size
+from .augment import library_size
+from .collators import Stage2Collator
 from .streaming import log_normalized, rows_to_matrix
 from .trainers import LossPartsLoggingMixin
 
