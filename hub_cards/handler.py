@@ -12,7 +12,7 @@ Requests (JSON):
 - `describe`: `max_new_tokens`, `prompt`, `do_sample`, `temperature`, `top_p`, `num_beams`, `repetition_penalty`,
   `batch_size`, ... → one `{"cell", "generated_text"}` per cell;
 - `generate`: `inputs` is `{"texts": [...]}` (or a text, or a list of texts); `n_per_text`, `seed`, `genes`,
-  `noise_scale`, `batch_size` → `{"gene_names": [...], "cells": [{"text", "expression"}, ...]}`.
+  `state_spread`, `noise_scale`, `batch_size` → `{"gene_names": [...], "cells": [{"text", "expression"}, ...]}`.
 
 A request that is malformed, too large or refused by the model gets `{"error": "..."}` naming the problem; the handler
 never raises on a request. It checks only the endpoint's own limits: the values are checked by the pipelines' jobs
@@ -178,9 +178,10 @@ def validate_request(data) -> tuple[str, object, dict]:
         if generate_kwargs:
             kwargs["generate_kwargs"] = generate_kwargs
         return task, check_cells(data["inputs"]), kwargs
-    _check_unknown(params, ("n_per_text", "seed", "genes", "noise_scale", "batch_size"), task)
+    _check_unknown(params, ("n_per_text", "seed", "genes", "state_spread", "noise_scale", "batch_size"), task)
     kwargs = _options(params, {"n_per_text": (1, MAX_PER_TEXT, "int"), "seed": (0, 2**63 - 1, "int"),
-                               "noise_scale": (0.0, 100.0, "float"), "batch_size": (1, MAX_BATCH_SIZE, "int")})
+                               "state_spread": (0.0, 100.0, "float"), "noise_scale": (0.0, 100.0, "float"),
+                               "batch_size": (1, MAX_BATCH_SIZE, "int")})
     if params.get("genes") is not None:
         kwargs["genes"] = params["genes"]
     texts = check_texts(data["inputs"])

@@ -289,6 +289,9 @@ def generate_main(argv=None) -> int:
                              "point per prompt (default: counts for a model with a count decoder, else mean)")
     parser.add_argument("--library-size", type=float, default=None,
                         help="library size of sampled cells (default: drawn from the training cells')")
+    parser.add_argument("--state-spread", type=float, default=None,
+                        help="scale of the training cells' spread around a prompt's state that each cell's state is "
+                             "drawn from (0: one state per prompt; default: 1 for counts / log1p, 0 for mean)")
     parser.add_argument("--batch-size", type=_positive_int, default=256, help="cells decoded at a time")
     return _run(parser, argv, _generate)
 
@@ -300,7 +303,7 @@ def _generate(args):
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         cells = jobs.generate_cells(args.text, n_per_text=args.n, seed=args.seed, batch_size=args.batch_size,
-                                    output=values, library_size=args.library_size)
+                                    output=values, library_size=args.library_size, state_spread=args.state_spread)
     _write_anndata(cells.to_anndata(), args.output)
 
 

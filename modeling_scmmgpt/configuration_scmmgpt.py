@@ -114,6 +114,9 @@ class ScMMGPTConfig(PreTrainedConfig):
             likelihood on counts: `generate_cells` then draws cells rather than decoding one point per text.
         library_size_quantiles: the 101 quantiles (0 %, 1 %, …, 100 %) of the training cells' library sizes, saved by
             stage 2 for a count decoder: `generate_cells` draws the library size of sampled cells from them.
+        cell_state_spread_anchors, cell_state_spread_cells, cell_state_spread_rank: size of the cell-state spread
+            stage 2 fits on the training cells (`modeling_expression_decoder.CellStateSpread`): texts kept as anchors,
+            residuals kept in the bank, and principal directions they are stored in.
         contrastive_temperature: initial softmax temperature of the contrastive loss (learned); named apart from
             generation's sampling `temperature` (folders saved with the old name `temperature` load into it).
         max_text_length: longest text the Q-Former reads (stage 1).
@@ -141,6 +144,9 @@ class ScMMGPTConfig(PreTrainedConfig):
     expression_decoder_hidden_size: int = 256
     expression_distribution: Literal["mse", "nb", "zinb"] = "mse"
     library_size_quantiles: list[float] | None = None
+    cell_state_spread_anchors: int = 256
+    cell_state_spread_cells: int = 2048
+    cell_state_spread_rank: int = 32
     contrastive_temperature: float = 0.07
     max_text_length: int = 128
     captioning_max_cells: int | None = None

@@ -161,6 +161,12 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
+def _non_negative(value, name: str) -> float:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    return float(value)
+
+
 def _names(values, what: str) -> list[str]:
     if isinstance(values, str) or not isinstance(values, (list, tuple, np.ndarray)):
         raise ValueError(f"{what} must be a list of names, got {type(values).__name__} {values!r}")
@@ -529,7 +535,7 @@ class ScMMGPTJobs:
     @torch.inference_mode()
     def generate_cells(self, texts, n_per_text: int = 1, genes: list[str] | None = None, seed: int | None = None,
                        noise_scale: float | None = None, batch_size: int = 32, *, output: str | None = None,
-                       library_size=None) -> GeneratedCells:
+                       library_size=None, state_spread: float | None = None) -> GeneratedCells:
         """Pseudo-cells from text prompts: the LLM reads `"Generate a cell. {text} Cell:"` and the output cell slots,
         whose states are projected to a cell state and decoded over `genes` (default: the whole vocabulary).
 
@@ -541,19 +547,24 @@ class ScMMGPTJobs:
                 Default: `"log1p"` for a count decoder, `"mean"` for an MSE one.
             library_size: of sampled cells: a number, or one per generated cell; None draws them from the training
                 cells' library sizes (`config.library_size_quantiles`), else uses `DEFAULT_LIBRARY_SIZE` (10 000).
+            state_spread: each cell's state is the text's state plus `state_spread` × the residual of a training
+                cell around its own text's mean state (the model's `cell_state_spread`, fitted by stage 2; the nearest
+                seen text's cells for a new text), so cells vary together across genes as real ones do; default 1.0
+                for the sampled kinds, 0 for `"mean"` (and nothing for a model saved without a fitted spread).
             noise_scale: draws beyond a text's first add seeded Gaussian noise of `noise_scale` × the state's std to
                 its cell state, so `n_per_text` means scatter around it; default 0.1 for `"mean"`, 0 for the sampled
-                kinds, whose spread is the distribution's.
-            seed: every random draw (state noise, library sizes, counts) comes from it: the same seed gives the same
-                cells (None: 0).
+                kinds.
+            seed: every random draw (state spread and noise, library sizes, counts) comes from it: the same seed
+                gives the same cells (None: 0).
         """
         require_job(self.kind, "generate_cells")
         texts = self._check_prompts(texts)
         n_per_text, batch_size = _positive_int(n_per_text, "n_per_text"), _positive_int(batch_size, "batch_size")
         output = self._generated_output(output)
-        noise_scale = (0.1 if output == "mean" else 0.0) if noise_scale is None else noise_scale
-        if not (isinstance(noise_scale, (int, float)) and np.isfinite(noise_scale) and noise_scale >= 0):
-            raise ValueError(f"noise_scale must be a non-negative number, got {noise_scale!r}")
+        noise_scale = _non_negative((0.1 if output == "mean" else 0.0) if noise_scale is None else noise_scale,
+                                    "noise_scale")
+        state_spread = _non_negative((0.0 if output == "mean" else 1.0) if state_spread is None else state_spread,
+                                     "state_spread")
         genes = list(self.cell_tokenizer.gene_names) if genes is None else _names(genes, "genes")
         gene_ids = torch.as_tensor(self.cell_tokenizer.convert_genes_to_ids(genes))
         if (gene_ids < 0).any():
@@ -568,7 +579,7 @@ class ScMMGPTJobs:
         bar = tqdm(total=n_cells, desc="generate", unit="cell", disable=not self.progress)
         for start in range(0, n_cells, batch_size):
             rows = torch.arange(start, min(start + batch_size, n_cells))
-            drawn = states[rows // n_per_text]
+            drawn = self.model.cell_state_spread.sample(states[rows // n_per_text], generator, state_spread)
             noise = torch.randn(drawn.shape, generator=generator).to(drawn)
             scale = noise_scale * drawn.std(dim=(1, 2), keepdim=True) * (rows % n_per_text > 0).to(drawn)[:, None, None]
             expression[start : start + len(rows)] = self._decoded_cells(

@@ -146,6 +146,76 @@ class ExpressionDecoder(nn.Module):
         return out.squeeze(-1) if self.distribution == "mse" else out
 
 
+class CellStateSpread(nn.Module):
+    """How real cells scatter around the mean state of the text they share, so that generation can draw cell states
+    rather than decode one point per text.
+
+    The text → cell projector predicts a text's *mean* state, and a count decoder on that one state draws genes
+    independently: cells with the right per-gene spread but none of the gene–gene structure of real cells (which
+    vary together: cell cycle, activation, size). `fit` stores, for up to `config.cell_state_spread_anchors` texts of
+    the training cells, their mean state (an *anchor*) and a stratified bank of up to
+    `config.cell_state_spread_cells` training cells' residuals from their text's mean, in the
+    `config.cell_state_spread_rank` leading principal directions of all residuals (so the bank stays small at the
+    paper's 32 × 768-wide states). `sample` adds to each predicted state a residual drawn from the bank rows of its
+    nearest anchor: a seen text gets its own cells' spread, a new text that of the closest seen one. Unfitted (all
+    anchors unused: a folder saved before this module, or a model that never ran stage 2) it adds nothing.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        width = config.num_query_tokens * config.qformer_config.hidden_size
+        self.register_buffer("anchors", torch.zeros(config.cell_state_spread_anchors, width))
+        self.register_buffer("basis", torch.zeros(config.cell_state_spread_rank, width))
+        self.register_buffer("residuals", torch.zeros(config.cell_state_spread_cells, config.cell_state_spread_rank))
+        self.register_buffer("anchor_of", torch.full((config.cell_state_spread_cells,), -1, dtype=torch.long))
+
+    def reset(self):
+        self.anchors.zero_()
+        self.basis.zero_()
+        self.residuals.zero_()
+        self.anchor_of.fill_(-1)
+
+    @property
+    def fitted(self) -> bool:
+        return bool((self.anchor_of >= 0).any())
+
+    @torch.no_grad()
+    def fit(self, cell_states: torch.Tensor, groups: list[torch.Tensor], generator: torch.Generator):
+        """cell_states (cells, slots, width) of training cells; groups: the row indices of each text. The largest
+        groups get anchors; each anchor keeps at most an equal share of the bank (rare types as well as common)."""
+        self.reset()
+        flat = cell_states.flatten(1).float().cpu()
+        groups = sorted(groups, key=len, reverse=True)[: len(self.anchors)]
+        residuals = torch.cat([flat[g] - flat[g].mean(0) for g in groups])
+        rank = min(len(self.basis), *residuals.shape)
+        _, _, directions = torch.linalg.svd(residuals - residuals.mean(0), full_matrices=False)
+        self.basis[:rank] = directions[:rank].to(self.basis)
+        share, row, start = max(1, len(self.anchor_of) // len(groups)), 0, 0
+        for anchor, g in enumerate(groups):
+            self.anchors[anchor] = flat[g].mean(0).to(self.anchors)
+            kept = torch.randperm(len(g), generator=generator)[: min(share, len(g), len(self.anchor_of) - row)]
+            own = residuals[start : start + len(g)][kept]
+            self.residuals[row : row + len(kept), :rank] = (own @ directions[:rank].T).to(self.residuals)
+            self.anchor_of[row : row + len(kept)] = anchor
+            row, start = row + len(kept), start + len(g)
+
+    def sample(self, mean_states: torch.Tensor, generator: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+        """mean_states (n, slots, width) plus `scale` × a residual of the nearest anchor's bank, drawn with
+        `generator` (a CPU generator); unchanged when unfitted or `scale` is 0."""
+        if not self.fitted or scale == 0:
+            return mean_states
+        flat = mean_states.flatten(1).float()
+        used = self.anchor_of[self.anchor_of >= 0].unique()
+        nearest = used[torch.cdist(flat, self.anchors[used].float().to(flat.device)).argmin(1).cpu()]
+        rows = torch.empty(len(flat), dtype=torch.long)
+        for anchor in nearest.unique():
+            bank = (self.anchor_of.cpu() == anchor).nonzero().squeeze(1)
+            drawn = nearest == anchor
+            rows[drawn] = bank[torch.randint(len(bank), (int(drawn.sum()),), generator=generator)]
+        residual = self.residuals[rows.to(self.residuals.device)] @ self.basis
+        return mean_states + scale * residual.view_as(mean_states).to(mean_states)
+
+
 def decoded_log1p(decoder_output: torch.Tensor, distribution: str) -> torch.Tensor:
     """(n, genes) log1p expression of a decoder output: the `"mse"` prediction, or the count distribution's mean."""
     if distribution == "mse":
@@ -153,5 +223,5 @@ def decoded_log1p(decoder_output: torch.Tensor, distribution: str) -> torch.Tens
     return CountDistribution.from_decoder_output(decoder_output).mean_log1p()
 
 
-__all__ = ["EXPRESSION_DISTRIBUTIONS", "LOG_RATE_RANGE", "LOG_THETA_RANGE", "CountDistribution", "ExpressionDecoder",
-           "decoded_log1p", "expression_loss", "nb_log_prob", "zinb_log_prob"]
+__all__ = ["EXPRESSION_DISTRIBUTIONS", "LOG_RATE_RANGE", "LOG_THETA_RANGE", "CellStateSpread", "CountDistribution",
+           "ExpressionDecoder", "decoded_log1p", "expression_loss", "nb_log_prob", "zinb_log_prob"]

@@ -18,7 +18,8 @@ from transformers.utils import ModelOutput
 from .configuration_scmmgpt import ScMMGPTConfig
 from .modeling_cell_encoder import ScMMGPTCellModel, masked_mean
 from .modeling_cell_pretraining import maskable_positions
-from .modeling_expression_decoder import CountDistribution, ExpressionDecoder, decoded_log1p, expression_loss
+from .modeling_expression_decoder import (CellStateSpread, CountDistribution, ExpressionDecoder, decoded_log1p,
+                                          expression_loss)
 from .modeling_qformer import ScMMGPTQFormer
 from .saving import SafeSerializationMixin
 
@@ -90,7 +91,8 @@ class ScMMGPTPreTrainedModel(SafeSerializationMixin, PreTrainedModel):
     # checkpoints from before `contrastive_logit_scale` hold a 0-d `logit_scale`: a stage-1 training parameter only
     # (inference never reads it), so such checkpoints load with the initial temperature in its place
     _keys_to_ignore_on_load_unexpected = [r"(^|\.)logit_scale$"]
-    _keys_to_ignore_on_load_missing = [r"(^|\.)contrastive_logit_scale$"]
+    # folders saved before the cell-state spread load with it unfitted (generation then adds no spread)
+    _keys_to_ignore_on_load_missing = [r"(^|\.)contrastive_logit_scale$", r"^cell_state_spread\."]
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -98,6 +100,8 @@ class ScMMGPTPreTrainedModel(SafeSerializationMixin, PreTrainedModel):
             init.normal_(module.query_tokens, mean=0.0, std=self.config.initializer_range)
             init.constant_(module.contrastive_logit_scale,
                            float(torch.tensor(1.0 / self.config.contrastive_temperature).log()))
+        if isinstance(module, CellStateSpread):  # unfitted (a folder saved before it): adds no spread
+            module.reset()
 
 
 def _mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
@@ -361,7 +365,8 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
 class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
     r"""
     Stage 2: the stage-1 model (`scmmgpt`), a cell→text projector into the LLM's `<cell_i>` slots, the causal LLM
-    (`language_model`), and the text→cell path (`text_to_cell_projector` + `expression_decoder`).
+    (`language_model`), and the text→cell path (`text_to_cell_projector` + `expression_decoder`, and the
+    `cell_state_spread` of training cells that generation draws states from).
 
     Text inputs come from `ScMMGPTProcessor` (`<cell>` expanded to `<boc><cell_0>…<eoc>`); `config.cell_token_ids`
     holds the ids of `<cell_0>…`. In `labels`, prompt tokens are -100: `<cell_i>` slots in the prompt receive the input
@@ -378,6 +383,7 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
         self.cell_to_text_projector = _mlp(query_width, config.projector_hidden_size, text_width)
         self.text_to_cell_projector = _mlp(text_width, config.projector_hidden_size, query_width)
         self.expression_decoder = ExpressionDecoder(config)
+        self.cell_state_spread = CellStateSpread(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config) if language_model is None else None
         self.post_init()
         if language_model is not None:  # set after post_init so that pre-trained LLM weights are not re-initialised
@@ -387,6 +393,7 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
 
     # with a bitsandbytes config, only the LLM's linear layers are quantised: the cell side is small and precise
     _QUANTIZATION_SKIP = ["scmmgpt", "cell_to_text_projector", "text_to_cell_projector", "expression_decoder",
+                          "cell_state_spread",
                           "language_model.lm_head"]
 
     @classmethod

@@ -200,8 +200,8 @@ class TextToCellPipeline(ScMMGPTPipeline):
 
     Input: a text or a list of texts. Parameters: `n_per_text` (cells per text, default 1), `genes` (genes to decode,
     default the whole vocabulary), `seed`, `output` (`"counts"`, `"log1p"` or `"mean"`; default: log1p draws of a
-    count decoder, the mean of an MSE one), `library_size`, `noise_scale`, `return_anndata`, `batch_size`
-    (see `ScMMGPTJobs.generate_cells`).
+    count decoder, the mean of an MSE one), `library_size`, `state_spread`, `noise_scale`, `return_anndata`,
+    `batch_size` (see `ScMMGPTJobs.generate_cells`).
 
     Returns `{"gene_names": [...], "output": kind, "cells": [{"text", "expression": [one value per gene]}, ...]}` (one
     cell per text and draw), or an AnnData with `return_anndata=True`.
@@ -210,11 +210,12 @@ class TextToCellPipeline(ScMMGPTPipeline):
     job = "generate_cells"
 
     def _sanitize_parameters(self, n_per_text=None, genes=None, seed=None, noise_scale=None, output=None,
-                             library_size=None, return_anndata=None, **kwargs):
+                             library_size=None, state_spread=None, return_anndata=None, **kwargs):
         _check_unknown(kwargs, "text-to-cell")
         forward = {k: v for k, v in (("n_per_text", n_per_text), ("genes", genes), ("seed", seed),
                                      ("noise_scale", noise_scale), ("output", output),
-                                     ("library_size", library_size)) if v is not None}
+                                     ("library_size", library_size), ("state_spread", state_spread))
+                   if v is not None}
         postprocess = {} if return_anndata is None else {"return_anndata": bool(return_anndata)}
         return {}, forward, postprocess
 

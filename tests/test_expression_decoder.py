@@ -1,7 +1,7 @@
 """The expression decoder's count distributions (`modeling_expression_decoder`): NB / ZINB log-likelihoods against
 scipy, seeded Gamma–Poisson sampling that converges to the predicted mean, the config field (old folders load as
-"mse"), a saved "nb" model, the stage-2 loss on counts, the decoder warm-up by likelihood, and `generate_cells` /
-`scmmgpt generate` with each output kind."""
+"mse"), a saved "nb" model, the stage-2 loss on counts, the decoder warm-up by likelihood, `generate_cells` /
+`scmmgpt generate` with each output kind, and the cell-state spread generation draws states from."""
 
 import copy
 import json
@@ -15,8 +15,8 @@ from scipy import stats
 from modeling_scmmgpt import (ScMMGPTCellTokenizer, ScMMGPTConfig, ScMMGPTForConditionalGeneration, ScMMGPTJobs,
                               ScMMGPTProcessor)
 from modeling_scmmgpt.cli import main
-from modeling_scmmgpt.modeling_expression_decoder import (LOG_THETA_RANGE, CountDistribution, expression_loss,
-                                                          nb_log_prob, zinb_log_prob)
+from modeling_scmmgpt.modeling_expression_decoder import (LOG_THETA_RANGE, CellStateSpread, CountDistribution,
+                                                          expression_loss, nb_log_prob, zinb_log_prob)
 from modeling_scmmgpt.pipeline_scmmgpt import save_pipelines
 
 from .conftest import TINY_LABEL_TEXTS
@@ -245,3 +245,74 @@ def test_cli_generate_counts_is_reproducible_with_a_seed(nb_model_dir, tmp_path)
     assert anndata.read_h5ad(tmp_path / "d.h5ad").X.dtype.kind == "i"
     assert main(["generate", str(nb_model_dir), TEXTS[0], "--values", "mean", "-o", str(tmp_path / "e.h5ad")]) == 0
     assert anndata.read_h5ad(tmp_path / "e.h5ad").X.dtype == np.float32
+
+
+# ---------------------------------------------------------------------------------------------------- state spread
+def two_spread_groups(generator, n=200, slots=4, width=32):
+    """Cells of two texts: A's states vary along one direction only, B's along another, 3x wider."""
+    directions = torch.linalg.qr(torch.randn(slots * width, 2, generator=generator))[0].T
+    centres = torch.randn(2, slots * width, generator=generator) * 3
+    scale = torch.tensor([[1.0], [3.0]])
+    states = torch.cat([centres[g] + torch.randn(n, 1, generator=generator) * scale[g] * directions[g]
+                        for g in (0, 1)]).view(2 * n, slots, width)
+    groups = [torch.arange(n), torch.arange(n, 2 * n)]
+    return states, groups, centres, directions, scale.squeeze(1)
+
+
+def test_cell_state_spread_draws_each_texts_own_spread_around_the_state_asked_for():
+    generator = torch.Generator().manual_seed(0)
+    spread = CellStateSpread(tiny_config(10, 10))
+    states, groups, centres, directions, scale = two_spread_groups(generator)
+    asked = centres.view(2, 4, 32) + 0.1  # near each text's mean (a predicted state is never exactly on it)
+    assert not spread.fitted and torch.equal(spread.sample(asked, generator), asked)  # unfitted: one state per text
+    spread.fit(states, groups, torch.Generator().manual_seed(0))
+    assert spread.fitted and int((spread.anchor_of >= 0).sum()) == 400  # both texts' cells fit in the bank
+    drawn = spread.sample(asked.repeat_interleave(500, 0), torch.Generator().manual_seed(1))
+    offsets = (drawn - asked.repeat_interleave(500, 0)).flatten(1).view(2, 500, -1)
+    flat = states.flatten(1)
+    for g in (0, 1):
+        own = (flat[groups[g]] - flat[groups[g]].mean(0)) @ directions[g]  # the text's cells: std 1.08 and 3.32
+        along = offsets[g] @ directions[g]  # each text's draws vary along its own direction, at its own scale ...
+        assert along.std().item() == pytest.approx(own.std().item(), rel=0.1)
+        assert abs(along.mean().item()) < 0.2 * scale[g].item()  # ... centred on the state asked for
+        across = offsets[g] @ directions[1 - g]
+        assert across.std().item() < 0.05  # ... and not along the other's
+    again = spread.sample(asked.repeat_interleave(500, 0), torch.Generator().manual_seed(1))
+    torch.testing.assert_close(again, drawn)
+    half = spread.sample(asked.repeat_interleave(500, 0), torch.Generator().manual_seed(1), scale=0.5)
+    torch.testing.assert_close(half - asked.repeat_interleave(500, 0), (drawn - asked.repeat_interleave(500, 0)) / 2)
+    assert torch.equal(spread.sample(asked, generator, scale=0.0), asked)
+
+
+def test_the_state_spread_is_saved_and_a_folder_without_it_loads_unfitted(processor, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = count_model(processor, "nb")
+    states, groups, *_ = two_spread_groups(torch.Generator().manual_seed(0))
+    model.cell_state_spread.fit(states, groups, torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path / "new")
+    loaded = ScMMGPTForConditionalGeneration.from_pretrained(tmp_path / "new")
+    for name, buffer in model.cell_state_spread.state_dict().items():
+        torch.testing.assert_close(loaded.cell_state_spread.state_dict()[name], buffer)
+    weights = load_file(tmp_path / "new" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("cell_state_spread.")},
+              tmp_path / "new" / "model.safetensors", metadata={"format": "pt"})
+    old = ScMMGPTForConditionalGeneration.from_pretrained(tmp_path / "new")
+    assert not old.cell_state_spread.fitted and not old.cell_state_spread.basis.any()
+
+
+def test_generated_cells_of_one_text_vary_together_with_the_state_spread(processor, tmp_path):
+    model = count_model(processor, "nb")
+    model.cell_state_spread.fit(*two_spread_groups(torch.Generator().manual_seed(0))[:2],
+                                torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    jobs = ScMMGPTJobs.from_pretrained(tmp_path, verbose=False)
+    spread = jobs.generate_cells(TEXTS, n_per_text=4, seed=3, output="mean", state_spread=1.0, noise_scale=0.0)
+    assert not np.allclose(spread.expression[0], spread.expression[1])  # each cell its own state
+    fixed = jobs.generate_cells(TEXTS, n_per_text=4, seed=3, output="mean", noise_scale=0.0)  # mean: no spread
+    np.testing.assert_array_equal(fixed.expression[0], fixed.expression[1])
+    again = jobs.generate_cells(TEXTS, n_per_text=4, seed=3, output="mean", state_spread=1.0, noise_scale=0.0)
+    np.testing.assert_array_equal(spread.expression, again.expression)
+    with pytest.raises(ValueError, match="state_spread must be a non-negative number"):
+        jobs.generate_cells(TEXTS, state_spread=-1.0)

@@ -149,6 +149,7 @@ def test_pipeline_runs_every_stage_caches_and_saves_a_hub_folder(tmp_path):
     assert json.loads((model_dir / "generation_config.json").read_text())["use_cache"] is True
     model = ScMMGPTForConditionalGeneration.from_pretrained(model_dir).eval()
     assert not any("lora" in name for name, _ in model.named_parameters())  # the adapter is merged
+    assert model.cell_state_spread.fitted  # stage 2 fitted the training cells' state spread, and it was saved
     jobs = ScMMGPTJobs.from_pretrained(model_dir, verbose=False)
     assert jobs.label_texts is not None  # annotate needs no --labels
     cells = jobs.generate_cells(["cell type: B cell."], n_per_text=2, seed=0)

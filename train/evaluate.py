@@ -36,6 +36,7 @@ NOISY_MEAN_BASELINE, NB_BASELINE, GAUSSIAN_BASELINE = ("per-type mean + noise", 
                                                        "per-type Gaussian (PCA)")
 PSEUDO_CELL_BASELINES = (NOISY_MEAN_BASELINE, NB_BASELINE, GAUSSIAN_BASELINE)
 FIDELITY_CLASSIFIER = "logistic regression (all genes)"
+ONE_STATE_PER_TEXT = "scMMGPT, one state per text (no state spread)"
 PSEUDO_CELLS_PER_TYPE = 50  # enough draws for a type's per-gene variance and detection rate to be compared
 
 
@@ -165,13 +166,13 @@ def pseudo_cell_scores(real: EvalCells, generated: np.ndarray, generated_labels,
     return {"knn_accuracy": knn_accuracy, "mean_correlation": float(np.mean(correlations)), "predicted": predicted}
 
 
-def generate_pseudo_cells(jobs, texts: list[str], n_per_text: int, seed: int = 0) -> np.ndarray:
-    """(texts · n_per_text, genes) log1p pseudo-cells of `jobs.generate_cells`: a count-distribution decoder's draws
-    asked for as log1p values by name (never counts, whatever the jobs' default); a decoder of log1p values (the
-    paper's MSE decoding, or jobs without an `output`) gives its values as they are."""
+def generate_pseudo_cells(jobs, texts: list[str], n_per_text: int, seed: int = 0, **options) -> np.ndarray:
+    """(texts · n_per_text, genes) log1p pseudo-cells of `jobs.generate_cells` (`options` passed on): a
+    count-distribution decoder's draws asked for as log1p values by name (never counts, whatever the jobs' default);
+    a decoder of log1p values (the paper's MSE decoding, or jobs without an `output`) gives its values as they are."""
     samples = getattr(jobs, "expression_distribution", "mse") != "mse"
     takes_output = "output" in inspect.signature(jobs.generate_cells).parameters
-    options = {"output": "log1p"} if samples and takes_output else {}
+    options = {"output": "log1p", **options} if samples and takes_output else options
     return jobs.generate_cells(texts, n_per_text=n_per_text, seed=seed, **options).expression
 
 
@@ -251,8 +252,12 @@ def evaluate_model(model, processor, train: EvalCells, test: EvalCells, label_te
     nearest = nearest_cell_descriptions(train, test, pca)[:n]
     results["description"]["nearest training cell"] = {**description_scores(references, nearest), "texts": nearest}
 
-    generated = generate_pseudo_cells(jobs, [label_texts[t] for t in labels], n_per_type, seed)
-    model_cells = {"scMMGPT": (generated, np.repeat(labels, n_per_type))}
+    texts, cell_labels = [label_texts[t] for t in labels], np.repeat(labels, n_per_type)
+    model_cells = {"scMMGPT": (generate_pseudo_cells(jobs, texts, n_per_type, seed), cell_labels)}
+    spread = getattr(model, "cell_state_spread", None)
+    if jobs.expression_distribution != "mse" and spread is not None and spread.fitted:  # what the spread adds
+        model_cells[ONE_STATE_PER_TEXT] = (generate_pseudo_cells(jobs, texts, n_per_type, seed, state_spread=0.0),
+                                           cell_labels)
     results["pseudo_cells"] = evaluate_pseudo_cells(train, test, labels, model_cells, pca, n_per_type, seed)
     return results
 

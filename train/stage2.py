@@ -57,7 +57,11 @@ class Stage2Arguments:
             decodes to the same average cell (seen on PBMC: k-NN accuracy at chance, 0.1). 0 turns it off.
         decoder_warmup_steps: steps of fitting the new expression decoder to the frozen stage-1 cell states of
             training cells before the LLM is trained (0: none); see `warm_up_expression_decoder`.
-        decoder_warmup_cells: the most training cells (the first ones) whose states the warm-up reads.
+        decoder_warmup_cells: the most training cells (the first ones) whose states the warm-up reads, and the
+            cell-state spread is fitted on.
+        cell_state_spread: after training, fit the spread of the training cells' states around their text's mean
+            (`fit_cell_state_spread`), which `generate_cells` draws states from; False leaves it unfitted (one state
+            per text, as before).
         text_to_cell_min_rows: text → cell copies of the rows of each text with fewer rows are added to a map-style
             training set (`oversample_rare_texts`), so rare cell types' texts are learned as well; 0: none.
         train_expression_decoder: keep training the decoder during stage 2. False keeps the warmed-up decoder fixed,
@@ -86,6 +90,7 @@ class Stage2Arguments:
     expression_teacher_weight: float = 1.0
     decoder_warmup_steps: int = 0
     decoder_warmup_cells: int = 4096
+    cell_state_spread: bool = True
     train_expression_decoder: bool = True
     text_to_cell_min_rows: int = 0
     expression_distribution: str | None = None
@@ -410,8 +415,8 @@ def train_stage2(model: ScMMGPTForConditionalGeneration, train_dataset, processo
     use_expression_distribution(model, args.expression_distribution, seed=sft_config.seed)
     counting = model.config.expression_distribution != "mse"
     warmup_losses = []
-    if args.decoder_warmup_steps or counting:  # every rank reads the same first rows: identical decoders
-        rows = _first_rows(train_dataset, args.decoder_warmup_cells)
+    # every rank reads the same first rows: identical decoders and spreads
+    rows = _first_rows(train_dataset, args.decoder_warmup_cells)
     if counting:
         model.config.library_size_quantiles = library_size_quantiles(rows, processor.feature_extractor.target_sum)
     if args.decoder_warmup_steps:
@@ -435,7 +440,16 @@ def train_stage2(model: ScMMGPTForConditionalGeneration, train_dataset, processo
     if hasattr(trained, "merge_and_unload"):  # a PeftModel: fold the adapter and the saved modules back in
         trained = trained.merge_and_unload()
     _undo_fused_head(trained)
+    if args.cell_state_spread:
+        fit_cell_state_spread(trained, rows, processor.feature_extractor, seed=sft_config.seed)
     return trainer, trained
+
+
+def fit_cell_state_spread(model: ScMMGPTForConditionalGeneration, rows, cell_tokenizer, seed: int = 0):
+    """Fit `model.cell_state_spread` on built rows: their stage-1 states grouped by text (`CellStateSpread.fit`)."""
+    states = true_cell_states(model, rows, cell_tokenizer)
+    groups = [torch.as_tensor(g) for g in rows_by_text([row["text"] for row in rows])]
+    model.cell_state_spread.fit(states, groups, torch.Generator().manual_seed(seed))
 
 
 def use_expression_distribution(model: ScMMGPTForConditionalGeneration, distribution: str | None, seed: int = 0):
@@ -515,6 +529,7 @@ def generated_state_accuracy(model, label_texts: dict[str, str], rows, cell_toke
 
 
 __all__ = ["LLM_LORA_TARGETS", "PROJECTORS", "STAGE2_LOSSES", "STAGE2_TRAINING", "Stage2Arguments", "apply_tuning",
-           "build_stage2_model", "cell_expression_matrix", "generated_cell_knn_accuracy", "generated_state_accuracy",
-           "library_size_quantiles", "load_language_model", "quantization_config_4bit", "stage2_collator",
-           "train_stage2", "true_cell_states", "use_expression_distribution", "warm_up_expression_decoder"]
+           "build_stage2_model", "cell_expression_matrix", "fit_cell_state_spread", "generated_cell_knn_accuracy",
+           "generated_state_accuracy", "library_size_quantiles", "load_language_model", "quantization_config_4bit",
+           "stage2_collator", "train_stage2", "true_cell_states", "use_expression_distribution",
+           "warm_up_expression_decoder"]
