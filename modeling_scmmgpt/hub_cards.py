@@ -49,12 +49,18 @@ TASK_TITLES = {"cell-annotation": "Cell type annotation", "cell-description": "C
 # evaluation metric → the Hub / `evaluate` metric id listed in the card's `metrics`
 METRIC_IDS = {"accuracy": "accuracy", "macro_f1": "f1", "f1": "f1", "bleu": "bleu", "bleu_2": "bleu",
               "bleu_4": "bleu", "rouge_1": "rouge", "rouge_2": "rouge", "rouge_l": "rouge", "rouge": "rouge",
-              "meteor": "meteor", "knn_accuracy": "accuracy", "mean_correlation": "pearsonr"}
+              "meteor": "meteor", "knn_accuracy": "accuracy", "mean_correlation": "pearsonr",
+              "classifier_accuracy": "accuracy", "variance_correlation": "pearsonr", "detection_correlation": "pearsonr"}
 # evaluation metric → how the card's table and model-index name it
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "bleu_2": "BLEU-2", "bleu_4": "BLEU-4",
                 "rouge_1": "ROUGE-1", "rouge_2": "ROUGE-2", "rouge_l": "ROUGE-L", "meteor": "METEOR",
-                "knn_accuracy": "k-NN accuracy of generated cells",
-                "mean_correlation": "mean correlation of generated and real per-type mean expression"}
+                "knn_accuracy": "k-NN vote of held-out cells on generated cells (rewards type centres)",
+                "mean_correlation": "correlation of generated and real per-type mean expression",
+                "classifier_accuracy": "accuracy of a classifier trained on real cells, on generated cells",
+                "energy_distance": "energy distance to real cells of the type (PCA 50, lower is better)",
+                "variance_correlation": "correlation of generated and real per-type gene variances",
+                "detection_correlation": "correlation of generated and real per-type gene detection rates",
+                "diversity": "within-type spread relative to real cells (1 is real)"}
 DEFAULT_METRICS = {"stage2": ["accuracy", "f1", "bleu", "rouge", "meteor"], "stage1": ["accuracy", "f1"],
                    "encoder": [], "classifier": ["accuracy", "f1"]}
 PIPELINE_TAGS = {"stage2": "any-to-any", "stage1": "zero-shot-classification", "encoder": "feature-extraction",

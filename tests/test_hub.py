@@ -87,8 +87,8 @@ def test_model_card_metadata_parses_back_equal(saved_model, tmp_path):
                  "PeftModel.from_pretrained"):
         assert code in body
     assert "| Cell type annotation | PBMC 68k (reduced) | test | accuracy | 0.875 |" in body
-    assert ("| Text-conditioned pseudo-cell generation | PBMC 68k (reduced) | – | k-NN accuracy of generated cells "
-            "| 0.5 |") in body
+    assert ("| Text-conditioned pseudo-cell generation | PBMC 68k (reduced) | – | k-NN vote of held-out cells on "
+            "generated cells (rewards type centres) | 0.5 |") in body
     assert "- Tiny random weights." in body
 
 
@@ -136,6 +136,8 @@ def evaluation_results() -> dict:
                        "logistic regression": {**annotation, "accuracy": 0.123}},
         "description": {"scMMGPT": description, "nearest training cell": {**description, "bleu2": 0.456}},
         "pseudo_cells": {"scMMGPT": {"knn_accuracy": np.float32(0.69), "mean_correlation": 0.93,
+                                    "classifier_accuracy": 0.8, "energy_distance": 0.07, "variance_correlation": 0.76,
+                                    "detection_correlation": 0.89, "diversity": 0.87,
                                     "expression": np.zeros((2, 3)), "labels": np.array(["a", "b"])},
                          "per-type mean + noise": {"knn_accuracy": 0.789, "mean_correlation": 0.9}},
     }
@@ -168,8 +170,9 @@ def test_demo_card_carries_the_held_out_figures_of_the_report(saved_model, tmp_p
             for method, accuracy in (("retrieval", 0.9), ("likelihood", 0.7), ("fine-tuned", 0.95))],
         "cell-description": [{"dataset": held_out, "metrics": {
             "bleu_2": 0.3, "bleu_4": 0.1, "rouge_1": 0.5, "rouge_2": 0.2, "rouge_l": 0.4, "meteor": 0.35}}],
-        "text-to-cell": [{"dataset": held_out, "metrics": {"knn_accuracy": pytest.approx(0.69),
-                                                           "mean_correlation": 0.93}}],
+        "text-to-cell": [{"dataset": held_out, "metrics": {
+            "classifier_accuracy": 0.8, "energy_distance": 0.07, "mean_correlation": 0.93, "variance_correlation": 0.76,
+            "detection_correlation": 0.89, "diversity": 0.87, "knn_accuracy": pytest.approx(0.69)}}],
     }
     assert "| Cell type annotation (fine-tuned) | PBMC 68k (reduced), scanpy: held-out test split | test | macro-F1 " \
         "| 0.8 |" in card.text

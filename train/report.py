@@ -11,7 +11,8 @@ import numpy as np
 from .evaluate import (NB_BASELINE, PSEUDO_CELL_BASELINES, PSEUDO_CELLS_PER_TYPE, REAL_CELLS_REFERENCE, REAL_HELD_OUT,
                        results_table)
 from .plots import plot_marker_genes
-from .pseudo_cell_metrics import MIN_HELD_OUT_CELLS, SCORED_TYPES, marker_genes, mean_figure, pseudo_cell_goals
+from .pseudo_cell_metrics import (METRICS, MIN_HELD_OUT_CELLS, SCORED_TYPES, marker_genes, mean_figure,
+                                  pseudo_cell_goals)
 from .robustness import goal_lines, shift_goals, shift_table, unseen_goals, unseen_table
 from .shifts import FULL_SUITE
 
@@ -293,8 +294,8 @@ def held_out_dataset(data) -> dict:
 
 def card_eval_results(results: dict, dataset: dict) -> dict:
     """The model's own rows of `evaluate_model`'s results (baselines left out) as a model card's `eval_results`:
-    annotation accuracy and macro-F1 per method, description BLEU / ROUGE / METEOR, and the pseudo-cells' k-NN
-    accuracy and mean correlation, all on `dataset`."""
+    annotation accuracy and macro-F1 per method, description BLEU / ROUGE / METEOR, and the pseudo-cells' figures
+    (`pseudo_cell_metrics.METRICS` and the k-NN vote; those a run has), all on `dataset`."""
     prefix = f"{MODEL_ROW} ("
     annotation = [{"method": name[len(prefix):-1], "dataset": dataset,
                    "metrics": {"accuracy": float(row["accuracy"]), "macro_f1": float(row["macro_f1"])}}
@@ -305,7 +306,7 @@ def card_eval_results(results: dict, dataset: dict) -> dict:
         "cell-description": {"dataset": dataset, "metrics": {
             card: float(described[key]) for key, card in CARD_DESCRIPTION_METRICS.items()}},
         "text-to-cell": {"dataset": dataset, "metrics": {
-            "knn_accuracy": float(generated["knn_accuracy"]), "mean_correlation": float(generated["mean_correlation"])}},
+            metric: float(generated[metric]) for metric in (*METRICS, "knn_accuracy") if metric in generated}},
     }
 
 
