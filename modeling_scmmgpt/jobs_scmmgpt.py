@@ -291,9 +291,9 @@ class ScMMGPTJobs:
         bar.close()
 
     def _warn_empty(self, empty: np.ndarray, what: str):
-        if empty.any():
+        if empty.any():  # stacklevel: past the job and torch.inference_mode's wrapper, to the job's caller
             warnings.warn(f"{int(empty.sum())} of {empty.size} cells have no expressed gene of the model's vocabulary: "
-                          f"{what}", stacklevel=3)
+                          f"{what}", stacklevel=4)
 
     # ---------------------------------------------------------------------------------------------- embeddings
     @torch.inference_mode()
@@ -515,7 +515,7 @@ class ScMMGPTJobs:
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(ids) > budget:
                 warnings.warn(f"a prompt of {len(ids)} tokens is longer than the model reads ({budget}); it is "
-                              f"truncated: {text[:60]!r}…", stacklevel=3)
+                              f"truncated: {text[:60]!r}…", stacklevel=4)  # as in _warn_empty
                 text = tokenizer.decode(ids[:budget])
             out.append(text)
         return out

@@ -206,3 +206,16 @@ def test_log1p_of_another_total_is_brought_to_the_models_10k(data, jobs):
     np.testing.assert_allclose(encoded[0]["expression_values"], encoded[1]["expression_values"], atol=1e-4)
     # asked not to normalise, the values stay as given
     assert not read_cells(per_million, jobs.cell_tokenizer, genes, normalize="no").unlog
+
+
+def test_job_warnings_point_at_the_callers_line(jobs, data):
+    """The jobs run under torch.inference_mode, whose wrapper is one frame between a job and its caller: the empty
+    cells' and long prompts' warnings name the caller's file, not torch's `_contextlib.py`."""
+    counts = data["counts"][:3].copy()
+    counts[1] = 0
+    with pytest.warns(UserWarning, match="1 of 3 cells have no expressed gene") as record:
+        jobs.embed(anndata.AnnData(X=counts, var=data["var"]))
+    assert {w.filename for w in record if "no expressed gene" in str(w.message)} == {__file__}
+    with pytest.warns(UserWarning, match="truncated") as record:
+        jobs.generate_cells("cell type: B cell. " + "A lymphocyte of B lineage. " * 200, genes=["LYZ"])
+    assert {w.filename for w in record if "truncated" in str(w.message)} == {__file__}
