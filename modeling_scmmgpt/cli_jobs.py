@@ -138,10 +138,45 @@ def _add_results_in_memory(input_path: str, tmp: str, obs: dict, obsm: dict, uns
     adata.write_h5ad(tmp)
 
 
-def _write_anndata(adata, output: str):
-    with _atomic_output(output) as tmp:
-        adata.write_h5ad(tmp)
-    print(f"wrote {output} ({adata.n_obs} cells)", file=sys.stderr)
+def _write_generated(batches, n_cells: int, output: str):
+    """Generated cells (`iter_generated_cells`' batches, `n_cells` in all) written batch by batch, atomically, into
+    the `.h5ad` that `GeneratedCells.to_anndata()` would give: memory stays that of one batch whatever `-n`."""
+    import h5py
+    import pandas as pd
+    from anndata.io import write_elem
+
+    texts, sizes, start = [], [], 0
+    with _atomic_output(output) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
+        for key in ("layers", "obsm", "varm", "obsp", "varp"):
+            write_elem(f, key, {})
+        for batch in batches:
+            if start == 0:
+                first = batch
+                counts = batch.output == "counts"
+                matrix = _dense_dataset(f, "X", n_cells, batch.expression)
+                log1p = _dense_dataset(f["layers"], "log1p", n_cells, batch.log1p()) if counts else None
+            matrix[start : start + len(batch.texts)] = batch.expression
+            if log1p is not None:
+                log1p[start : start + len(batch.texts)] = batch.log1p()
+            texts += batch.texts
+            sizes += [] if batch.library_sizes is None else list(batch.library_sizes)
+            start += len(batch.texts)
+        obs = pd.DataFrame({"prompt": texts}, index=[f"pseudo_{i}" for i in range(len(texts))])
+        if first.library_sizes is not None:
+            obs["library_size"] = np.asarray(sizes, dtype=np.float64)
+        write_elem(f, "obs", obs)
+        write_elem(f, "var", pd.DataFrame(index=first.gene_names))
+        write_elem(f, "uns", {"scmmgpt": {"output": first.output}})
+    print(f"wrote {output} ({start} cells)", file=sys.stderr)
+
+
+def _dense_dataset(group, name: str, n_rows: int, like: np.ndarray):
+    """An empty (n_rows, like's columns) dense array of like's dtype in anndata's on-disk encoding."""
+    dataset = group.create_dataset(name, shape=(n_rows, like.shape[1]), dtype=like.dtype,
+                                   chunks=(max(1, min(n_rows, len(like))), like.shape[1]))
+    dataset.attrs["encoding-type"], dataset.attrs["encoding-version"] = "array", "0.2.0"
+    return dataset
 
 
 # ---------------------------------------------------------------------------------------------------- the jobs
@@ -162,6 +197,8 @@ def _common_arguments(parser: argparse.ArgumentParser):
 
 def _run(parser, argv, job) -> int:
     args = parser.parse_args(argv)
+    shown = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"{parser.prog}: warning: {message}\n"  # one line each
     try:
         job(args)
     except (CLIError, ValueError, TypeError, FileNotFoundError, ImportError) as err:
@@ -170,6 +207,8 @@ def _run(parser, argv, job) -> int:
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = shown
     return 0
 
 
@@ -302,9 +341,10 @@ def _generate(args):
     values = args.values or ("mean" if jobs.expression_distribution == "mse" else "counts")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        cells = jobs.generate_cells(args.text, n_per_text=args.n, seed=args.seed, batch_size=args.batch_size,
-                                    output=values, library_size=args.library_size, state_spread=args.state_spread)
-    _write_anndata(cells.to_anndata(), args.output)
+        batches = jobs.iter_generated_cells(args.text, n_per_text=args.n, seed=args.seed, batch_size=args.batch_size,
+                                            output=values, library_size=args.library_size,
+                                            state_spread=args.state_spread)
+        _write_generated(batches, len(args.text) * args.n, args.output)
 
 
 __all__ = ["annotate_main", "embed_main", "describe_main", "generate_main", "load_jobs", "write_results"]

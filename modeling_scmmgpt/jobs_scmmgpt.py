@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .inputs_scmmgpt import CellInputs, read_cells
+from .results_scmmgpt import CellAnnotation, GeneratedCells
 from .ontology_scmmgpt import cell_type_terms, cell_type_text, cl_id
 from .processing_scmmgpt import ANNOTATE_PROMPT, DESCRIBE_PROMPT, GENERATE_PROMPT
 
@@ -93,61 +95,6 @@ def require_job(kind: ModelKind, job: str) -> None:
         able = [k.name for k in _KINDS if job in k.jobs]
         raise ValueError(f"{JOB_NAMES.get(job, job)} needs a {' or '.join(dict.fromkeys(able))} model; this is a "
                          f"{kind.name} model ({kind.architecture}), which does: {', '.join(kind.jobs)}")
-
-
-# ---------------------------------------------------------------------------------------------------- results
-@dataclass
-class CellAnnotation:
-    """`predictions[i]` is the label of cell i (None for a cell with no known gene expressed); `scores` (cells ×
-    labels) the method's score of each label (NaN rows for such cells). `label_texts` are the texts the labels were
-    scored by and `label_ids` their CL ids where they were resolved through the Cell Ontology (None for the model's
-    own labels and free-text ones; both None for a classifier's labels)."""
-
-    predictions: list
-    scores: np.ndarray
-    labels: list[str]
-    label_texts: list[str] | None = None
-    label_ids: list[str | None] | None = None
-
-
-@dataclass
-class GeneratedCells:
-    """Pseudo-cells, one row per (text, draw): `expression` (cells × genes) of the kind `output` names —
-    `"counts"` (int32 draws from the decoder's count distribution at `library_sizes`), `"log1p"` (those draws as
-    log1p(counts / library × `target_sum`)) or `"mean"` (float32 log1p mean of the decoder, the paper's decoding).
-    `library_sizes` (cells,): each sampled cell's library size (None for `"mean"`)."""
-
-    expression: np.ndarray
-    gene_names: list[str]
-    texts: list[str]
-    output: str = "mean"
-    library_sizes: np.ndarray | None = None
-    target_sum: float = 1e4
-
-    def log1p(self) -> np.ndarray:
-        """(cells, genes) float32 log1p-normalised expression: counts normalised by their library, other kinds as
-        they are."""
-        if self.output != "counts":
-            return np.asarray(self.expression, dtype=np.float32)
-        scale = self.target_sum / np.asarray(self.library_sizes, dtype=np.float64)
-        return np.log1p(self.expression * scale[:, None]).astype(np.float32)
-
-    def to_anndata(self):
-        """AnnData of the cells: `.X` the expression as generated (integer counts for `"counts"`, with the log1p
-        values in `.layers["log1p"]`), `obs["prompt"]` (and `obs["library_size"]` for sampled cells),
-        `uns["scmmgpt"]["output"]` the kind."""
-        import anndata  # optional dependency, needed only here
-        import pandas as pd
-
-        obs = pd.DataFrame({"prompt": self.texts}, index=[f"pseudo_{i}" for i in range(len(self.texts))])
-        if self.library_sizes is not None:
-            obs["library_size"] = np.asarray(self.library_sizes, dtype=np.float64)
-        counts = self.output == "counts"
-        adata = anndata.AnnData(X=self.expression.astype(np.int32 if counts else np.float32), obs=obs,
-                                var=pd.DataFrame(index=self.gene_names), uns={"scmmgpt": {"output": self.output}})
-        if counts:
-            adata.layers["log1p"] = self.log1p()
-        return adata
 
 
 def ontology_name(text: str) -> str:
@@ -532,7 +479,6 @@ class ScMMGPTJobs:
         """What the model's expression decoder predicts: `"mse"` (log1p values), `"nb"` or `"zinb"` (counts)."""
         return getattr(self.model.config, "expression_distribution", "mse")
 
-    @torch.inference_mode()
     def generate_cells(self, texts, n_per_text: int = 1, genes: list[str] | None = None, seed: int | None = None,
                        noise_scale: float | None = None, batch_size: int = 32, *, output: str | None = None,
                        library_size=None, state_spread: float | None = None) -> GeneratedCells:
@@ -556,7 +502,25 @@ class ScMMGPTJobs:
                 kinds.
             seed: every random draw (state spread and noise, library sizes, counts) comes from it: the same seed
                 gives the same cells (None: 0).
+
+        `iter_generated_cells` gives the same cells batch by batch.
         """
+        return GeneratedCells.concatenate(list(self._generated_batches(
+            texts, n_per_text, genes, seed, noise_scale, batch_size, output, library_size, state_spread)))
+
+    def iter_generated_cells(self, texts, n_per_text: int = 1, genes: list[str] | None = None,
+                             seed: int | None = None, noise_scale: float | None = None, batch_size: int = 32, *,
+                             output: str | None = None, library_size=None,
+                             state_spread: float | None = None) -> Iterator[GeneratedCells]:
+        """`generate_cells`' cells `batch_size` at a time, the same cells for the same arguments (checked before
+        the first batch): for writing many cells without holding them all."""
+        return self._generated_batches(texts, n_per_text, genes, seed, noise_scale, batch_size, output, library_size,
+                                       state_spread)
+
+    def _generated_batches(self, texts, n_per_text, genes, seed, noise_scale, batch_size, output, library_size,
+                           state_spread) -> Iterator[GeneratedCells]:
+        """The arguments checked (warnings name the public job's caller: `stacklevel` 4), then a generator of the
+        batches."""
         require_job(self.kind, "generate_cells")
         texts = self._check_prompts(texts)
         n_per_text, batch_size = _positive_int(n_per_text, "n_per_text"), _positive_int(batch_size, "batch_size")
@@ -570,26 +534,33 @@ class ScMMGPTJobs:
         if (gene_ids < 0).any():
             unknown = [g for g, i in zip(genes, gene_ids.tolist()) if i < 0]
             raise ValueError(f"{len(unknown)} requested genes are not in the model's vocabulary: {unknown[:10]}")
-        states = torch.cat([self.text_cell_states(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
         seed = 0 if seed is None else int(seed)
         generator, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
         n_cells = len(texts) * n_per_text
         libraries = None if output == "mean" else self._library_sizes(library_size, n_cells, rng)
-        expression = np.empty((n_cells, len(genes)), dtype=np.int32 if output == "counts" else np.float32)
-        bar = tqdm(total=n_cells, desc="generate", unit="cell", disable=not self.progress)
-        for start in range(0, n_cells, batch_size):
-            rows = torch.arange(start, min(start + batch_size, n_cells))
-            drawn = self.model.cell_state_spread.sample(states[rows // n_per_text], generator, state_spread)
-            noise = torch.randn(drawn.shape, generator=generator).to(drawn)
-            scale = noise_scale * drawn.std(dim=(1, 2), keepdim=True) * (rows % n_per_text > 0).to(drawn)[:, None, None]
-            expression[start : start + len(rows)] = self._decoded_cells(
-                drawn + noise * scale, gene_ids.to(self.model.device).expand(len(rows), -1), output,
-                None if libraries is None else libraries[rows.numpy()], rng)
-            bar.update(len(rows))
-        bar.close()
-        return GeneratedCells(expression=expression, gene_names=genes, texts=[t for t in texts for _ in range(n_per_text)],
-                              output=output, library_sizes=libraries,
-                              target_sum=float(self.cell_tokenizer.target_sum))
+        gene_ids = gene_ids.to(self.model.device)
+
+        def batches():
+            states = torch.cat([self.text_cell_states(texts[i : i + batch_size])
+                                for i in range(0, len(texts), batch_size)])
+            bar = tqdm(total=n_cells, desc="generate", unit="cell", disable=not self.progress)
+            for start in range(0, n_cells, batch_size):
+                rows = torch.arange(start, min(start + batch_size, n_cells))
+                sizes = None if libraries is None else libraries[rows.numpy()]
+                with torch.inference_mode():  # per batch: never left on in the caller's code between batches
+                    drawn = self.model.cell_state_spread.sample(states[rows // n_per_text], generator, state_spread)
+                    later = (rows % n_per_text > 0).to(drawn)[:, None, None]  # a text's first draw: no noise
+                    noise = torch.randn(drawn.shape, generator=generator).to(drawn)
+                    drawn = drawn + noise * noise_scale * drawn.std(dim=(1, 2), keepdim=True) * later
+                    expression = self._decoded_cells(drawn, gene_ids.expand(len(rows), -1), output, sizes, rng)
+                yield GeneratedCells(expression=expression.astype(np.int32 if output == "counts" else np.float32),
+                                     gene_names=genes, texts=[texts[i] for i in (rows // n_per_text).tolist()],
+                                     output=output, library_sizes=sizes,
+                                     target_sum=float(self.cell_tokenizer.target_sum))
+                bar.update(len(rows))
+            bar.close()
+
+        return batches()
 
     def _generated_output(self, output) -> str:
         """The kind `generate_cells` returns: `output` checked against the decoder, or the decoder's default."""

@@ -247,6 +247,41 @@ def test_cli_generate_counts_is_reproducible_with_a_seed(nb_model_dir, tmp_path)
     assert anndata.read_h5ad(tmp_path / "e.h5ad").X.dtype == np.float32
 
 
+@pytest.mark.parametrize("values", ["counts", "mean"])
+def test_cli_generate_writes_batch_by_batch_the_cells_the_api_gives(nb_model_dir, tmp_path, values):
+    path = tmp_path / "cells.h5ad"
+    assert main(["generate", str(nb_model_dir), *TEXTS, "-n", "7", "--values", values, "--seed", "4",
+                 "--batch-size", "3", "-o", str(path)]) == 0  # 14 cells in 5 batches, the last one short
+    written = anndata.read_h5ad(path)
+    jobs = ScMMGPTJobs.from_pretrained(nb_model_dir, verbose=False)
+    expected = jobs.generate_cells(TEXTS, n_per_text=7, seed=4, batch_size=3, output=values).to_anndata()
+    assert written.X.dtype == expected.X.dtype and written.shape == (14, 765)
+    np.testing.assert_array_equal(written.X, expected.X)
+    assert written.obs.equals(expected.obs) and list(written.var_names) == list(expected.var_names)
+    assert written.uns["scmmgpt"]["output"] == values and set(written.layers) == set(expected.layers)
+    for layer in expected.layers:
+        np.testing.assert_array_equal(written.layers[layer], expected.layers[layer])
+    batches = jobs.iter_generated_cells(TEXTS, n_per_text=7, seed=4, batch_size=3, output=values)
+    assert [len(batch.texts) for batch in batches] == [3, 3, 3, 3, 2]
+    with pytest.raises(ValueError, match="n_per_text must be a positive integer"):
+        jobs.iter_generated_cells(TEXTS, n_per_text=0)  # checked when called, not at the first batch
+
+
+def test_cli_warnings_are_one_line(nb_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    long_prompt = "cell type: B cell. " + "A lymphocyte of B lineage. " * 200
+    run = subprocess.run([sys.executable, "-m", "modeling_scmmgpt.cli", "generate", str(nb_model_dir), long_prompt,
+                          "-n", "1", "-o", str(tmp_path / "a.h5ad")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip() and not line.startswith("wrote ")]
+    assert any("is truncated" in line for line in lines)
+    ours = [line for line in lines if "truncated" in line]
+    assert all(line.startswith("scmmgpt generate: warning: a prompt of ") for line in ours), lines
+    assert not any(".py:" in line or line.startswith(" ") for line in ours)  # no file:line, no source line
+
+
 # ---------------------------------------------------------------------------------------------------- state spread
 def two_spread_groups(generator, n=200, slots=4, width=32):
     """Cells of two texts: A's states vary along one direction only, B's along another, 3x wider."""
