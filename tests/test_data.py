@@ -245,7 +245,7 @@ def test_cli_errors_are_one_line_naming_the_flag(tmp_path, capsys):
     line = _cli_error(capsys, [path, "-o", out, "--label-column", "x"])
     assert line.startswith("--label-column 'x' is not a column of obs in") and "'cell_type'" in line
     assert _cli_error(capsys, [path, "-o", out, "--gene-column", "symbol"]).startswith(
-        "--gene-column 'symbol' is not a column of var")
+        "--gene-column 'symbol' is not a column of .var in")
     assert _cli_error(capsys, [path, "-o", out, "--split-by", "cell", "--held-out-cell-types", "Martian cell"]) == (
         "--held-out-cell-types ['martian cell'] match no cell (by label, CL id or CL name)")
     assert _cli_error(capsys, [path, "-o", out, "--split-by", "cell", "--test-size", "2"]) == (
@@ -267,6 +267,50 @@ def test_cli_errors_are_one_line_naming_the_flag(tmp_path, capsys):
     (tmp_path / "out" / "kept.txt").write_text("")
     assert _cli_error(capsys, [path, "-o", out]).endswith("exists and is not empty; pass --overwrite to replace it")
     assert _cli_error(capsys, [path, "-o", path]).endswith("is a file, not a folder")
+
+
+@pytest.mark.parametrize("value", ["1.5", "0", "-0.2", "1"])
+def test_cli_test_size_out_of_range_is_an_error_with_or_without_split_by(tmp_path, capsys, value):
+    path = write_h5ad(counts_adata(), tmp_path / "cells.h5ad")
+    out = str(tmp_path / "out")
+    for split_by in ([], ["--split-by", "cell"], ["--split-by", "auto"]):  # default: no split, all cells in train
+        assert _cli_error(capsys, [path, "-o", out, "--test-size", value, *split_by]) == (
+            f"--test-size must be in (0, 1), got {float(value)}")
+    assert not os.path.exists(out)
+
+
+def test_cli_valid_test_size_without_split_by_still_builds_train_only(tmp_path):
+    path = write_h5ad(counts_adata(), tmp_path / "cells.h5ad")
+    assert build_dataset_main([path, "-o", str(tmp_path / "out"), "--test-size", "0.3"]) == 0
+    assert read_build_info(tmp_path / "out")["splits"] == {"train": 60}
+
+
+def test_cli_gene_column_error_lists_the_table_the_genes_are_read_from(tmp_path, capsys, pbmc_path):
+    out = str(tmp_path / "out")
+    # scaled .X, log-normalised .raw: the genes are read from raw/X, whose .raw.var has no columns (.var has five)
+    assert _cli_error(capsys, [pbmc_path, "-o", out, "--gene-column", "n_counts"]) == (
+        f"--gene-column 'n_counts' is not a column of .raw.var in {pbmc_path}, the gene table of the matrix read "
+        "(raw/X); columns of .raw.var: ['index']")
+    # counts in .X, log values in .raw: the genes are read from X, so .var's columns, not .raw.var's
+    ad = counts_adata()
+    ad.var["gene_ids"] = [f"ENSG{i:05d}" for i in range(ad.n_vars)]
+    ad.var["feature_types"] = "Gene Expression"
+    raw = ad.copy()
+    raw.X = raw.X.copy()
+    raw.X.data = np.log1p(raw.X.data)
+    raw.var = pd.DataFrame({"raw_only": list(raw.var_names)}, index=raw.var_names)
+    ad.raw = raw
+    path = write_h5ad(ad, tmp_path / "cells.h5ad")
+    assert _cli_error(capsys, [path, "-o", out, "--gene-column", "raw_only"]) == (
+        f"--gene-column 'raw_only' is not a column of .var in {path}, the gene table of the matrix read (X); "
+        "columns of .var: ['index', 'gene_ids', 'feature_types']")
+    with pytest.raises(DataError, match=r"'raw_only' is not a column of \.var in AnnData\[0\], .* \(X\); "
+                                        r"columns of \.var: \['index', 'gene_ids', 'feature_types'\]$"):
+        build_dataset(ad, gene_column="raw_only")  # the same from an in-memory AnnData
+    # any column of that table can be named: Ensembl ids against an Ensembl vocabulary
+    rows, tokenizer = build_dataset(path, list(ad.var["gene_ids"]), gene_column="gene_ids", return_tokenizer=True)
+    assert len(rows) == 60 and len(tokenizer) == 3 + 40
+    assert not os.path.exists(out)
 
 
 # ---------------------------------------------------------------------------------------------------- streaming

@@ -16,6 +16,7 @@ from pathlib import Path
 from .data import CHUNK_CELLS, LABEL_COLUMNS, write_dataset
 from .ontology import UnmappedLabelsError
 from .sources import COUNTS, DataError, OptionError
+from .splits import check_test_size
 
 PROG = "scmmgpt build-dataset"
 # build keywords whose flag is not the keyword spelt with dashes
@@ -53,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--require-counts", action="store_true", help="fail unless raw counts are found")
     parser.add_argument("--gene-column", help="var column of gene names (default: index or feature_name)")
     parser.add_argument("--split-by", choices=["cell", "donor", "dataset", "auto"], help="make a test split")
-    parser.add_argument("--test-size", type=float, default=0.1, help="share of the cells in the test split")
+    parser.add_argument("--test-size", type=float, default=0.1,
+                        help="share of the cells in the test split (with --split-by); must be in (0, 1)")
     parser.add_argument("--held-out-cell-types", nargs="*", default=[], help="labels / CL ids / names held out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cells-per-shard", type=_positive_int, default=100_000)
@@ -101,6 +103,7 @@ def _warning_line(message, category, filename, lineno, file=None, line=None):
 
 
 def _build(args) -> dict:
+    check_test_size(args.test_size)  # checked with or without --split-by: a bad value is a mistake either way
     label_map = _read_label_map(args.label_map)
     _check_output(args.output, args.overwrite)
     with warnings.catch_warnings():

@@ -73,8 +73,9 @@ class BuildOptions:
         on_unmapped: `"error"` (raise, listing the labels) or `"label_only"` (keep those cells with text
             `"cell type: {label}."`, an empty CL id, and list them in the build report).
         value_kind: `"auto"`, `"counts"` (raise unless raw counts are found) or `"log1p_normalized"`.
-        gene_column: var column of gene names matched to the vocabulary; by default the index or a symbol column
-            (`feature_name`, ...), whichever matches more vocabulary genes.
+        gene_column: column of gene names matched to the vocabulary, of the gene table of the matrix read (`.var`, or
+            `.raw.var` for `raw.X`); by default the index or a symbol column (`feature_name`, ...), whichever matches
+            more vocabulary genes.
         donor_column, dataset_column: obs columns of donor / dataset ids; found among the usual names when None.
         chunk_cells: cells read per chunk.
         split_by, test_size, seed, held_out_cell_types: see `splits.assign_splits`; `split_by=None` puts every cell in
@@ -131,13 +132,14 @@ def gene_columns_to_vocab(source: CellSource, tokenizer, gene_column: str | None
     Raises:
         DataError: duplicated gene names, two genes mapping to one vocabulary entry, or no gene in the vocabulary.
     """
-    if gene_column is not None and gene_column not in source.var:
-        raise OptionError("gene_column", f"{gene_column!r} is not a column of var in {source.name} (columns: "
-                                         f"{sorted(source.var)})")
-    candidates = [gene_column] if gene_column else list(source.var)
-    mapped = {c: tokenizer.convert_genes_to_ids(source.var[c]) for c in candidates}
-    best = max(candidates, key=lambda c: int((mapped[c] >= 0).sum()))
-    names, ids = source.var[best], mapped[best]
+    if gene_column is not None and gene_column not in source.var and gene_column not in source.var_columns:
+        raise OptionError("gene_column", f"{gene_column!r} is not a column of {source.var_table} in {source.name}, "
+                                         f"the gene table of the matrix read ({source.matrix_name}); columns of "
+                                         f"{source.var_table}: {source.var_columns}")
+    columns = {gene_column: source.var_column(gene_column)} if gene_column else source.var
+    mapped = {c: tokenizer.convert_genes_to_ids(names) for c, names in columns.items()}
+    best = max(columns, key=lambda c: int((mapped[c] >= 0).sum()))
+    names, ids = columns[best], mapped[best]
     if len(set(names)) < len(names):
         seen, dup = set(), []
         for g in names:

@@ -41,6 +41,19 @@ class OptionError(DataError):
         super().__init__(f"{option} {problem}")
 
 
+def _table_name(matrix_name: str) -> str:
+    return ".raw.var" if matrix_name == "raw/X" else ".var"
+
+
+@dataclass
+class _VarTable:
+    """The gene table of one matrix: `.var` or `.raw.var`, its column names, and a reader of one column."""
+
+    name: str
+    columns: list[str]
+    read: Callable[[str], object]
+
+
 @dataclass
 class CellSource:
     """One input's cells: metadata up front, the expression matrix in chunks.
@@ -50,6 +63,8 @@ class CellSource:
         obs_names: cell ids, shape (n_cells,).
         obs_columns: names of the obs (cell metadata) columns.
         var: the gene-name candidates of the chosen matrix: `{"index": [...], "feature_name": [...], ...}`.
+        var_table: the table the chosen matrix's genes are read from: `".var"`, or `".raw.var"` for `raw/X`.
+        var_columns: that table's columns, `"index"` first; any of them can be read with `var_column`.
         matrix_name: `"layers/counts"`, `"raw/X"` or `"X"`.
         value_kind: `"counts"` or `"log1p_normalized"`.
     """
@@ -58,11 +73,14 @@ class CellSource:
     obs_names: np.ndarray
     obs_columns: list[str]
     var: dict[str, list[str]] = field(default_factory=dict)
+    var_table: str = ".var"
+    var_columns: list[str] = field(default_factory=list)
     matrix_name: str = "X"
     value_kind: str = COUNTS
     _read_obs: Callable[[str], np.ndarray] | None = None
     _matrices: dict[str, Callable[[int, int], sparse.csr_matrix]] = field(default_factory=dict)
     _var_of: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    _tables: dict[str, _VarTable] = field(default_factory=dict)
     _close: Callable[[], None] | None = None
 
     @property
@@ -75,6 +93,15 @@ class CellSource:
             return np.asarray(self._read_obs(column), dtype=object)
         except Exception as err:  # noqa: BLE001 - any read failure is a file problem worth naming
             raise DataError(f"{self.name}: cannot read obs column {column!r}: {err}") from err
+
+    def var_column(self, column: str) -> list[str]:
+        """One column of `var_table` (one of `var_columns`) as strings, one per gene."""
+        if column in self.var:
+            return self.var[column]
+        try:
+            return [str(v) for v in self._tables[self.matrix_name].read(column)]
+        except Exception as err:  # noqa: BLE001
+            raise DataError(f"{self.name}: cannot read {self.var_table} column {column!r}: {err}") from err
 
     def read_rows(self, start: int, stop: int) -> sparse.csr_matrix:
         """Rows `start:stop` of the chosen matrix as float32 CSR, shape (stop - start, n_genes)."""
@@ -113,6 +140,10 @@ class CellSource:
                 "raw.X) or log1p-normalised values, not scaled / centred data"
             )
         self.var = self._var_of[self.matrix_name]
+        table = self._tables.get(self.matrix_name)
+        if table is not None:
+            self.var_table = table.name
+            self.var_columns = ["index"] + [c for c in table.columns if c != "index"]
 
     def _inspect(self, name: str) -> str:
         """'counts', 'log1p_normalized', or a short reason why the matrix is neither, from its first cells."""
@@ -132,11 +163,12 @@ class CellSource:
 # ---------------------------------------------------------------------------------------------------- AnnData
 def _anndata_source(adata, name: str, close=None) -> CellSource:
     """A source over an AnnData (in memory, or opened with `backed="r"`)."""
-    matrices, var_of = {}, {}
+    matrices, var_of, tables = {}, {}, {}
 
     def add(key, matrix, var):
         matrices[key] = lambda a, b, m=matrix: m[a:b]
         var_of[key] = _gene_candidates(list(var.index), var)
+        tables[key] = _VarTable(_table_name(key), [str(c) for c in var.columns], lambda c, v=var: v[c])
 
     if "counts" in adata.layers:
         add("layers/counts", adata.layers["counts"], adata.var)
@@ -151,6 +183,7 @@ def _anndata_source(adata, name: str, close=None) -> CellSource:
         _read_obs=lambda c: adata.obs[c].to_numpy(),
         _matrices=matrices,
         _var_of=var_of,
+        _tables=tables,
         _close=close,
     )
 
@@ -202,6 +235,17 @@ def _h5_var(group) -> dict[str, list[str]]:
     return candidates
 
 
+def _h5_columns(group) -> list[str]:
+    """The column names of an on-disk dataframe (obs / var), in their order."""
+    return [str(c) for c in np.atleast_1d(group.attrs.get("column-order", [])) if str(c)]
+
+
+def _h5_table(group, matrix_name: str) -> _VarTable:
+    from anndata.io import read_elem
+
+    return _VarTable(_table_name(matrix_name), _h5_columns(group), lambda column: read_elem(group[column]))
+
+
 def _h5ad_source(path: str) -> CellSource:
     """A source over a current-format `.h5ad` (h5py, nothing but obs metadata and var names read up front)."""
     import h5py
@@ -223,10 +267,11 @@ def _h5ad_source(path: str) -> CellSource:
             matrices["raw/X"], var_of["raw/X"] = _h5_matrix(f["raw/X"]), _h5_var(f["raw/var"])
         if "X" in f:
             matrices["X"], var_of["X"] = _h5_matrix(f["X"]), main_var
-        columns = [str(c) for c in np.atleast_1d(obs.attrs.get("column-order", [])) if str(c)]
+        tables = {key: _h5_table(f["raw/var" if key == "raw/X" else "var"], key) for key in matrices}
         return CellSource(
-            name=path, obs_names=np.asarray(_h5_index(obs), dtype=object), obs_columns=columns,
-            _read_obs=_h5_dataframe_reader(obs), _matrices=matrices, _var_of=var_of, _close=f.close,
+            name=path, obs_names=np.asarray(_h5_index(obs), dtype=object), obs_columns=_h5_columns(obs),
+            _read_obs=_h5_dataframe_reader(obs), _matrices=matrices, _var_of=var_of, _tables=tables,
+            _close=f.close,
         )
     except DataError:
         f.close()

@@ -46,6 +46,12 @@ def _group_test_mask(groups: np.ndarray, candidates: np.ndarray, test_size: floa
     return candidates & np.isin(groups.astype(str), test_groups)
 
 
+def check_test_size(test_size: float):
+    """Raise `OptionError("test_size", ...)` unless `test_size` is a fraction strictly between 0 and 1."""
+    if not 0.0 < test_size < 1.0:
+        raise OptionError("test_size", f"must be in (0, 1), got {test_size}")
+
+
 def assign_splits(cell_ids, donors, datasets, cell_types, by: str | None = None, test_size: float = 0.1,
                   seed: int = 0, held_out_cell_types=()) -> np.ndarray:
     """The split of every cell: `"train"`, `"test"` or `"heldout"`.
@@ -64,8 +70,8 @@ def assign_splits(cell_ids, donors, datasets, cell_types, by: str | None = None,
     """
     if by not in SPLIT_BY:
         raise OptionError("split_by", f"must be one of {SPLIT_BY}, got {by!r}")
-    if not 0.0 < test_size < 1.0 and by is not None:
-        raise OptionError("test_size", f"must be in (0, 1), got {test_size}")
+    if by is not None:
+        check_test_size(test_size)
     donors, datasets = np.asarray(donors, dtype=object), np.asarray(datasets, dtype=object)
     out = np.full(len(cell_ids), "train", dtype=object)
     held = _held_out_mask(np.asarray(cell_types, dtype=object), list(held_out_cell_types))
@@ -101,4 +107,4 @@ def split_dataset(dataset, by: str = "auto", test_size: float = 0.1, seed: int =
                         for name in ("train", "test", "heldout") if (splits == name).any()})
 
 
-__all__ = ["assign_splits", "split_dataset"]
+__all__ = ["assign_splits", "check_test_size", "split_dataset"]
