@@ -47,9 +47,8 @@ def _table_name(matrix_name: str) -> str:
 
 @dataclass
 class _VarTable:
-    """The gene table of one matrix: `.var` or `.raw.var`, its column names, and a reader of one column."""
+    """The gene table of one matrix (`.var` or `.raw.var`): its column names and a reader of one column."""
 
-    name: str
     columns: list[str]
     read: Callable[[str], object]
 
@@ -63,8 +62,6 @@ class CellSource:
         obs_names: cell ids, shape (n_cells,).
         obs_columns: names of the obs (cell metadata) columns.
         var: the gene-name candidates of the chosen matrix: `{"index": [...], "feature_name": [...], ...}`.
-        var_table: the table the chosen matrix's genes are read from: `".var"`, or `".raw.var"` for `raw/X`.
-        var_columns: that table's columns, `"index"` first; any of them can be read with `var_column`.
         matrix_name: `"layers/counts"`, `"raw/X"` or `"X"`.
         value_kind: `"counts"` or `"log1p_normalized"`.
     """
@@ -73,8 +70,6 @@ class CellSource:
     obs_names: np.ndarray
     obs_columns: list[str]
     var: dict[str, list[str]] = field(default_factory=dict)
-    var_table: str = ".var"
-    var_columns: list[str] = field(default_factory=list)
     matrix_name: str = "X"
     value_kind: str = COUNTS
     _read_obs: Callable[[str], np.ndarray] | None = None
@@ -93,6 +88,17 @@ class CellSource:
             return np.asarray(self._read_obs(column), dtype=object)
         except Exception as err:  # noqa: BLE001 - any read failure is a file problem worth naming
             raise DataError(f"{self.name}: cannot read obs column {column!r}: {err}") from err
+
+    @property
+    def var_table(self) -> str:
+        """The table the chosen matrix's genes are read from: `".var"`, or `".raw.var"` for `raw/X`."""
+        return _table_name(self.matrix_name)
+
+    @property
+    def var_columns(self) -> list[str]:
+        """That table's columns, `"index"` first; any of them can be read with `var_column`."""
+        table = self._tables.get(self.matrix_name)
+        return ["index"] + ([] if table is None else [c for c in table.columns if c != "index"])
 
     def var_column(self, column: str) -> list[str]:
         """One column of `var_table` (one of `var_columns`) as strings, one per gene."""
@@ -140,10 +146,6 @@ class CellSource:
                 "raw.X) or log1p-normalised values, not scaled / centred data"
             )
         self.var = self._var_of[self.matrix_name]
-        table = self._tables.get(self.matrix_name)
-        if table is not None:
-            self.var_table = table.name
-            self.var_columns = ["index"] + [c for c in table.columns if c != "index"]
 
     def _inspect(self, name: str) -> str:
         """'counts', 'log1p_normalized', or a short reason why the matrix is neither, from its first cells."""
@@ -168,7 +170,7 @@ def _anndata_source(adata, name: str, close=None) -> CellSource:
     def add(key, matrix, var):
         matrices[key] = lambda a, b, m=matrix: m[a:b]
         var_of[key] = _gene_candidates(list(var.index), var)
-        tables[key] = _VarTable(_table_name(key), [str(c) for c in var.columns], lambda c, v=var: v[c])
+        tables[key] = _VarTable([str(c) for c in var.columns], lambda c, v=var: v[c])
 
     if "counts" in adata.layers:
         add("layers/counts", adata.layers["counts"], adata.var)
@@ -240,10 +242,10 @@ def _h5_columns(group) -> list[str]:
     return [str(c) for c in np.atleast_1d(group.attrs.get("column-order", [])) if str(c)]
 
 
-def _h5_table(group, matrix_name: str) -> _VarTable:
+def _h5_table(group) -> _VarTable:
     from anndata.io import read_elem
 
-    return _VarTable(_table_name(matrix_name), _h5_columns(group), lambda column: read_elem(group[column]))
+    return _VarTable(_h5_columns(group), lambda column: read_elem(group[column]))
 
 
 def _h5ad_source(path: str) -> CellSource:
@@ -267,7 +269,7 @@ def _h5ad_source(path: str) -> CellSource:
             matrices["raw/X"], var_of["raw/X"] = _h5_matrix(f["raw/X"]), _h5_var(f["raw/var"])
         if "X" in f:
             matrices["X"], var_of["X"] = _h5_matrix(f["X"]), main_var
-        tables = {key: _h5_table(f["raw/var" if key == "raw/X" else "var"], key) for key in matrices}
+        tables = {key: _h5_table(f["raw/var" if key == "raw/X" else "var"]) for key in matrices}
         return CellSource(
             name=path, obs_names=np.asarray(_h5_index(obs), dtype=object), obs_columns=_h5_columns(obs),
             _read_obs=_h5_dataframe_reader(obs), _matrices=matrices, _var_of=var_of, _tables=tables,
