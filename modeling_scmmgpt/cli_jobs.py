@@ -151,14 +151,14 @@ def _write_generated(batches, n_cells: int, output: str):
         for key in ("layers", "obsm", "varm", "obsp", "varp"):
             write_elem(f, key, {})
         for batch in batches:
+            values = batch.log1p() if batch.output == "counts" else None  # counts get their log1p layer
             if start == 0:
                 first = batch
-                counts = batch.output == "counts"
                 matrix = _dense_dataset(f, "X", n_cells, batch.expression)
-                log1p = _dense_dataset(f["layers"], "log1p", n_cells, batch.log1p()) if counts else None
+                layer = None if values is None else _dense_dataset(f["layers"], "log1p", n_cells, values)
             matrix[start : start + len(batch.texts)] = batch.expression
-            if log1p is not None:
-                log1p[start : start + len(batch.texts)] = batch.log1p()
+            if layer is not None:
+                layer[start : start + len(batch.texts)] = values
             texts += batch.texts
             sizes += [] if batch.library_sizes is None else list(batch.library_sizes)
             start += len(batch.texts)

@@ -26,9 +26,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .inputs_scmmgpt import CellInputs, read_cells
-from .results_scmmgpt import CellAnnotation, GeneratedCells
 from .ontology_scmmgpt import cell_type_terms, cell_type_text, cl_id
 from .processing_scmmgpt import ANNOTATE_PROMPT, DESCRIBE_PROMPT, GENERATE_PROMPT
+from .results_scmmgpt import CellAnnotation, GeneratedCells
 
 LABELS_FILE = "label_texts.json"  # label → text, saved beside a trained model by the training pipeline
 LIKELIHOOD_SEQUENCES_PER_FORWARD = 256  # (cells × labels) sequences scored per LLM forward

@@ -188,7 +188,7 @@ class CellStateSpread(nn.Module):
         groups = sorted(groups, key=len, reverse=True)[: len(self.anchors)]
         residuals = torch.cat([flat[g] - flat[g].mean(0) for g in groups])
         rank = min(len(self.basis), *residuals.shape)
-        _, _, directions = torch.linalg.svd(residuals - residuals.mean(0), full_matrices=False)
+        _, _, directions = torch.linalg.svd(residuals, full_matrices=False)  # centred already: each group's is
         self.basis[:rank] = directions[:rank].to(self.basis)
         share, row, start = max(1, len(self.anchor_of) // len(groups)), 0, 0
         for anchor, g in enumerate(groups):
@@ -204,12 +204,13 @@ class CellStateSpread(nn.Module):
         `generator` (a CPU generator); unchanged when unfitted or `scale` is 0."""
         if not self.fitted or scale == 0:
             return mean_states
-        flat = mean_states.flatten(1).float()
-        used = self.anchor_of[self.anchor_of >= 0].unique()
-        nearest = used[torch.cdist(flat, self.anchors[used].float().to(flat.device)).argmin(1).cpu()]
+        flat, anchor_of = mean_states.flatten(1).float(), self.anchor_of.cpu()
+        used = anchor_of[anchor_of >= 0].unique()
+        nearest = used[torch.cdist(flat, self.anchors[used.to(self.anchors.device)].float().to(flat.device))
+                       .argmin(1).cpu()]
         rows = torch.empty(len(flat), dtype=torch.long)
         for anchor in nearest.unique():
-            bank = (self.anchor_of.cpu() == anchor).nonzero().squeeze(1)
+            bank = (anchor_of == anchor).nonzero().squeeze(1)
             drawn = nearest == anchor
             rows[drawn] = bank[torch.randint(len(bank), (int(drawn.sum()),), generator=generator)]
         residual = self.residuals[rows.to(self.residuals.device)] @ self.basis

@@ -393,7 +393,6 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
 
     # with a bitsandbytes config, only the LLM's linear layers are quantised: the cell side is small and precise
     _QUANTIZATION_SKIP = ["scmmgpt", "cell_to_text_projector", "text_to_cell_projector", "expression_decoder",
-                          "cell_state_spread",
                           "language_model.lm_head"]
 
     @classmethod
