@@ -89,6 +89,7 @@ class ModelArguments:
     projector_hidden_size: int = ScMMGPTConfig.projector_hidden_size
     expression_decoder_hidden_size: int = ScMMGPTConfig.expression_decoder_hidden_size
     max_text_length: int = ScMMGPTConfig.max_text_length
+    contrastive_temperature: float = ScMMGPTConfig.contrastive_temperature
 
     def __post_init__(self):
         if self.cell_preset not in CELL_PRESETS:

@@ -1,0 +1,62 @@
+"""`scmmgpt_train.ablation`: stage-1 variants from one shared stage-0 encoder per seed, scored under the short shift
+suite, and the mean ± sd table."""
+
+import json
+
+import pytest
+import yaml
+
+from scmmgpt_train.ablation import ablation_table, main, parse_variant
+from scmmgpt_train.robustness import LOGISTIC, RETRIEVAL
+from scmmgpt_train.shifts import SHORT_SUITE
+
+from .test_training import few_steps
+
+
+def test_variants_parse_into_config_overrides():
+    assert parse_variant(["base"]) == ("base", {})
+    assert parse_variant(["t", "model.contrastive_temperature=0.02", "stage1.freeze_cell_encoder=true"]) == (
+        "t", {"model.contrastive_temperature": 0.02, "stage1.freeze_cell_encoder": True})
+    with pytest.raises(ValueError, match="starts with its name"):
+        parse_variant(["stage1.max_steps=600"])
+    with pytest.raises(ValueError, match="SECTION.KEY=VALUE"):
+        parse_variant(["steps", "max_steps=600"])
+
+
+def test_table_gives_mean_and_sd_over_seeds_with_the_reference_row():
+    def row(retrieval, logistic):
+        return {"clean": {RETRIEVAL + ": accuracy": retrieval, LOGISTIC + ": accuracy": logistic}}
+
+    table = ablation_table({"base": {0: row(0.7, 0.9), 1: row(0.8, 0.8)}, "other": {0: row(0.5, 0.9), 1: row(0.5, 0.8)}})
+    lines = table.splitlines()
+    assert lines[0] == "| stage 1 (seeds 0, 1) | clean |"
+    assert lines[2] == "| base | 0.750 ± 0.050 |" and lines[3] == "| other | 0.500 ± 0.000 |"
+    assert lines[4] == f"| reference: {LOGISTIC} | 0.850 ± 0.050 |"
+
+
+def test_variants_train_stage1_from_one_encoder_and_are_scored_under_shifts(tmp_path, capsys):
+    config = few_steps(2)
+    config["stage1"].update(eval_strategy="no", save_strategy="no", load_best_model_at_end=False)
+    path = tmp_path / "few.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "ablation"
+    assert main(["--config", str(path), "--seeds", "0", "--output-dir", str(out), "--quiet",
+                 "--variant", "base", "--variant", "warm", "model.contrastive_temperature=0.5"]) == 0
+
+    seed = out / "seed_0"
+    assert (seed / "stage0_cell" / "COMPLETE.json").exists()  # stage 0 once per seed, shared by the variants
+    assert not (seed / "base" / "stage0_cell").exists() and not (seed / "warm" / "stage0_cell").exists()
+    temperatures = {name: json.loads((seed / name / "stage1" / "config.json").read_text())["contrastive_temperature"]
+                    for name in ("base", "warm")}
+    assert temperatures == {"base": 0.07, "warm": 0.5}
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["variants"] == {"base": {}, "warm": {"model.contrastive_temperature": 0.5}}
+    for name in ("base", "warm"):
+        rows = saved["results"][name]["0"]
+        assert list(rows) == [shift.name for shift in SHORT_SUITE]
+        assert all(0.0 <= row[RETRIEVAL + ": accuracy"] <= 1.0 for row in rows.values())
+    logistic = saved["results"]["base"]["0"]["clean"][LOGISTIC + ": accuracy"]
+    assert logistic > 0.7  # the reference is trained on the seed's clean training cells, as in make eval
+    table = (out / "ablation.md").read_text()
+    assert "| base |" in table and "| warm |" in table and f"| reference: {LOGISTIC} |" in table
+    assert "seed 0 warm: retrieval clean" in capsys.readouterr().out
