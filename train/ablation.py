@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import load_config, parse_overrides
 from .robustness import LOGISTIC, RETRIEVAL
 
 ACCURACY = ": accuracy"
@@ -28,17 +29,13 @@ ACCURACY = ": accuracy"
 
 def parse_variant(words: list[str]) -> tuple[str, dict]:
     """`["name", "section.key=value", ...]` → (name, {section.key: YAML-parsed value})."""
-    import yaml
-
-    name, overrides = words[0], {}
+    name = words[0]
     if "=" in name or "/" in name:
         raise ValueError(f"a variant starts with its name (no '=' or '/'), got {name!r}")
-    for item in words[1:]:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            raise ValueError(f"variant {name}: overrides are SECTION.KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
-    return name, overrides
+    try:
+        return name, parse_overrides(words[1:])
+    except ValueError as error:
+        raise ValueError(f"variant {name} {error}") from None
 
 
 def _processor(model, cells, stage1_dir: Path):
@@ -54,23 +51,32 @@ def _processor(model, cells, stage1_dir: Path):
                             num_query_tokens=model.config.num_query_tokens)
 
 
+def _seeded(seed: int) -> dict:
+    """A seed's overrides: its split and training seed, and no time limit on the stages an ablation trains."""
+    return {"pipeline.seed": seed, "data.seed": seed, "stage0_cell.max_seconds": None, "stage1.max_seconds": None}
+
+
+def train_encoder(config_path: str, seed_dir: Path, seed: int, progress: bool) -> Path:
+    """The seed's stage-0 cell encoder (`seed_dir/stage0_cell`), trained once and shared by every variant."""
+    from .pipeline import run_pipeline
+
+    run_pipeline(load_config(config_path, str(seed_dir), _seeded(seed)), stages=["stage0_cell"], progress=progress)
+    return seed_dir / "stage0_cell"
+
+
 def run_variant(config_path: str, seed_dir: Path, seed: int, name: str, overrides: dict, progress: bool) -> dict:
-    """Stage 1 of one variant from the seed's stage-0 encoder, scored under the short shift suite:
+    """Stage 1 of one variant from the seed's stage-0 encoder (`train_encoder`), scored under the short shift suite:
     {shift: {"<method>: accuracy" / "<method>: macro_f1": value}}."""
     from modeling_scmmgpt import ScMMGPTModel
 
-    from .config import load_config
     from .evaluate import EvalCells
     from .pipeline import load_cells, run_pipeline
     from .pretrain import pbmc_path
     from .robustness import CountCells, evaluate_shifts, source_library_sizes
     from .stage1 import label_texts_of
 
-    seeded = {"pipeline.seed": seed, "data.seed": seed, "stage0_cell.max_seconds": None, "stage1.max_seconds": None}
-    encoder = seed_dir / "stage0_cell"
-    run_pipeline(load_config(config_path, str(seed_dir), seeded), stages=["stage0_cell"], progress=progress)
     config = load_config(config_path, str(seed_dir / name),
-                         {**seeded, "model.cell_encoder_path": str(encoder), **overrides})
+                         {**_seeded(seed), "model.cell_encoder_path": str(seed_dir / "stage0_cell"), **overrides})
     run_pipeline(config, stages=["stage1"], progress=progress)
     cells = load_cells(config.data)
     stage1_dir = seed_dir / name / "stage1"
@@ -84,10 +90,10 @@ def run_variant(config_path: str, seed_dir: Path, seed: int, name: str, override
 def ablation_table(results: dict[str, dict[int, dict]]) -> str:
     """Markdown: a row per variant (and the logistic-regression reference), a column per shift, retrieval accuracy
     as mean ± sd over seeds. `results`: {variant: {seed: evaluate_shifts output}}."""
-    first = next(iter(next(iter(results.values())).values()))
-    shifts = list(first)
+    reference = next(iter(results.values()))  # every variant's run fits the same baseline on the seed's cells
+    shifts = list(next(iter(reference.values())))
     rows = [(name, RETRIEVAL, per_seed) for name, per_seed in results.items()]
-    rows.append(("reference: " + LOGISTIC, LOGISTIC, next(iter(results.values()))))
+    rows.append(("reference: " + LOGISTIC, LOGISTIC, reference))
     seeds = sorted({seed for per_seed in results.values() for seed in per_seed})
     lines = [f"| stage 1 (seeds {', '.join(map(str, seeds))}) | " + " | ".join(shifts) + " |",
              "|---" * (len(shifts) + 1) + "|"]
@@ -118,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output_dir)
     results: dict[str, dict[int, dict]] = {name: {} for name in variants}
     for seed in args.seeds:
+        train_encoder(args.config, output / f"seed_{seed}", seed, progress=not args.quiet)
         for name, overrides in variants.items():
             results[name][seed] = run_variant(args.config, output / f"seed_{seed}", seed, name, overrides,
                                               progress=not args.quiet)

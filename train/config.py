@@ -218,6 +218,20 @@ def _training_section(name: str, section: dict, pipeline: PipelineArguments, roo
     return {**defaults, **section, "output_dir": str(root / name)}
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """`["section.key=value", ...]` (command-line overrides) → {section.key: YAML-parsed value}; a malformed item is a
+    ValueError that reads after the option's name ("takes SECTION.KEY=VALUE, got ...")."""
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"takes SECTION.KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
 def load_config(config, output_dir: str | None = None, overrides: dict | None = None) -> PipelineConfig:
     """Parse a YAML file (or an already-read dict) with `HfArgumentParser`, section by section.
 
@@ -265,4 +279,4 @@ def load_config(config, output_dir: str | None = None, overrides: dict | None = 
 
 __all__ = ["CELL_PRESETS", "ClassifierArguments", "DataArguments", "DEFAULT_STAGES", "MINILM", "ModelArguments",
            "PipelineArguments", "PipelineConfig", "STAGES", "Stage0CellArguments", "Stage0LLMArguments",
-           "Stage1Arguments", "load_config"]
+           "Stage1Arguments", "load_config", "parse_overrides"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import STAGES
+from .config import STAGES, parse_overrides
 from .pipeline import is_main_process, run_pipeline
 
 
@@ -47,14 +47,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="override config values (YAML-parsed), e.g. --set stage1.max_steps=20")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    import yaml
-
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            parser.error(f"--set takes SECTION.KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as error:
+        parser.error(f"--set {error}")
     result = run_pipeline(args.config, args.output_dir, fresh=args.fresh, progress=not args.quiet,
                           stages=args.stages, overrides=overrides)
     if is_main_process():
