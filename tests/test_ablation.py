@@ -6,8 +6,9 @@ import json
 import pytest
 import yaml
 
-from scmmgpt_train.ablation import ablation_table, main, parse_variant
-from scmmgpt_train.robustness import LOGISTIC, RETRIEVAL
+from scmmgpt_train.ablation import MARKER_RETRIEVAL, ablation_table, load_markers, main, parse_variant
+from scmmgpt_train.ablation import unseen_ablation_table
+from scmmgpt_train.robustness import LOGISTIC, RETRIEVAL, SEEN, UNSEEN, held_out_types
 from scmmgpt_train.shifts import SHORT_SUITE
 
 from .test_training import few_steps
@@ -34,14 +35,30 @@ def test_table_gives_mean_and_sd_over_seeds_with_the_reference_row():
     assert lines[4] == f"| reference: {LOGISTIC} | 0.850 ± 0.050 |"
 
 
-def test_variants_train_stage1_from_one_encoder_and_are_scored_under_shifts(tmp_path, capsys):
+def test_unseen_table_and_markers():
+    def row(unseen, seen):
+        return {UNSEEN: {f"{RETRIEVAL}: top-1": unseen, f"{RETRIEVAL}: top-3": 1.0},
+                SEEN: {f"{RETRIEVAL}: top-1": seen, f"{RETRIEVAL}: top-3": 1.0}}
+
+    lines = unseen_ablation_table({"base": {0: row(0.0, 0.8), 1: row(0.2, 0.6)}}).splitlines()
+    assert lines[0] == f"| stage 1 | texts | {UNSEEN}: top-1 | {UNSEEN}: top-3 | {SEEN}: top-1 | {SEEN}: top-3 |"
+    assert lines[2] == f"| base | {RETRIEVAL} | 0.100 ± 0.100 | 1.000 ± 0.000 | 0.700 ± 0.100 | 1.000 ± 0.000 |"
+    shipped = load_markers("train/configs/pbmc_markers.yaml", {"CD19+ B", "CD56+ NK"})
+    assert shipped["CD19+ B"] == ["MS4A1", "CD79A", "CD79B"] and len(shipped) == 10
+    with pytest.raises(ValueError, match=r"no marker genes for \['Mast cell'\]"):
+        load_markers("train/configs/pbmc_markers.yaml", {"CD19+ B", "Mast cell"})
+
+
+def test_variants_train_stage1_from_one_encoder_and_are_scored_under_shifts(tmp_path, capsys, pbmc):
     config = few_steps(2)
     config["stage1"].update(eval_strategy="no", save_strategy="no", load_best_model_at_end=False)
     path = tmp_path / "few.yaml"
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "ablation"
     assert main(["--config", str(path), "--seeds", "0", "--output-dir", str(out), "--quiet",
-                 "--variant", "base", "--variant", "warm", "model.contrastive_temperature=0.5"]) == 0
+                 "--variant", "base", "--variant", "warm", "model.contrastive_temperature=0.5",
+                 "stage1.expressed_genes_probability=0.5", "--unseen-types",
+                 "--markers", "train/configs/pbmc_markers.yaml"]) == 0
 
     seed = out / "seed_0"
     assert (seed / "stage0_cell" / "COMPLETE.json").exists()  # stage 0 once per seed, shared by the variants
@@ -50,7 +67,8 @@ def test_variants_train_stage1_from_one_encoder_and_are_scored_under_shifts(tmp_
                     for name in ("base", "warm")}
     assert temperatures == {"base": 0.07, "warm": 0.5}
     saved = json.loads((out / "results.json").read_text())
-    assert saved["variants"] == {"base": {}, "warm": {"model.contrastive_temperature": 0.5}}
+    assert saved["variants"] == {"base": {}, "warm": {"model.contrastive_temperature": 0.5,
+                                                      "stage1.expressed_genes_probability": 0.5}}
     for name in ("base", "warm"):
         rows = saved["results"][name]["0"]
         assert list(rows) == [shift.name for shift in SHORT_SUITE]
@@ -60,3 +78,15 @@ def test_variants_train_stage1_from_one_encoder_and_are_scored_under_shifts(tmp_
     table = (out / "ablation.md").read_text()
     assert "| base |" in table and "| warm |" in table and f"| reference: {LOGISTIC} |" in table
     assert "seed 0 warm: retrieval clean" in capsys.readouterr().out
+
+    # held out: the three types make eval holds out for seed 0
+    assert saved["held_out_cell_types"]["0"] == held_out_types(pbmc.obs["bulk_labels"], 0)
+    assert (seed / "unseen" / "stage0_cell" / "COMPLETE.json").exists()
+    for name in ("base", "warm"):
+        groups = saved["unseen"][name]["0"]
+        assert set(groups) == {UNSEEN, SEEN}
+        for method in (RETRIEVAL, MARKER_RETRIEVAL):
+            for group in (UNSEEN, SEEN):
+                top1, top3 = groups[group][f"{method}: top-1"], groups[group][f"{method}: top-3"]
+                assert 0.0 <= top1 <= top3 <= 1.0
+    assert f"| warm | {MARKER_RETRIEVAL} |" in table

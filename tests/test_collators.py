@@ -224,3 +224,30 @@ def test_stage1_writes_cell_type_texts_other_ways_from_the_ontology(built, rows,
     assert batch_texts(again) == texts  # seeded by the batch
     never = Stage1Collator(built[1], minilm_tokenizer, text_variants=variants, text_variant_probability=0.0)
     assert batch_texts(never) == [r["text"] for r in rows]
+
+
+def test_stage1_writes_each_cell_its_own_text_of_the_genes_it_expresses_most(built, rows, minilm_tokenizer):
+    from scmmgpt_train.collators import ExpressedGenes
+
+    ds, tok = built
+    genes = ExpressedGenes.fit(ds, tok, n_genes=5)
+    matrix = rows_to_matrix(list(ds), len(tok.gene_names)).toarray()  # PBMC's stored log1p(CP10k) values
+    np.testing.assert_allclose(genes.mean_expression, matrix.mean(0), rtol=1e-5, atol=1e-6)
+    row = rows[0]
+    named = genes.genes(row)
+    lift = matrix[0] - matrix.mean(0)
+    expressed = np.flatnonzero(matrix[0] > 0)
+    assert named == [tok.gene_names[j] for j in expressed[np.argsort(-lift[expressed], kind="stable")[:5]]]
+    assert len(set(named)) == 5 and all(matrix[0, tok.gene_names.index(g)] > 0 for g in named)
+    text = genes.text(row, row["text"])
+    assert text == row["text"].split(". ", 1)[0] + ". Expressed genes: " + ", ".join(named) + "."
+    assert ExpressedGenes.fit(iter(ds), tok, max_cells=3).mean_expression == pytest.approx(matrix[:3].mean(0))
+
+    always = Stage1Collator(tok, minilm_tokenizer, expressed_genes=genes, expressed_genes_probability=1.0, seed=0)
+    rng = np.random.default_rng(0)
+    texts = [always.text(r, rng) for r in rows]
+    assert texts == [genes.text(r, r["text"]) for r in rows] and len(set(texts)) == len(rows)
+    never = Stage1Collator(tok, minilm_tokenizer, expressed_genes=genes, expressed_genes_probability=0.0)
+    assert [never.text(r, rng) for r in rows] == [r["text"] for r in rows]
+    with pytest.raises(ValueError, match="no cells"):
+        ExpressedGenes.fit([], tok)

@@ -6,6 +6,7 @@ on a stream. Every batch carries the same keys whatever its examples are, so `Tr
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from dataclasses import dataclass, field
 
@@ -27,6 +28,61 @@ def _row_seed(seed: int, row: dict) -> list[int]:
 def augmented(augment, rows: list[dict | None], cell_tokenizer) -> list[dict | None]:
     """`rows` through a collator's `CellAugmentation`, or as they are when it has none."""
     return rows if augment is None else augment(rows, len(cell_tokenizer.gene_names))
+
+
+@dataclass
+class ExpressedGenes:
+    r"""
+    A cell's own text: its cell-type sentence, then the genes it expresses most above the average training cell
+    (`"cell type: B cell. Expressed genes: MS4A1, CD79A, ..."`, the way a user would describe a population by its
+    markers).
+
+    With one text per cell type, stage 1 learns one anchor per type and nothing of what a text says about genes; with
+    these every cell's text differs, so the contrastive loss can only match a cell to its own text by the gene names
+    in it. Ranked on log1p(CP10k) values of the stored (clean) cell minus the gene's mean over the training cells:
+    raw expression would name the same housekeeping genes for every cell.
+
+    Args:
+        gene_names: the cell tokenizer's vocabulary genes (stored gene id − the special tokens).
+        mean_expression: each vocabulary gene's mean log1p(CP10k) value over the training cells (`fit`).
+        n_genes: how many genes a text names.
+    """
+
+    gene_names: list[str]
+    mean_expression: np.ndarray
+    n_genes: int = 8
+    target_sum: float = 1e4
+
+    @classmethod
+    def fit(cls, rows, cell_tokenizer, n_genes: int = 8, max_cells: int = 10_000, chunk: int = 1024):
+        """Gene means over the first `max_cells` rows of `rows` (a list, `datasets.Dataset` or stream)."""
+        names = list(cell_tokenizer.gene_names)
+        total, count = np.zeros(len(names)), 0
+        rows = iter(rows)
+        while count < max_cells and (part := list(itertools.islice(rows, min(chunk, max_cells - count)))):
+            total += np.asarray(log_normalized(part, rows_to_matrix(part, len(names)),
+                                               cell_tokenizer.target_sum).sum(0)).ravel()
+            count += len(part)
+        if not count:
+            raise ValueError("ExpressedGenes.fit got no cells")
+        return cls(names, total / count, n_genes, cell_tokenizer.target_sum)
+
+    def genes(self, row: dict) -> list[str]:
+        """The row's `n_genes` expressed genes furthest above their mean, highest first."""
+        values = log_normalized([row], rows_to_matrix([row], len(self.gene_names)), self.target_sum)
+        lift = values.data - self.mean_expression[values.indices]
+        top = values.indices[np.argsort(-lift, kind="stable")[: self.n_genes]]
+        return [self.gene_names[j] for j in top]
+
+    def text(self, row: dict, text: str) -> str:
+        """`text`'s first sentence (the cell type), then the row's genes."""
+        return expressed_genes_text(text, self.genes(row))
+
+
+def expressed_genes_text(text: str, genes) -> str:
+    """`text`'s first sentence (`"cell type: X"`), then `"Expressed genes: A, B, ..."`: the form `ExpressedGenes`
+    trains on, and the way to describe a cell type to such a model by its marker genes."""
+    return f"{text.split('. ', 1)[0].rstrip('.')}. Expressed genes: {', '.join(genes)}."
 
 
 @dataclass
@@ -56,6 +112,8 @@ class Stage1Collator:
     augment: object = None
     text_variants: dict | None = None
     text_variant_probability: float = 0.0
+    expressed_genes: ExpressedGenes | None = None
+    expressed_genes_probability: float = 0.0
     seed: int = 0
 
     def __call__(self, rows: list[dict]) -> dict:
@@ -71,7 +129,14 @@ class Stage1Collator:
         return batch
 
     def text(self, row: dict, rng: np.random.Generator) -> str:
-        """The row's text, its cell-type part swapped for a variant with probability `text_variant_probability`."""
+        """The row's text, its cell-type part swapped for a variant with probability `text_variant_probability`, then
+        turned into the cell's expressed-genes text with probability `expressed_genes_probability`."""
+        text = self._variant(row, rng)
+        if self.expressed_genes is not None and rng.random() < self.expressed_genes_probability:
+            return self.expressed_genes.text(row, text)
+        return text
+
+    def _variant(self, row: dict, rng: np.random.Generator) -> str:
         text = row[self.text_column]
         if not self.text_variants or not self.text_variant_probability:
             return text
@@ -252,4 +317,5 @@ class Stage2Collator:
                 "decoder_counts": counts, "decoder_size_factors": size_factors}
 
 
-__all__ = ["CELL_TO_TEXT", "IGNORE_INDEX", "TEXT_TO_CELL", "Stage1Collator", "Stage2Collator", "augmented"]
+__all__ = ["CELL_TO_TEXT", "IGNORE_INDEX", "TEXT_TO_CELL", "ExpressedGenes", "Stage1Collator", "Stage2Collator",
+           "augmented", "expressed_genes_text"]

@@ -125,10 +125,14 @@ class Stage1Arguments:
     """Stage 1: `freeze_cell_encoder` keeps the (pre-trained) encoder fixed; `captioning_max_cells` captions only that
     many cells per batch (None: all, 0: no captioning loss), saved in the model config; `text_variant_probability`:
     share of texts whose cell-type part is written another way from the Cell Ontology (synonyms, parent terms, the
-    bare name; `ontology.cell_type_text_variants`)."""
+    bare name; `ontology.cell_type_text_variants`); `expressed_genes_probability`: share of texts that become the
+    cell's own, its cell-type sentence and the `expressed_genes_count` genes it expresses most above the training
+    cells' mean (`collators.ExpressedGenes`)."""
 
     freeze_cell_encoder: bool = False
     text_variant_probability: float = 0.0
+    expressed_genes_probability: float = 0.0
+    expressed_genes_count: int = 8
     captioning_max_cells: int | None = ScMMGPTConfig.captioning_max_cells
     max_seconds: float | None = None
 

@@ -63,11 +63,11 @@ class Stage1Trainer(LossPartsTrainer):
     loss_parts = STAGE1_LOSSES
 
 
-def stage1_collator(cell_tokenizer, text_tokenizer, max_text_length: int = 128, augment=None, text_variants=None,
-                    text_variant_probability: float = 0.0, seed: int = 0) -> Stage1Collator:
+def stage1_collator(cell_tokenizer, text_tokenizer, max_text_length: int = 128, augment=None, seed: int = 0,
+                    **texts) -> Stage1Collator:
+    """`Stage1Collator`; `texts`: its text options (`text_variants`, `expressed_genes` and their probabilities)."""
     return Stage1Collator(cell_tokenizer=cell_tokenizer, text_tokenizer=text_tokenizer, max_text_length=max_text_length,
-                          augment=augment, text_variants=text_variants,
-                          text_variant_probability=text_variant_probability, seed=seed)
+                          augment=augment, seed=seed, **texts)
 
 
 def label_texts_of(dataset) -> dict[str, str]:
@@ -100,13 +100,13 @@ def retrieval_accuracy(model, rows, cell_tokenizer, text_tokenizer, label_texts:
 def train_stage1(model: ScMMGPTModel, train_dataset, cell_tokenizer, text_tokenizer, args, *, eval_dataset=None,
                  label_texts: dict[str, str] | None = None, freeze_cell_encoder: bool = False,
                  max_text_length: int = 128, callbacks=None, resume_from_checkpoint=None, augment=None,
-                 validation_dataset=None, text_variants=None, text_variant_probability: float = 0.0):
+                 validation_dataset=None, texts: dict | None = None):
     """Stage 1 with `Stage1Trainer` (`args`: `TrainingArguments`). With `eval_dataset` and `label_texts`, zero-shot
     retrieval accuracy on it is measured before and after training. `freeze_cell_encoder` keeps the cell encoder's
     weights (e.g. a pre-trained scGPT) fixed and trains the Q-Former and heads only. With `validation_dataset` (cells
     carved from the training data) and `args.eval_strategy` set, retrieval accuracy on it is logged as
-    `eval_retrieval_accuracy` and `load_best_model_at_end` keeps the best checkpoint. `text_variants` /
-    `text_variant_probability`: see `Stage1Collator`.
+    `eval_retrieval_accuracy` and `load_best_model_at_end` keeps the best checkpoint. `texts`: the collator's text
+    options (`Stage1Collator`: `text_variants`, `expressed_genes` and their probabilities).
 
     Returns:
         `(trainer, metrics)`; metrics hold `train_runtime`, `train_steps` and, with evaluation data,
@@ -126,7 +126,7 @@ def train_stage1(model: ScMMGPTModel, train_dataset, cell_tokenizer, text_tokeni
                                                              label_texts)}
     trainer = Stage1Trainer(model=model, args=args, train_dataset=train_dataset, callbacks=callbacks,
                             data_collator=stage1_collator(cell_tokenizer, text_tokenizer, max_text_length, augment,
-                                                          text_variants, text_variant_probability, args.seed),
+                                                          args.seed, **(texts or {})),
                             eval_dataset=validation_dataset, validation_score=score)
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     metrics.update(train_runtime=result.metrics["train_runtime"], train_steps=trainer.state.global_step)

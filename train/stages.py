@@ -100,6 +100,18 @@ def _text_variants(cells, probability: float) -> dict | None:
     return cell_type_text_variants(cells.all_rows["cell_type_ontology_term_id"])
 
 
+def _stage1_texts(cells, extra) -> dict:
+    """The stage-1 collator's text options from the stage's arguments (`Stage1Arguments`)."""
+    texts = {"text_variants": _text_variants(cells, extra.text_variant_probability),
+             "text_variant_probability": extra.text_variant_probability}
+    if extra.expressed_genes_probability:
+        from .collators import ExpressedGenes
+
+        texts.update(expressed_genes=ExpressedGenes.fit(cells.train, cells.tokenizer, extra.expressed_genes_count),
+                     expressed_genes_probability=extra.expressed_genes_probability)
+    return texts
+
+
 # ---------------------------------------------------------------------------------------------------- stages
 def _stage0_cell(run: StageRun, args, extra) -> dict:
     from modeling_scmmgpt import ScMMGPTCellConfig
@@ -167,8 +179,7 @@ def _stage1(run: StageRun, targs, extra) -> dict:
         model, cells.train, cell_tokenizer, text_tokenizer, targs, eval_dataset=cells.test, label_texts=label_texts,
         freeze_cell_encoder=extra.freeze_cell_encoder, max_text_length=m.max_text_length, callbacks=run.callbacks,
         resume_from_checkpoint=run.resume_from_checkpoint, augment=run.augment, validation_dataset=cells.validation,
-        text_variants=_text_variants(cells, extra.text_variant_probability),
-        text_variant_probability=extra.text_variant_probability)
+        texts=_stage1_texts(cells, extra))
     trainer.save_model(str(run.folder))
     if trainer.is_world_process_zero():
         text_tokenizer.save_pretrained(str(run.folder / "qformer_tokenizer"))
