@@ -111,11 +111,12 @@ def test_accelerate_configs_are_valid_and_documented():
     assert [name for name, p in model.named_parameters() if p.dim() == 0] == []
 
 
-def test_pipeline_runs_every_stage_caches_and_saves_a_hub_folder(tmp_path):
+def test_pipeline_runs_every_stage_caches_and_saves_a_hub_folder(tmp_path, capsys):
     from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTJobs
 
     out = tmp_path / "run"
     result = run_pipeline(few_steps(), out, progress=False)
+    assert "'loss':" not in capsys.readouterr().out  # quiet: every stage's logs go to its files, none to stdout
     assert set(result["stages"]) == set(STAGES)
     for stage in STAGES:
         record = result["stages"][stage]

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from .config import STAGES, DataArguments, PipelineConfig, load_config
 from .stages import PIPELINE, Stage, StageRun
-from .trainers import TimeLimitCallback
+from .trainers import QuietLogs, TimeLimitCallback
 
 MARKER = "COMPLETE.json"
 
@@ -269,6 +269,8 @@ def _run_stage(stage: Stage, run: StageRun, progress: bool) -> dict:
     args, extra = run.config.training(stage.name)
     args.disable_tqdm = args.disable_tqdm or not progress
     run.callbacks = _time_guard(extra.max_seconds) + [RankStepsCallback(run.folder)]
+    if not progress:  # no bars, and no log dict printed at every logging step either
+        run.callbacks.append(QuietLogs())
     run.resume_from_checkpoint = _last_checkpoint(run.folder)
     metrics = stage.train(run, args, extra)
     _barrier()  # the main process writes trainer_state.json

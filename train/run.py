@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", nargs="+", choices=STAGES, help="stages to run (default: the config's)")
     parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                         help="override config values (YAML-parsed), e.g. --set stage1.max_steps=20")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or per-step log lines (the logs still go "
+                        "to each stage's trainer_state.json)")
     args = parser.parse_args(argv)
     try:
         overrides = parse_overrides(args.set)

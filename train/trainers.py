@@ -11,7 +11,13 @@ from __future__ import annotations
 import time
 import warnings
 
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+
+class QuietLogs(TrainerCallback):
+    """Among a trainer's callbacks, asks for no per-log printing: without progress bars `Trainer` prints every log
+    dict to stdout (`PrinterCallback`), which `--quiet` runs do not want. The logs still reach `trainer_state.json`
+    and the loss plots."""
 
 
 class LossPartsLoggingMixin:
@@ -28,6 +34,8 @@ class LossPartsLoggingMixin:
         super().__init__(*args, **kwargs)
         if loss_parts is not None:
             self.loss_parts = tuple(loss_parts)
+        if any(isinstance(callback, QuietLogs) for callback in self.callback_handler.callbacks):
+            self.remove_callback(PrinterCallback)
         self._reset_loss_parts()
 
     def _reset_loss_parts(self):
@@ -164,7 +172,6 @@ def save_trained(trainer: Trainer, tokenizer, name: str, metrics: dict):
     trainer.save_metrics(name, metrics)
 
 
-__all__ = ["RUN_DEFAULTS", "LossPartsLoggingMixin", "LossPartsTrainer", "TimeLimitCallback", "ValidationScoreMixin",
-           "check_validation",
-           "bounded_training_arguments", "first_last", "save_trained", "stage_training_arguments", "time_guarded",
-           "trained_metrics"]
+__all__ = ["RUN_DEFAULTS", "LossPartsLoggingMixin", "LossPartsTrainer", "QuietLogs", "TimeLimitCallback",
+           "ValidationScoreMixin", "check_validation", "bounded_training_arguments", "first_last", "save_trained",
+           "stage_training_arguments", "time_guarded", "trained_metrics"]
