@@ -127,7 +127,8 @@ class Stage1Arguments:
     share of texts whose cell-type part is written another way from the Cell Ontology (synonyms, parent terms, the
     bare name; `ontology.cell_type_text_variants`); `expressed_genes_probability`: share of texts that become the
     cell's own, its cell-type sentence and the `expressed_genes_count` genes it expresses most above the training
-    cells' mean (`collators.ExpressedGenes`)."""
+    cells' mean (`collators.ExpressedGenes`; off by default: on PBMC it lets marker texts find held-out types and
+    costs the label texts' retrieval 5-8 points, BENCHMARKS.md)."""
 
     freeze_cell_encoder: bool = False
     text_variant_probability: float = 0.0
