@@ -35,7 +35,7 @@ def test_table_gives_mean_and_sd_over_seeds_with_the_reference_row():
     assert lines[4] == f"| reference: {LOGISTIC} | 0.850 ± 0.050 |"
 
 
-def test_unseen_table_and_markers():
+def test_unseen_table_and_markers(tmp_path):
     def row(unseen, seen):
         return {UNSEEN: {f"{RETRIEVAL}: top-1": unseen, f"{RETRIEVAL}: top-3": 1.0},
                 SEEN: {f"{RETRIEVAL}: top-1": seen, f"{RETRIEVAL}: top-3": 1.0}}
@@ -47,6 +47,14 @@ def test_unseen_table_and_markers():
     assert shipped["CD19+ B"] == ["MS4A1", "CD79A", "CD79B"] and len(shipped) == 10
     with pytest.raises(ValueError, match=r"no marker genes for \['Mast cell'\]"):
         load_markers("train/configs/pbmc_markers.yaml", {"CD19+ B", "Mast cell"})
+    written = tmp_path / "markers.yaml"
+    written.write_text("B: MS4A1, CD79A\nNK: []\n")
+    with pytest.raises(ValueError, match=r"no marker genes for \['NK'\]"):
+        load_markers(str(written), ["B", "NK"])
+    assert load_markers(str(written), ["B"])["B"] == ["MS4A1", "CD79A"]
+    written.write_text("B: [MS4A1\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_markers(str(written), ["B"])
 
 
 def test_variants_train_stage1_from_one_encoder_and_are_scored_under_shifts(tmp_path, capsys, pbmc):

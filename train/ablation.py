@@ -131,14 +131,21 @@ def run_unseen_variant(config_path: str, seed_dir: Path, seed: int, name: str, o
 
 
 def load_markers(path: str, labels) -> dict:
-    """The `--markers` YAML (label → marker genes); every label needs some."""
+    """The `--markers` YAML (label → marker genes, a list or a comma-separated string); every label needs some."""
     import yaml
 
-    markers = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    missing = sorted(set(labels) - set(markers))
+    try:
+        markers = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(markers, dict):
+        raise ValueError(f"{path} must map each label to its marker genes")
+    markers = {str(label): [str(g).strip() for g in (genes.split(",") if isinstance(genes, str) else genes or [])
+                            if str(g).strip()] for label, genes in markers.items()}
+    missing = sorted({str(label) for label in labels} - {label for label, genes in markers.items() if genes})
     if missing:
         raise ValueError(f"{path} has no marker genes for {missing}")
-    return {label: [str(gene) for gene in genes] for label, genes in markers.items()}
+    return markers
 
 
 def ablation_table(results: dict[str, dict[int, dict]]) -> str:
