@@ -130,6 +130,12 @@ def run_unseen_variant(config_path: str, seed_dir: Path, seed: int, name: str, o
     return results
 
 
+def _gene_list(genes) -> list[str]:
+    """A label's marker genes as the YAML gives them: a list, a comma-separated string, or nothing."""
+    items = genes.split(",") if isinstance(genes, str) else genes or []
+    return [str(gene).strip() for gene in items if str(gene).strip()]
+
+
 def load_markers(path: str, labels) -> dict:
     """The `--markers` YAML (label → marker genes, a list or a comma-separated string); every label needs some."""
     import yaml
@@ -140,12 +146,16 @@ def load_markers(path: str, labels) -> dict:
         raise ValueError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(markers, dict):
         raise ValueError(f"{path} must map each label to its marker genes")
-    markers = {str(label): [str(g).strip() for g in (genes.split(",") if isinstance(genes, str) else genes or [])
-                            if str(g).strip()] for label, genes in markers.items()}
+    markers = {str(label): _gene_list(genes) for label, genes in markers.items()}
     missing = sorted({str(label) for label in labels} - {label for label, genes in markers.items() if genes})
     if missing:
         raise ValueError(f"{path} has no marker genes for {missing}")
     return markers
+
+
+def _mean_sd(values) -> str:
+    """`"mean ± sd"` of one figure over seeds, as the tables write it."""
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
 
 
 def ablation_table(results: dict[str, dict[int, dict]]) -> str:
@@ -159,10 +169,7 @@ def ablation_table(results: dict[str, dict[int, dict]]) -> str:
     lines = [f"| stage 1 (seeds {', '.join(map(str, seeds))}) | " + " | ".join(shifts) + " |",
              "|---" * (len(shifts) + 1) + "|"]
     for label, method, per_seed in rows:
-        cells = []
-        for shift in shifts:
-            values = np.array([r[shift][method + ACCURACY] for r in per_seed.values()])
-            cells.append(f"{values.mean():.3f} ± {values.std():.3f}")
+        cells = [_mean_sd([r[shift][method + ACCURACY] for r in per_seed.values()]) for shift in shifts]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -178,10 +185,7 @@ def unseen_ablation_table(unseen: dict[str, dict[int, dict]]) -> str:
     for name, per_seed in unseen.items():
         first = next(iter(per_seed.values()))[UNSEEN]
         for method in dict.fromkeys(key.rsplit(": ", 1)[0] for key in first):
-            cells = []
-            for group, k in columns:
-                values = np.array([r[group][f"{method}: top-{k}"] for r in per_seed.values()])
-                cells.append(f"{values.mean():.3f} ± {values.std():.3f}")
+            cells = [_mean_sd([r[group][f"{method}: top-{k}"] for r in per_seed.values()]) for group, k in columns]
             lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

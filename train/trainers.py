@@ -25,7 +25,8 @@ class LossPartsLoggingMixin:
 
     `loss_parts` (a class attribute, or the `loss_parts=` keyword) names the model output's fields to log; a part that
     is None in a batch (e.g. no text → cell example in it) is left out of that part's mean. A subclass that computes
-    its loss itself calls `record_loss_parts` with the parts it made.
+    its loss itself calls `record_loss_parts` with the parts it made. Every stage's trainer has it, so it is also
+    where a `QuietLogs` among the callbacks drops `PrinterCallback`.
     """
 
     loss_parts: tuple[str, ...] = ()
