@@ -119,6 +119,9 @@ class ScMMGPTConfig(PreTrainedConfig):
             residuals kept in the bank, and principal directions they are stored in.
         contrastive_temperature: initial softmax temperature of the contrastive loss (learned); named apart from
             generation's sampling `temperature` (folders saved with the old name `temperature` load into it).
+        contrastive_margin: additive cosine margin subtracted from each positive pair's similarity in the contrastive
+            loss (CosFace's): a cell must be closer to its own text than to any other by this much before the loss
+            lets go (0: plain InfoNCE). Scoring (retrieval) is unchanged.
         max_text_length: longest text the Q-Former reads (stage 1).
         captioning_max_cells: stage 1 captions only the first this many cells of each batch (None: all; 0: no
             captioning loss), a compute budget for small models whose step is dominated by the BERT-vocabulary LM head.
@@ -148,6 +151,7 @@ class ScMMGPTConfig(PreTrainedConfig):
     cell_state_spread_cells: int = 2048
     cell_state_spread_rank: int = 32
     contrastive_temperature: float = 0.07
+    contrastive_margin: float = 0.0
     max_text_length: int = 128
     captioning_max_cells: int | None = None
     cell_embed_loss_weight: float = 1.0

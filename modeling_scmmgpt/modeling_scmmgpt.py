@@ -254,9 +254,11 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
     # ------------------------------------------------------------------------------------------------ losses
     def _contrastive_loss(self, cell_embeds, text_embeds, same_text):
         """Symmetric InfoNCE; cells whose texts are identical all count as positives (cell types repeat in a batch)."""
-        logits = self.contrastive_logit_scale.clamp(max=4.6052).exp() * cell_embeds @ text_embeds.T  # <= 100, as CLIP
+        scale = self.contrastive_logit_scale.clamp(max=4.6052).exp()  # <= 100, as CLIP
+        logits = scale * cell_embeds @ text_embeds.T
         targets = same_text.float() / same_text.sum(1, keepdim=True)
-        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        margined = logits - scale * self.config.contrastive_margin * same_text  # CosFace's margin, on positives only
+        loss = (F.cross_entropy(margined, targets) + F.cross_entropy(margined.T, targets)) / 2
         return loss, logits
 
     def _matching_loss(self, gene_states, queries, cell_attention_mask, input_ids, attention_mask, logits, same,

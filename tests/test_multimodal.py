@@ -96,6 +96,24 @@ def test_stage1_captioning_max_cells_captions_the_first_cells_only(processor, ce
     torch.testing.assert_close(out.loss, out.loss_contrastive + out.loss_matching)
 
 
+def test_stage1_contrastive_margin_penalises_positive_pairs_only(processor, cells):
+    torch.manual_seed(0)
+    model = ScMMGPTModel(tiny_config(len(processor.feature_extractor), len(processor.qformer_tokenizer))).eval()
+    cell_embeds, text_embeds = torch.nn.functional.normalize(torch.randn(2, 5, 16), dim=-1)
+    same = torch.eye(5, dtype=torch.bool)
+    same[0, 1] = same[1, 0] = True  # two cells of one text: both positives of each other's text
+    plain, logits = model._contrastive_loss(cell_embeds, text_embeds, same)
+    model.config.contrastive_margin = 0.3
+    margined, margined_logits = model._contrastive_loss(cell_embeds, text_embeds, same)
+    torch.testing.assert_close(margined_logits, logits)  # scoring (retrieval) sees no margin
+    shifted = logits - model.contrastive_logit_scale.exp() * 0.3 * same
+    targets = same.float() / same.sum(1, keepdim=True)
+    expected = (torch.nn.functional.cross_entropy(shifted, targets)
+                + torch.nn.functional.cross_entropy(shifted.T, targets)) / 2
+    torch.testing.assert_close(margined, expected)
+    assert margined > plain
+
+
 def test_stage1_queries_summarise_the_cell_weighted_by_expression(processor, cells):
     torch.manual_seed(0)
     model = ScMMGPTModel(tiny_config(len(processor.feature_extractor), len(processor.qformer_tokenizer))).eval()

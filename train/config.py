@@ -90,6 +90,7 @@ class ModelArguments:
     expression_decoder_hidden_size: int = ScMMGPTConfig.expression_decoder_hidden_size
     max_text_length: int = ScMMGPTConfig.max_text_length
     contrastive_temperature: float = ScMMGPTConfig.contrastive_temperature
+    contrastive_margin: float = ScMMGPTConfig.contrastive_margin
 
     def __post_init__(self):
         if self.cell_preset not in CELL_PRESETS:
