@@ -95,6 +95,13 @@ class ScMMGPTCellConfig(PreTrainedConfig):
         return cls(**overrides)
 
 
+def check_contrastive_margin(margin: float) -> float:
+    """`margin` when it is a usable contrastive margin, else a ValueError (cosine units: CosFace uses 0.1-0.5)."""
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"contrastive_margin must be in [0, 1), got {margin}")
+    return margin
+
+
 class ScMMGPTConfig(PreTrainedConfig):
     r"""
     Configuration of the full scMMGPT model.
@@ -169,6 +176,7 @@ class ScMMGPTConfig(PreTrainedConfig):
         self.qformer_config.encoder_hidden_size = self.cell_config.hidden_size
         if self.cross_attention_frequency < 1:
             raise ValueError(f"cross_attention_frequency must be >= 1, got {self.cross_attention_frequency}")
+        check_contrastive_margin(self.contrastive_margin)
         if self.expression_distribution not in ("mse", "nb", "zinb"):
             raise ValueError(f"expression_distribution must be 'mse', 'nb' or 'zinb', got "
                              f"{self.expression_distribution!r}")

@@ -112,6 +112,9 @@ def test_stage1_contrastive_margin_penalises_positive_pairs_only(processor, cell
                 + torch.nn.functional.cross_entropy(shifted.T, targets)) / 2
     torch.testing.assert_close(margined, expected)
     assert margined > plain
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="contrastive_margin must be in"):
+            tiny_config(10, 10, contrastive_margin=bad)
 
 
 def test_stage1_queries_summarise_the_cell_weighted_by_expression(processor, cells):

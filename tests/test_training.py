@@ -58,6 +58,22 @@ def test_configs_parse_into_training_arguments_and_sft_config(tmp_path):
         load_config({"stage1": {"learning_rat": 1.0}}, output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="unknown config sections"):
         load_config({"stage3": {}}, output_dir=str(tmp_path))
+    assert tiny.model.contrastive_margin == paper.model.contrastive_margin == 0.3
+    with pytest.raises(ValueError, match="contrastive_margin must be in"):
+        load_config(TINY, output_dir=str(tmp_path), overrides={"model.contrastive_margin": -0.1})
+
+
+def test_train_cli_says_config_mistakes_in_one_line_before_training(tmp_path, capsys):
+    from scmmgpt_train.run import main
+
+    for config, sets, said in ((TINY, ["model.contrastive_margin=1.5"], "contrastive_margin must be in [0, 1)"),
+                               (TINY, ["stage1.learning_rat=1"], "learning_rat"),
+                               (tmp_path / "missing.yaml", [], "No such file")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--config", str(config), "--output-dir", str(tmp_path / "run"), "--set", *sets])
+        error = capsys.readouterr().err
+        assert exit_.value.code == 2 and said in error and "Traceback" not in error
+    assert not (tmp_path / "run").exists()  # nothing trained
 
 
 def test_accelerate_configs_are_valid_and_documented():

@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modeling_scmmgpt.configuration_scmmgpt import PRESETS, ScMMGPTCellConfig, ScMMGPTConfig
+from modeling_scmmgpt.configuration_scmmgpt import (PRESETS, ScMMGPTCellConfig, ScMMGPTConfig,
+                                                     check_contrastive_margin)
 
 from .augment import CellAugmentation
 
@@ -93,6 +94,7 @@ class ModelArguments:
     contrastive_margin: float = ScMMGPTConfig.contrastive_margin
 
     def __post_init__(self):
+        check_contrastive_margin(self.contrastive_margin)  # at config load, not when stage 1 builds its model
         if self.cell_preset not in CELL_PRESETS:
             raise ValueError(f"cell_preset must be one of {list(CELL_PRESETS)}, got {self.cell_preset!r}")
         if self.preset is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import STAGES, parse_overrides
+from .config import STAGES, load_config, parse_overrides
 from .pipeline import is_main_process, run_pipeline
 
 
@@ -52,8 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_overrides(args.set)
     except ValueError as error:
         parser.error(f"--set {error}")
-    result = run_pipeline(args.config, args.output_dir, fresh=args.fresh, progress=not args.quiet,
-                          stages=args.stages, overrides=overrides)
+    try:  # a config mistake is one line here, before any stage trains
+        config = load_config(args.config, args.output_dir, overrides)
+    except (OSError, ValueError) as error:
+        parser.error(f"--config {args.config}: {error}")
+    result = run_pipeline(config, fresh=args.fresh, progress=not args.quiet, stages=args.stages)
     if is_main_process():
         print(_summary(result))
     return 0
