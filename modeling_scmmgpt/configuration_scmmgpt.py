@@ -234,4 +234,4 @@ class ScMMGPTConfig(PreTrainedConfig):
 
 PRESETS = ("tiny", "paper")  # the classmethods of ScMMGPTConfig that build a whole model's shape
 
-__all__ = ["PRESETS", "ScMMGPTCellConfig", "ScMMGPTConfig"]
+__all__ = ["PRESETS", "ScMMGPTCellConfig", "ScMMGPTConfig", "check_contrastive_margin"]
