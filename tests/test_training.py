@@ -54,12 +54,17 @@ def test_configs_parse_into_training_arguments_and_sft_config(tmp_path):
     assert (lora.tuning, lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.load_in_4bit) == ("lora", 8, 32, 0.1, True)
     assert sft.bf16 and sft.dataset_kwargs == {"skip_prepare_dataset": True} and not sft.remove_unused_columns
 
-    with pytest.raises(ValueError, match="learning_rat"):  # a typo is an error, not a silently ignored key
+    # a typo is an error that names its section and the key meant, not a silently ignored key
+    with pytest.raises(ValueError, match=r"unknown key stage1\.learning_rat; did you mean 'learning_rate'"):
         load_config({"stage1": {"learning_rat": 1.0}}, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"unknown key pipeline\.sed; did you mean 'seed'"):
+        load_config({"pipeline": {"sed": 1}}, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"unknown key model\.zzz$"):  # nothing close: no guess
+        load_config({"model": {"zzz": 1}}, output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="unknown config sections"):
         load_config({"stage3": {}}, output_dir=str(tmp_path))
     assert tiny.model.contrastive_margin == paper.model.contrastive_margin == 0.3
-    with pytest.raises(ValueError, match="contrastive_margin must be in"):
+    with pytest.raises(ValueError, match="^model: contrastive_margin must be in"):
         load_config(TINY, output_dir=str(tmp_path), overrides={"model.contrastive_margin": -0.1})
 
 
@@ -67,7 +72,7 @@ def test_train_cli_says_config_mistakes_in_one_line_before_training(tmp_path, ca
     from scmmgpt_train.run import main
 
     for config, sets, said in ((TINY, ["model.contrastive_margin=1.5"], "contrastive_margin must be in [0, 1)"),
-                               (TINY, ["stage1.learning_rat=1"], "learning_rat"),
+                               (TINY, ["stage1.learning_rat=1"], "unknown key stage1.learning_rat; did you mean"),
                                (tmp_path / "missing.yaml", [], "No such file")):
         with pytest.raises(SystemExit) as exit_:
             main(["--config", str(config), "--output-dir", str(tmp_path / "run"), "--set", *sets])

@@ -240,6 +240,26 @@ def parse_overrides(items: list[str]) -> dict:
     return overrides
 
 
+def _parse_section(name: str, dataclasses_: tuple, section: dict) -> tuple:
+    """One section through `HfArgumentParser`, its mistakes named by section: an unknown key with its closest known
+    ones, a bad value with the section it is in."""
+    import difflib
+    from dataclasses import fields
+
+    from transformers import HfArgumentParser
+
+    known = {f.name for cls in dataclasses_ for f in fields(cls) if f.init}
+    for key in section:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise ValueError(f"unknown key {name}.{key}{hint}")
+    try:
+        return HfArgumentParser(dataclasses_).parse_dict(section)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from error
+
+
 def load_config(config, output_dir: str | None = None, overrides: dict | None = None) -> PipelineConfig:
     """Parse a YAML file (or an already-read dict) with `HfArgumentParser`, section by section.
 
@@ -250,10 +270,10 @@ def load_config(config, output_dir: str | None = None, overrides: dict | None = 
         overrides: `{"section.key": value}` applied on top of the file (e.g. `{"stage1.max_steps": 10}`).
 
     Raises:
-        ValueError: an unknown section or key (HfArgumentParser rejects keys no dataclass of the section has).
+        ValueError: an unknown section, or an unknown key (`"unknown key stage1.learning_rat; did you mean
+            'learning_rate'?"`), or a bad value, named with its section.
     """
     import yaml
-    from transformers import HfArgumentParser
 
     path = None
     if not isinstance(config, dict):
@@ -267,7 +287,7 @@ def load_config(config, output_dir: str | None = None, overrides: dict | None = 
     unknown = set(raw) - set(classes)
     if unknown:
         raise ValueError(f"unknown config sections {sorted(unknown)}; known: {sorted(classes)}")
-    pipeline = HfArgumentParser(PipelineArguments).parse_dict(raw.get("pipeline", {}))[0]
+    pipeline = _parse_section("pipeline", (PipelineArguments,), raw.get("pipeline") or {})[0]
     root = Path(output_dir or pipeline.output_dir)
     pipeline.output_dir = str(root)
     streamed = bool((raw.get("data") or {}).get("dataset_dir"))
@@ -280,7 +300,7 @@ def load_config(config, output_dir: str | None = None, overrides: dict | None = 
             section = _training_section(name, section, pipeline, root, streamed)
         if name == "augmentation":
             section.setdefault("seed", pipeline.seed)
-        values = HfArgumentParser(dataclasses_).parse_dict(section)
+        values = _parse_section(name, dataclasses_, section)
         parsed[name] = values if name in STAGES else values[0]
     return PipelineConfig(pipeline=pipeline, raw=raw, path=path, **parsed)
 
