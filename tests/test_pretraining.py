@@ -158,6 +158,18 @@ def test_default_budget_runs(tmp_path):
     assert llm_metrics["perplexity_after"] < llm_metrics["perplexity_before"]
 
 
+def test_runs_without_progress_print_no_log_dicts(tmp_path, capsys):
+    """`progress=False` outside the pipeline: no progress bars and no per-log dicts on stdout (`PrinterCallback`), while
+    the logs still reach the trainer state."""
+    from scmmgpt_train.pretrain import pretrain_small_llm
+
+    texts = [f"cell type: T cell {i}. A lymphocyte that matures in the thymus." for i in range(40)]
+    kwargs = dict(texts=texts, vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  block_size=32, max_steps=4, logging_steps=1, save=False)
+    _, _, metrics = pretrain_small_llm(output_dir=str(tmp_path / "quiet"), progress=False, **kwargs)
+    assert "'loss':" not in capsys.readouterr().out and metrics["first_loss"] is not None
+
+
 def test_time_limit_stops_training_with_a_warning_when_steps_are_left():
     from transformers import TrainerControl, TrainerState
 

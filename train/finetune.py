@@ -128,7 +128,7 @@ def finetune_cell_classifier(train_rows, eval_rows, cell_tokenizer, encoder_dir:
     trainer = LossPartsTrainer(model=model, args=args, train_dataset=train_rows, eval_dataset=validation_rows,
                                data_collator=CellLabelCollator(cell_tokenizer, model.config.label2id, label_column,
                                                                augment),
-                               callbacks=time_guarded(max_seconds, callbacks), validation_score=score)
+                               callbacks=time_guarded(max_seconds, callbacks, progress), validation_score=score)
     metrics.update(trained_metrics(trainer, trainer.train()))
     if eval_rows is not None:
         metrics.update(classifier_scores(model, eval_rows, cell_tokenizer, label_column))

@@ -236,7 +236,7 @@ def pretrain_cell_encoder(
                                                               mask_ratio=mask_ratio, seed=seed)
     trainer = LossPartsTrainer(
         model=model, args=args, train_dataset=train_cells, data_collator=MaskedValueCollator(cell_tokenizer, augment),
-        callbacks=time_guarded(max_seconds, callbacks), loss_parts=CELL_LOSS_PARTS,
+        callbacks=time_guarded(max_seconds, callbacks, progress), loss_parts=CELL_LOSS_PARTS,
     )
     result = trainer.train()
     model = trainer.model
@@ -422,8 +422,8 @@ def pretrain_small_llm(
     metrics = {"n_train_texts": len(texts), "n_eval_texts": len(eval_texts), "n_train_blocks": len(train_blocks),
                "vocab_size": len(tokenizer), "n_parameters": sum(p.numel() for p in model.parameters())}
     metrics["perplexity_before"] = perplexity(model, tokenizer, eval_texts)
-    trainer = LossPartsTrainer(model=model, args=args, train_dataset=train_blocks,
-                               data_collator=default_data_collator, callbacks=time_guarded(max_seconds, callbacks))
+    trainer = LossPartsTrainer(model=model, args=args, train_dataset=train_blocks, data_collator=default_data_collator,
+                               callbacks=time_guarded(max_seconds, callbacks, progress))
     result = trainer.train()
     model = trainer.model
     metrics.update(trained_metrics(trainer, result), perplexity_after=perplexity(model, tokenizer, eval_texts))

@@ -152,9 +152,11 @@ def first_last(log_history: list[dict], key: str) -> tuple[float | None, float |
     return (values[0], values[-1]) if values else (None, None)
 
 
-def time_guarded(max_seconds: float | None, callbacks=None) -> list:
-    """`callbacks` with a `TimeLimitCallback(max_seconds)` in front (none when `max_seconds` is None or 0)."""
-    return ([TimeLimitCallback(max_seconds)] if max_seconds else []) + list(callbacks or [])
+def time_guarded(max_seconds: float | None, callbacks=None, progress: bool = True) -> list:
+    """`callbacks` with a `TimeLimitCallback(max_seconds)` in front (none when `max_seconds` is None or 0), and a
+    `QuietLogs` when `progress` is off: a run without progress bars prints no log dicts either."""
+    guards = [TimeLimitCallback(max_seconds)] if max_seconds else []
+    return guards + list(callbacks or []) + ([] if progress else [QuietLogs()])
 
 
 def trained_metrics(trainer: Trainer, result) -> dict:
