@@ -61,8 +61,12 @@ def test_configs_parse_into_training_arguments_and_sft_config(tmp_path):
         load_config({"pipeline": {"sed": 1}}, output_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"unknown key model\.zzz$"):  # nothing close: no guess
         load_config({"model": {"zzz": 1}}, output_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="unknown config sections"):
+    with pytest.raises(ValueError, match="unknown config section 'stage3'; did you mean"):
         load_config({"stage3": {}}, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"unknown config section 'xyz'; known: \['augmentation'"):
+        load_config({"xyz": {}}, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown config section 'stage_1'; did you mean 'stage1'"):
+        load_config({}, output_dir=str(tmp_path), overrides={"stage_1.max_steps": 5})
     assert tiny.model.contrastive_margin == paper.model.contrastive_margin == 0.3
     with pytest.raises(ValueError, match="^model: contrastive_margin must be in"):
         load_config(TINY, output_dir=str(tmp_path), overrides={"model.contrastive_margin": -0.1})

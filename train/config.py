@@ -240,10 +240,17 @@ def parse_overrides(items: list[str]) -> dict:
     return overrides
 
 
+def _close(name: str, known) -> str:
+    """`"; did you mean 'a' or 'b'?"` for the names in `known` closest to a mistyped `name`, or ""."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=3)
+    return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+
+
 def _parse_section(name: str, dataclasses_: tuple, section: dict) -> tuple:
     """One section through `HfArgumentParser`, its mistakes named by section: an unknown key with its closest known
     ones, a bad value with the section it is in."""
-    import difflib
     from dataclasses import fields
 
     from transformers import HfArgumentParser
@@ -251,9 +258,7 @@ def _parse_section(name: str, dataclasses_: tuple, section: dict) -> tuple:
     known = {f.name for cls in dataclasses_ for f in fields(cls) if f.init}
     for key in section:
         if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=3)
-            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-            raise ValueError(f"unknown key {name}.{key}{hint}")
+            raise ValueError(f"unknown key {name}.{key}{_close(key, known)}")
     try:
         return HfArgumentParser(dataclasses_).parse_dict(section)
     except ValueError as error:
@@ -284,9 +289,10 @@ def load_config(config, output_dir: str | None = None, overrides: dict | None = 
         section, _, key = dotted.partition(".")
         raw.setdefault(section, {})[key] = value
     classes = _section_classes()
-    unknown = set(raw) - set(classes)
-    if unknown:
-        raise ValueError(f"unknown config sections {sorted(unknown)}; known: {sorted(classes)}")
+    for section in raw:
+        if section not in classes:
+            hint = _close(section, classes) or f"; known: {sorted(classes)}"
+            raise ValueError(f"unknown config section {section!r}{hint}")
     pipeline = _parse_section("pipeline", (PipelineArguments,), raw.get("pipeline") or {})[0]
     root = Path(output_dir or pipeline.output_dir)
     pipeline.output_dir = str(root)
