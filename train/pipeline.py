@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from .config import STAGES, DataArguments, PipelineConfig, load_config
 from .stages import PIPELINE, Stage, StageRun
-from .trainers import QuietLogs, TimeLimitCallback
+from .trainers import time_guarded
 
 MARKER = "COMPLETE.json"
 
@@ -102,15 +102,15 @@ def _finish_stage(name: str, stage_dir: Path, log_history: list[dict], metrics: 
     return record
 
 
-def _time_guard(seconds):
-    """A wall-time stop for single-process runs; with several processes each would stop at its own step and the
-    collective ops would hang, so it is left out there."""
+def _time_limit(seconds):
+    """`seconds` as a wall-time stop for single-process runs, else None: with several processes each would stop at its
+    own step and the collective ops would hang."""
     if not seconds:
-        return []
+        return None
     if _state().num_processes > 1:
         warnings.warn("max_seconds is ignored with several processes (ranks must stop at the same step)", stacklevel=2)
-        return []
-    return [TimeLimitCallback(seconds)]
+        return None
+    return seconds
 
 
 class RankStepsCallback(TrainerCallback):
@@ -268,9 +268,8 @@ def _run_stage(stage: Stage, run: StageRun, progress: bool) -> dict:
     run.folder.mkdir(parents=True, exist_ok=True)
     args, extra = run.config.training(stage.name)
     args.disable_tqdm = args.disable_tqdm or not progress
-    run.callbacks = _time_guard(extra.max_seconds) + [RankStepsCallback(run.folder)]
-    if not progress:  # no bars, and no log dict printed at every logging step either
-        run.callbacks.append(QuietLogs())
+    # without progress: no bars, and no log dict printed at every logging step either
+    run.callbacks = time_guarded(_time_limit(extra.max_seconds), [RankStepsCallback(run.folder)], progress)
     run.resume_from_checkpoint = _last_checkpoint(run.folder)
     metrics = stage.train(run, args, extra)
     _barrier()  # the main process writes trainer_state.json
