@@ -30,7 +30,7 @@ import os
 import re
 from pathlib import Path
 
-from .jobs_scmmgpt import model_kind
+from .kinds_scmmgpt import model_kind
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "hub_templates"
 

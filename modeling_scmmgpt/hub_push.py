@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .hub_cards import CELL_ONLY_KINDS, read_json, render_model_card, validate_card_metadata
 from .hub_load_check import check_folder_loads
-from .jobs_scmmgpt import model_kind
+from .kinds_scmmgpt import model_kind
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # where the Inference Endpoints handler files are: inside an installed wheel, or beside the package in the repository

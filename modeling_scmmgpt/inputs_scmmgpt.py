@@ -343,5 +343,32 @@ def read_cells(inputs, tokenizer, gene_names=None, *, layer: str | None = None, 
     return CellInputs(matrix, gene_names, cell_ids, flag or unlog, source, kind, column, notes + forced, unlog)
 
 
+# ---------------------------------------------------------------------------------------------------- job arguments
+def check_positive_int(value, name: str) -> int:
+    """A job argument that must be a positive integer (a bool is not one), as an int."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_non_negative(value, name: str) -> float:
+    """A job argument that must be a finite number >= 0, as a float."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    return float(value)
+
+
+def check_names(values, what: str) -> list[str]:
+    """A job argument that must be a non-empty list of distinct, non-empty names (labels, genes), as strings."""
+    if isinstance(values, str) or not isinstance(values, (list, tuple, np.ndarray)):
+        raise ValueError(f"{what} must be a list of names, got {type(values).__name__} {values!r}")
+    names = [str(v) for v in values]
+    if not names or not all(n.strip() for n in names):
+        raise ValueError(f"{what} must be a non-empty list of non-empty names")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what} has duplicates: {sorted({n for n in names if names.count(n) > 1})[:10]}")
+    return names
+
+
 __all__ = ["CellInputs", "read_cells", "read_h5ad", "is_anndata", "match_gene_column", "value_kind", "VALUE_KINDS",
-           "NORMALIZE_CHOICES"]
+           "NORMALIZE_CHOICES", "check_names", "check_non_negative", "check_positive_int"]

@@ -39,8 +39,8 @@ PIPELINE_TASKS = {
 # options of the cell input a pipeline call may set (which AnnData matrix, which gene column, normalisation)
 CELL_KWARGS = ("use_raw", "layer", "gene_column", "normalize")
 # files a folder's remote-code pipelines import (relative imports of this file and of the jobs)
-PIPELINE_CODE = ("pipeline_scmmgpt.py", "jobs_scmmgpt.py", "results_scmmgpt.py", "inputs_scmmgpt.py",
-                 "ontology_scmmgpt.py", "processing_scmmgpt.py")
+PIPELINE_CODE = ("pipeline_scmmgpt.py", "jobs_scmmgpt.py", "kinds_scmmgpt.py", "pseudocells_scmmgpt.py",
+                 "results_scmmgpt.py", "inputs_scmmgpt.py", "ontology_scmmgpt.py", "processing_scmmgpt.py")
 
 
 # ---------------------------------------------------------------------------------------------------- pipelines

@@ -167,7 +167,8 @@ def test_pipeline_runs_every_stage_caches_and_saves_a_hub_folder(tmp_path, capsy
     assert config["auto_map"]["AutoModelForCausalLM"].endswith("ScMMGPTForConditionalGeneration")
     # the pipelines travel with the folder: pipeline(task, model=folder, trust_remote_code=True) in a fresh process
     assert set(config["custom_pipelines"]) == {"cell-annotation", "cell-description", "text-to-cell"}
-    assert {"pipeline_scmmgpt.py", "jobs_scmmgpt.py", "results_scmmgpt.py", "inputs_scmmgpt.py"} <= names
+    assert {"pipeline_scmmgpt.py", "jobs_scmmgpt.py", "kinds_scmmgpt.py", "pseudocells_scmmgpt.py", "results_scmmgpt.py",
+            "inputs_scmmgpt.py"} <= names
     classifier = json.loads((out / "classifier" / "config.json").read_text())
     assert set(classifier["custom_pipelines"]) == {"cell-annotation"}
     # Trainer trains with use_cache=False; the saved model generates with its KV cache
