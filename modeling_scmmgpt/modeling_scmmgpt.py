@@ -18,6 +18,7 @@ from transformers.utils import ModelOutput
 from .configuration_scmmgpt import ScMMGPTConfig
 from .modeling_cell_encoder import ScMMGPTCellModel, masked_mean
 from .modeling_cell_pretraining import maskable_positions
+from .modeling_data_parallel import data_parallel_world, gather_rows
 from .modeling_expression_decoder import (CellStateSpread, CountDistribution, ExpressionDecoder, decoded_log1p,
                                           expression_loss)
 from .modeling_qformer import ScMMGPTQFormer
@@ -106,48 +107,6 @@ class ScMMGPTPreTrainedModel(SafeSerializationMixin, PreTrainedModel):
 
 def _mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, out_features))
-
-
-# ---------------------------------------------------------------------------------------- data-parallel batches
-def _data_parallel_world() -> tuple[int, int]:
-    """(rank, world size) of the running process group (DDP, FSDP, DeepSpeed: one process per device), else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-class _GatherRows(torch.autograd.Function):
-    """Every rank's rows of a tensor, concatenated in rank order (other dimensions padded to the largest rank's with
-    `pad_value`), with the gradient of each rank's rows: backward sums what every rank computed for the gathered rows
-    and hands each rank its own (BLIP-2's `all_gather_with_grad`; `torch.distributed.nn.all_gather` needs
-    all_to_all, which gloo lacks). Ranks may hold different numbers of rows (a last, smaller batch)."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor, pad_value: float = 0) -> torch.Tensor:
-        dist, world = torch.distributed, torch.distributed.get_world_size()
-        shape = torch.tensor(tensor.shape, device=tensor.device)
-        shapes = [torch.empty_like(shape) for _ in range(world)]
-        dist.all_gather(shapes, shape)
-        shapes = torch.stack(shapes).tolist()
-        largest = [max(column) for column in zip(*shapes)]
-        padded = tensor.new_full(largest, pad_value)
-        padded[tuple(slice(0, n) for n in tensor.shape)] = tensor
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded)
-        ctx.rows = sum(s[0] for s in shapes[: dist.get_rank()]), tensor.shape
-        return torch.cat([part[: s[0]] for part, s in zip(parts, shapes)])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        torch.distributed.all_reduce(grad)  # every rank's gradient for every gathered row, summed
-        start, shape = ctx.rows
-        return grad[(slice(start, start + shape[0]),) + tuple(slice(0, n) for n in shape[1:])], None
-
-
-def _gather_rows(tensor: torch.Tensor, world: int, pad_value: float = 0) -> torch.Tensor:
-    """The global batch's `tensor` (see `_GatherRows`); `tensor` itself in a single process."""
-    return tensor if world == 1 else _GatherRows.apply(tensor, pad_value)
 
 
 class ScMMGPTModel(ScMMGPTPreTrainedModel):
@@ -340,20 +299,20 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         text_embeds = self.get_text_features(input_ids, attention_mask)
         # data-parallel training (DDP / FSDP / DeepSpeed): the contrastive and matching losses see the global batch,
         # as BLIP-2's do, so N processes of batch B train like one process of batch N·B (the test suite checks it)
-        rank, world = _data_parallel_world() if self.training else (0, 1)
-        all_ids, all_mask = _gather_rows(input_ids, world), _gather_rows(attention_mask, world)
+        rank, world = data_parallel_world() if self.training else (0, 1)
+        all_ids, all_mask = gather_rows(input_ids, world), gather_rows(attention_mask, world)
         padded = all_ids.masked_fill(all_mask == 0, -1)
         same = (padded[:, None] == padded[None]).all(-1)
         # every rank computes the whole contrastive loss; the gathers' backward sums the ranks' gradients, which
         # DDP's averaging then divides back: the gradient of the one-process loss
-        contrastive, logits = self._contrastive_loss(_gather_rows(cell_embeds, world), _gather_rows(text_embeds, world),
+        contrastive, logits = self._contrastive_loss(gather_rows(cell_embeds, world), gather_rows(text_embeds, world),
                                                      same)
         if not return_loss:
             return ScMMGPTModelOutput(logits_per_cell=logits, cell_embeds=cell_embeds, text_embeds=text_embeds)
-        sizes = _gather_rows(torch.tensor([len(input_ids)], device=input_ids.device), world).tolist()
+        sizes = gather_rows(torch.tensor([len(input_ids)], device=input_ids.device), world).tolist()
         own_rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
         matching = self._matching_loss(
-            _gather_rows(gene_states, world), _gather_rows(queries, world), _gather_rows(cell_attention_mask, world),
+            gather_rows(gene_states, world), gather_rows(queries, world), gather_rows(cell_attention_mask, world),
             all_ids, all_mask, logits, same, own_rows, world)
         captioning = (self._captioning_loss(gene_states, queries, cell_attention_mask, input_ids, attention_mask,
                                             world)
