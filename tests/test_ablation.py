@@ -8,7 +8,7 @@ import yaml
 
 from scmmgpt_train.ablation import MARKER_RETRIEVAL, ablation_table, load_markers, main, parse_variant
 from scmmgpt_train.ablation import unseen_ablation_table
-from scmmgpt_train.robustness import LOGISTIC, RETRIEVAL, SEEN, UNSEEN, held_out_types
+from scmmgpt_train.robustness import LOGISTIC, MARKER_SCORE, RETRIEVAL, SEEN, UNSEEN, held_out_types
 from scmmgpt_train.shifts import SHORT_SUITE
 
 from .test_training import few_steps
@@ -97,4 +97,7 @@ def test_variants_train_stage1_from_one_encoder_and_are_scored_under_shifts(tmp_
             for group in (UNSEEN, SEEN):
                 top1, top3 = groups[group][f"{method}: top-1"], groups[group][f"{method}: top-3"]
                 assert 0.0 <= top1 <= top3 <= 1.0
-    assert f"| warm | {MARKER_RETRIEVAL} |" in table
+        # the marker lists' own reference, without a model: the same for every variant
+        assert groups[UNSEEN][MARKER_SCORE + ": top-1"] == saved["unseen"]["base"]["0"][UNSEEN][MARKER_SCORE + ": top-1"]
+        assert groups[UNSEEN][MARKER_SCORE + ": top-1"] > 0.3  # NK, cytotoxic T, dendritic: their markers name them
+    assert f"| warm | {MARKER_RETRIEVAL} |" in table and f"| base | {MARKER_SCORE} |" in table

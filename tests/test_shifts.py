@@ -17,6 +17,7 @@ from scmmgpt_train.robustness import (
     baseline_matrix,
     evaluate_shifts,
     held_out_types,
+    marker_score_top_k,
     named_type_share,
     reference_top_k,
     shift_goals,
@@ -232,6 +233,27 @@ def test_reference_top_k_cannot_name_an_unseen_type():
         "logistic regression (all genes): top-1": 1.0, "logistic regression (all genes): top-3": 1.0,
         "chance: top-1": 0.1, "chance: top-3": 0.3})
     assert reference_top_k(train, unseen, 10)["logistic regression (all genes): top-3"] == 0.0
+
+
+def test_marker_score_names_types_no_model_saw_by_their_markers():
+    genes = ["MS4A1", "CD79A", "GNLY", "NKG7", "LYZ"]
+    rng = np.random.default_rng(0)
+    train = EvalCells(rng.normal(1.0, 0.2, (30, 5)), np.repeat(["T"], 30), [""] * 30, genes)
+
+    def cells(high, n=4):  # log1p values: the type's markers well above the training cells' mean
+        matrix = rng.normal(1.0, 0.2, (n, 5))
+        matrix[:, [genes.index(g) for g in high]] += 2.0
+        return matrix
+
+    test = EvalCells(np.concatenate([cells(["MS4A1", "CD79A"]), cells(["GNLY", "NKG7"]), cells(["GNLY"])]),
+                     np.array(["B"] * 4 + ["NK"] * 4 + ["NK"] * 4), [""] * 12, genes)
+    markers = {"B": ["MS4A1", "CD79A", "CD19"], "NK": ["GNLY", "NKG7"], "monocyte": ["LYZ"], "mast": ["KIT"]}
+    row = marker_score_top_k(train, test, markers)
+    assert row == {"reference: marker-gene score (no training): top-1": 1.0,
+                   "reference: marker-gene score (no training): top-3": 1.0}
+    # CD19 and KIT are absent: skipped; "mast" (no marker present) is never ranked above a label that has one
+    test.labels[:] = "mast"
+    assert marker_score_top_k(train, test, markers, ks=(3,))["reference: marker-gene score (no training): top-3"] == 0
 
 
 def test_held_out_types_are_a_seeded_draw_among_common_types():

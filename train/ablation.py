@@ -16,7 +16,8 @@ encoder is trained without them (`<output>/seed_<n>/unseen/stage0_cell`) and eve
 (`.../unseen/<variant>/stage1`); retrieval over all label texts is scored on the held-out-type cells and on the
 seen-type test cells (top-1 / top-3). `--markers FILE` (YAML label → marker genes, e.g.
 `train/configs/pbmc_markers.yaml`) adds the same scores with each label described by its markers
-(`collators.expressed_genes_text`).
+(`collators.expressed_genes_text`), and the reference those marker lists give without any model
+(`robustness.marker_score_top_k`: the mean z-score of each label's markers).
 
 Stage 1 alone is what zero-shot retrieval depends on (stage 2 keeps the Q-Former's retrieval as it is), so a variant
 costs one stage-1 run per seed: ~4 minutes at tiny-cpu's 300 steps on a 2-core CPU.
@@ -112,7 +113,7 @@ def run_unseen_variant(config_path: str, seed_dir: Path, seed: int, name: str, o
     ranking by marker texts."""
     from .collators import expressed_genes_text
     from .evaluate import EvalCells
-    from .robustness import SEEN, UNSEEN, evaluate_unseen_types
+    from .robustness import SEEN, UNSEEN, evaluate_unseen_types, marker_score_top_k
     from .stage1 import label_texts_of
 
     overrides = {"data.held_out_cell_types": types, **overrides}
@@ -121,12 +122,15 @@ def run_unseen_variant(config_path: str, seed_dir: Path, seed: int, name: str, o
     if markers:
         texts[MARKER_RETRIEVAL] = {label: expressed_genes_text(text, markers[label])
                                    for label, text in texts[RETRIEVAL].items()}
-    results = {}
+    results, train = {}, EvalCells.from_rows(cells.train, cells.tokenizer)
     for group, rows in ((UNSEEN, cells.unseen), (SEEN, cells.test)):
         group_cells, results[group] = EvalCells.from_rows(rows, cells.tokenizer), {}
         for method, label_texts in texts.items():
             row = evaluate_unseen_types(model, processor, group_cells, label_texts, methods=("retrieval",))
             results[group].update({key.replace(RETRIEVAL, method): value for key, value in row.items()})
+        if markers:
+            labelled = {label: markers[label] for label in texts[RETRIEVAL]}
+            results[group].update(marker_score_top_k(train, group_cells, labelled))
     return results
 
 

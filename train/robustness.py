@@ -32,6 +32,7 @@ SHIFT_BASELINES = ("logistic regression (all genes)", "k-NN, k=15 (PCA)")
 DESCRIPTIONS = "descriptions naming the type"
 LIBRARY_SIZE_COLUMNS = ("n_counts", "total_counts", "nCount_RNA")  # obs columns of a cell's total count
 RETRIEVAL, LOGISTIC = "scMMGPT (retrieval)", "logistic regression (all genes)"
+MARKER_SCORE = "reference: marker-gene score (no training)"
 UNSEEN, SEEN, SEEN_ALL_TYPES = "held-out-type cells", "seen-type test cells", "seen-type test cells, all-types model"
 GOAL_SHIFTS = ("depth 50%", "genes 70%", "batch σ 0.3")
 
@@ -185,6 +186,23 @@ def reference_top_k(train: EvalCells, cells: EvalCells, n_labels: int, ks=(1, 3)
     row = {f"{LOGISTIC}: top-{k}": top_k_accuracy(probabilities, list(logistic.classes_), cells.labels, k) for k in ks}
     row.update({f"chance: top-{k}": min(1.0, k / n_labels) for k in ks})
     return row
+
+
+def marker_score_top_k(train: EvalCells, cells: EvalCells, markers: dict[str, list[str]], ks=(1, 3)) -> dict:
+    """The reference for marker texts: no model, each cell scored for each label by the mean z-score of the label's
+    marker genes (z over `train`'s cells, log1p values), as marker-based annotators (scType, CellAssign's prior)
+    do; top-k over all labels of `markers`, seen or not. Markers absent from the genes are skipped."""
+    mean, sd = train.matrix.mean(0), train.matrix.std(0) + 1e-6
+    z = (cells.matrix - mean) / sd
+    column = {gene: j for j, gene in enumerate(cells.gene_names)}
+    labels = list(markers)
+    scores = np.full((len(z), len(labels)), np.nan)
+    for j, label in enumerate(labels):
+        present = [column[g] for g in markers[label] if g in column]
+        if present:
+            scores[:, j] = z[:, present].mean(1)
+    return {f"{MARKER_SCORE}: top-{k}": top_k_accuracy(np.nan_to_num(scores, nan=-np.inf), labels, cells.labels, k)
+            for k in ks}
 
 
 def held_out_types(labels, seed: int, n: int = 3, min_cells: int = 20) -> list[str]:
