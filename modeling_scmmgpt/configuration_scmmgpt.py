@@ -129,6 +129,11 @@ class ScMMGPTConfig(PreTrainedConfig):
         contrastive_margin: additive cosine margin subtracted from each positive pair's similarity in the contrastive
             loss (CosFace's): a cell must be closer to its own text than to any other by this much before the loss
             lets go (0: plain InfoNCE). Scoring (retrieval) is unchanged.
+        text_gene_grounding: gene symbols of the cell vocabulary named in a text (`"... Expressed genes: MS4A1,
+            CD79A"`, `"CD14-positive"`) add a projection of the cell encoder's embedding of that gene to their text
+            tokens, so the text side reads a gene's name through the gene the cell side knows, including genes no
+            training text named (in text features: retrieval and the contrastive loss; matching and captioning read
+            the text's tokens alone).
         max_text_length: longest text the Q-Former reads (stage 1).
         captioning_max_cells: stage 1 captions only the first this many cells of each batch (None: all; 0: no
             captioning loss), a compute budget for small models whose step is dominated by the BERT-vocabulary LM head.
@@ -159,6 +164,7 @@ class ScMMGPTConfig(PreTrainedConfig):
     cell_state_spread_rank: int = 32
     contrastive_temperature: float = 0.07
     contrastive_margin: float = 0.0
+    text_gene_grounding: bool = False
     max_text_length: int = 128
     captioning_max_cells: int | None = None
     cell_embed_loss_weight: float = 1.0

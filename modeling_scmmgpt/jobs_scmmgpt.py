@@ -273,9 +273,9 @@ class ScMMGPTJobs(PseudoCellJobs):
         return lambda batch: self._generated_label_scores(batch, names)
 
     def _text_features(self, texts: list[str]) -> torch.Tensor:
-        encoded = self.processor.qformer_text(texts, max_length=self.model.config.max_text_length)
-        return self.model.get_text_features(encoded["qformer_input_ids"].to(self.model.device),
-                                            encoded["qformer_attention_mask"].to(self.model.device))
+        encoded = self.processor.qformer_text(texts, max_length=self.model.config.max_text_length,
+                                              gene_ids=self.model.config.text_gene_grounding)
+        return self.model.get_text_features(**{k: v.to(self.model.device) for k, v in encoded.items()})
 
     def _label_log_likelihoods(self, batch, names: list[str]) -> torch.Tensor:
         """(cells, labels) mean token log-probability of each name continuing the annotation prompt; each cell's soft

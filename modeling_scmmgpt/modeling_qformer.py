@@ -28,13 +28,16 @@ class QFormerEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.LongTensor | None = None, query_embeds: torch.Tensor | None = None):
+    def forward(self, input_ids: torch.LongTensor | None = None, query_embeds: torch.Tensor | None = None,
+                text_extra: torch.Tensor | None = None):
         parts = []
         if query_embeds is not None:
             parts.append(query_embeds)
         if input_ids is not None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
             text = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+            if text_extra is not None:  # (batch, tokens, hidden) added to the tokens' embeddings (gene grounding)
+                text = text + text_extra
             parts.append(text + self.token_type_embeddings.weight[0])
         return self.dropout(self.LayerNorm(torch.cat(parts, dim=1)))
 

@@ -127,6 +127,8 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         self.qformer = ScMMGPTQFormer(qconfig, config.cross_attention_frequency)
         self.cell_projection = nn.Linear(qconfig.hidden_size, config.embed_dim)
         self.text_projection = nn.Linear(qconfig.hidden_size, config.embed_dim)
+        self.gene_text_projection = (nn.Linear(config.cell_config.hidden_size, qconfig.hidden_size)
+                                     if config.text_gene_grounding else None)
         self.matching_head = nn.Linear(qconfig.hidden_size, 2)
         # log of the contrastive loss's inverse temperature; one element, not a 0-d tensor: FSDP shards no 0-d parameter
         self.contrastive_logit_scale = nn.Parameter(torch.zeros(1))
@@ -184,17 +186,25 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
     def _cell_features(self, queries) -> torch.Tensor:
         return F.normalize(self.cell_projection(queries.mean(1)), dim=-1)
 
-    def get_text_features(self, qformer_input_ids, qformer_attention_mask=None) -> torch.Tensor:
+    def get_text_features(self, qformer_input_ids, qformer_attention_mask=None, qformer_gene_ids=None) -> torch.Tensor:
         """Normalised text features (the Q-Former's mean text output), (batch, embed_dim), of text tokenised by the
-        Q-Former's own tokenizer (`processor.qformer_text`)."""
+        Q-Former's own tokenizer (`processor.qformer_text`); `qformer_gene_ids` (batch, tokens) names the cell
+        vocabulary's gene of each token (0: none), read when the model grounds gene names (`text_gene_grounding`)."""
         input_ids = qformer_input_ids
         attention_mask = torch.ones_like(input_ids) if qformer_attention_mask is None else qformer_attention_mask
         self._check_text_ids(input_ids)
-        hidden = self.qformer(self.qformer.embeddings(input_ids), attention_mask.bool()[:, None, None, :], 0)
+        embeddings = self.qformer.embeddings(input_ids, text_extra=self._gene_grounding(qformer_gene_ids))
+        hidden = self.qformer(embeddings, attention_mask.bool()[:, None, None, :], 0)
         # mean over the text's tokens (all-MiniLM-L6-v2, the default Q-Former, is trained for mean pooling)
         weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
         return F.normalize(self.text_projection(pooled), dim=-1)
+
+    def _gene_grounding(self, gene_ids) -> torch.Tensor | None:
+        if gene_ids is None or self.gene_text_projection is None:
+            return None
+        named = (gene_ids != self.config.cell_config.pad_token_id).unsqueeze(-1)
+        return self.gene_text_projection(self.cell_model.encoder(gene_ids)) * named
 
     def _check_text_ids(self, input_ids):
         vocab = self.qformer.embeddings.word_embeddings.num_embeddings
@@ -286,6 +296,7 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         cell_attention_mask: torch.Tensor | None = None,
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        qformer_gene_ids: torch.LongTensor | None = None,
         return_loss: bool = True,
         **kwargs,
     ) -> ScMMGPTModelOutput:
@@ -296,7 +307,7 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
             return ScMMGPTModelOutput(cell_embeds=cell_embeds)
         input_ids, attention_mask = qformer_input_ids, qformer_attention_mask
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        text_embeds = self.get_text_features(input_ids, attention_mask)
+        text_embeds = self.get_text_features(input_ids, attention_mask, qformer_gene_ids)
         # data-parallel training (DDP / FSDP / DeepSpeed): the contrastive and matching losses see the global batch,
         # as BLIP-2's do, so N processes of batch B train like one process of batch N·B (the test suite checks it)
         rank, world = data_parallel_world() if self.training else (0, 1)
@@ -415,9 +426,9 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
         """Normalised cell features in the shared cell–text space, (batch, embed_dim) (the stage-1 part's)."""
         return self.scmmgpt.get_cell_features(gene_ids, expression_values, cell_attention_mask)
 
-    def get_text_features(self, qformer_input_ids, qformer_attention_mask=None) -> torch.Tensor:
+    def get_text_features(self, qformer_input_ids, qformer_attention_mask=None, qformer_gene_ids=None) -> torch.Tensor:
         """Normalised text features of Q-Former-tokenised text, (batch, embed_dim) (the stage-1 part's)."""
-        return self.scmmgpt.get_text_features(qformer_input_ids, qformer_attention_mask)
+        return self.scmmgpt.get_text_features(qformer_input_ids, qformer_attention_mask, qformer_gene_ids)
 
     def get_cell_soft_tokens(self, gene_ids, expression_values, cell_attention_mask=None) -> torch.Tensor:
         """Cells → LLM input embeddings of their slots, (cells, num_query_tokens, llm_hidden)."""

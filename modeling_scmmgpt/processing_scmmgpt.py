@@ -6,6 +6,9 @@ cell). The special tokens are added to the text tokenizer on construction.
 """
 
 import copy
+import re
+
+import torch
 
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
@@ -18,6 +21,40 @@ DESCRIBE_PROMPT = "<cell> Describe this cell:"
 # annotation continues the description prompt up to the name, as descriptions start "cell type: <name>. ..."
 ANNOTATE_PROMPT = DESCRIBE_PROMPT + " cell type:"
 GENERATE_PROMPT = "Generate a cell. {text} Cell:"
+
+
+# a gene symbol as texts write it: letters, digits, '-' and '.' inside (HLA-DRA, RP11-34P13.7), not at the ends
+_SYMBOL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?")
+
+
+def qformer_text_inputs(tokenizer, texts: list[str], max_length: int, gene_vocab: dict | None = None) -> dict:
+    """The Q-Former's text arguments for `texts`: `qformer_input_ids`, `qformer_attention_mask` and, with
+    `gene_vocab` (the cell tokenizer's symbol → id), `qformer_gene_ids` (batch, tokens): the id of the gene symbol
+    each token belongs to, 0 for tokens naming no gene. Symbols match case-sensitively, as whole words ("CD14-positive"
+    names CD14 unless it is a symbol itself)."""
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+                        return_offsets_mapping=gene_vocab is not None)
+    if gene_vocab is None:
+        return {"qformer_input_ids": encoded["input_ids"], "qformer_attention_mask": encoded["attention_mask"]}
+    gene_ids = torch.zeros_like(encoded["input_ids"])
+    for i, text in enumerate(texts):
+        spans = list(_mentions(text, gene_vocab))
+        for t, (start, end) in enumerate(encoded["offset_mapping"][i].tolist()):
+            gene_ids[i, t] = next((g for a, b, g in spans if end > start and a <= start and end <= b), 0)
+    return {"qformer_input_ids": encoded["input_ids"], "qformer_attention_mask": encoded["attention_mask"],
+            "qformer_gene_ids": gene_ids}
+
+
+def _mentions(text: str, gene_vocab: dict):
+    """(start, end, gene id) of each gene symbol in `text`; a hyphenated word that is no symbol ("CD14-positive")
+    is read part by part."""
+    for word in _SYMBOL.finditer(text):
+        if word.group() in gene_vocab:
+            yield word.start(), word.end(), gene_vocab[word.group()]
+            continue
+        for part in re.finditer(r"[A-Za-z0-9.]+", word.group()):
+            if part.group() in gene_vocab:
+                yield word.start() + part.start(), word.start() + part.end(), gene_vocab[part.group()]
 
 
 def cell_slot_tokens(num_query_tokens: int) -> list[str]:
@@ -48,9 +85,14 @@ class ScMMGPTProcessor(ProcessorMixin):
         super().__init__(feature_extractor, tokenizer, qformer_tokenizer, chat_template=chat_template)
         self._add_cell_tokens()
 
-    def qformer_text(self, text: str | list[str], return_tensors: str | None = "pt", max_length: int = 128):
+    def qformer_text(self, text: str | list[str], return_tensors: str | None = "pt", max_length: int = 128,
+                     gene_ids: bool = False):
         """Tokenise text for the Q-Former (label texts, stage-1 captions): `qformer_input_ids`,
-        `qformer_attention_mask`, the stage-1 model's text arguments."""
+        `qformer_attention_mask`, the stage-1 model's text arguments; with `gene_ids`, `qformer_gene_ids` too (the
+        cell vocabulary's gene each token names, for a model with `text_gene_grounding`)."""
+        if gene_ids:
+            texts = [text] if isinstance(text, str) else list(text)
+            return qformer_text_inputs(self.qformer_tokenizer, texts, max_length, self.feature_extractor.vocab)
         encoded = self.qformer_tokenizer(text, padding=True, truncation=True, max_length=max_length,
                                          return_tensors=return_tensors)
         return {"qformer_input_ids": encoded["input_ids"], "qformer_attention_mask": encoded["attention_mask"]}

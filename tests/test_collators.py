@@ -251,3 +251,22 @@ def test_stage1_writes_each_cell_its_own_text_of_the_genes_it_expresses_most(bui
     assert [never.text(r, rng) for r in rows] == [r["text"] for r in rows]
     with pytest.raises(ValueError, match="no cells"):
         ExpressedGenes.fit([], tok)
+
+
+def test_stage1_names_the_gene_of_each_text_token_for_a_grounding_model(built, rows, minilm_tokenizer):
+    from scmmgpt_train.collators import ExpressedGenes
+
+    ds, tok = built
+    genes = ExpressedGenes.fit(ds, tok, n_genes=4)
+    options = dict(expressed_genes=genes, expressed_genes_probability=1.0, seed=0)
+    plain = Stage1Collator(tok, minilm_tokenizer, **options)(rows)
+    grounded = Stage1Collator(tok, minilm_tokenizer, gene_vocab=tok.vocab, **options)(rows)
+    assert set(plain) == STAGE1_KEYS and set(grounded) == STAGE1_KEYS | {"qformer_gene_ids"}
+    for key in STAGE1_KEYS:
+        assert torch.equal(plain[key], grounded[key]), key
+    ids = grounded["qformer_gene_ids"]
+    assert ids.shape == grounded["qformer_input_ids"].shape and not ids[grounded["qformer_attention_mask"] == 0].any()
+    for i, row in enumerate(rows):  # each text names its 4 genes; their tokens carry their vocabulary ids
+        named = {tok.gene_names[j - 3] for j in ids[i][ids[i] > 0].tolist()}
+        cell_type = row["text"].split(". ")[0]  # "cell type: CD4-positive ...": CD4 is a gene of the vocabulary too
+        assert set(genes.genes(row)) <= named and all(g in cell_type for g in named - set(genes.genes(row)))

@@ -117,6 +117,59 @@ def test_stage1_contrastive_margin_penalises_positive_pairs_only(processor, cell
             tiny_config(10, 10, contrastive_margin=bad)
 
 
+def test_qformer_text_names_the_gene_of_each_token(processor):
+    from modeling_scmmgpt.processing_scmmgpt import qformer_text_inputs
+
+    vocab = processor.feature_extractor.vocab
+    texts = ["cell type: CD4-positive T cell. Expressed genes: MS4A1, HLA-DRA.", "a cell expressing no gene"]
+    encoded = processor.qformer_text(texts, gene_ids=True)
+    assert set(encoded) == {"qformer_input_ids", "qformer_attention_mask", "qformer_gene_ids"}
+    plain = processor.qformer_text(texts)
+    torch.testing.assert_close(encoded["qformer_input_ids"], plain["qformer_input_ids"])  # the same tokens
+    tokens = processor.qformer_tokenizer.convert_ids_to_tokens(encoded["qformer_input_ids"][0])
+    named = {}
+    for token, gene in zip(tokens, encoded["qformer_gene_ids"][0].tolist()):
+        named.setdefault(gene, []).append(token)
+    inverse = {i: g for g, i in vocab.items()}
+    assert {inverse[g]: "".join(t.removeprefix("##") for t in ts) for g, ts in named.items() if g} == {
+        "CD4": "cd4", "MS4A1": "ms4a1", "HLA-DRA": "hla-dra"}  # "-positive" and the punctuation name no gene
+    assert not encoded["qformer_gene_ids"][1].any()
+    alone = qformer_text_inputs(processor.qformer_tokenizer, texts[:1], 128, vocab)
+    torch.testing.assert_close(alone["qformer_gene_ids"][0], encoded["qformer_gene_ids"][0, : alone["qformer_gene_ids"].shape[1]])
+
+
+def test_stage1_gene_grounding_reads_gene_names_through_the_cell_encoder(processor, cells, tmp_path):
+    texts = ["cell type: B cell. Expressed genes: MS4A1, CD79A.", "cell type: B cell. Expressed genes: GNLY, NKG7."]
+    encoded = processor.qformer_text(texts, gene_ids=True)
+    torch.manual_seed(0)
+    plain = ScMMGPTModel(tiny_config(len(processor.feature_extractor), len(processor.qformer_tokenizer))).eval()
+    assert plain.gene_text_projection is None  # off by default: gene ids change nothing
+    torch.testing.assert_close(plain.get_text_features(**encoded),
+                               plain.get_text_features(encoded["qformer_input_ids"], encoded["qformer_attention_mask"]))
+    torch.manual_seed(0)
+    model = ScMMGPTModel(tiny_config(len(processor.feature_extractor), len(processor.qformer_tokenizer),
+                                     text_gene_grounding=True))
+    grounded = model.get_text_features(**encoded)
+    ungrounded = model.get_text_features(encoded["qformer_input_ids"], encoded["qformer_attention_mask"])
+    assert (grounded - ungrounded).abs().max() > 1e-3
+    with torch.no_grad():  # the text reads the cell encoder's own gene embedding: change it, the text feature moves
+        model.cell_model.encoder.embedding.weight[processor.feature_extractor.vocab["MS4A1"]] += torch.randn(32)
+    moved = model.get_text_features(**encoded)
+    assert (moved[0] - grounded[0]).abs().max() > 1e-3
+    torch.testing.assert_close(moved[1], grounded[1])  # the second text names no MS4A1
+    cell_batch = processor(cells=cells[:2], cell_kwargs={"use_raw": True}, return_tensors="pt")
+    model(**cell_batch, **encoded).loss.backward()
+    assert model.gene_text_projection.weight.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path / "grounded")
+    loaded = ScMMGPTModel.from_pretrained(tmp_path / "grounded").eval()
+    torch.testing.assert_close(loaded.get_text_features(**encoded), model.eval().get_text_features(**encoded))
+    jobs = ScMMGPTJobs(loaded, processor, verbose=False)  # retrieval reads the label texts' genes too
+    scores = jobs.annotate(cells[:2], ["B", "NK"], method="retrieval", label_texts=texts, use_raw=True).scores
+    features = jobs.embed(cells[:2], space="aligned", use_raw=True)
+    with torch.no_grad():
+        np.testing.assert_allclose(scores, features @ loaded.get_text_features(**encoded).numpy().T, atol=1e-5)
+
+
 def test_stage1_queries_summarise_the_cell_weighted_by_expression(processor, cells):
     torch.manual_seed(0)
     model = ScMMGPTModel(tiny_config(len(processor.feature_extractor), len(processor.qformer_tokenizer))).eval()

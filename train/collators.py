@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from modeling_scmmgpt.processing_scmmgpt import qformer_text_inputs
+
 from .augment import batch_seed, library_size
 from .streaming import N_SPECIAL, log_normalized, rows_to_cell_inputs, rows_to_matrix
 
@@ -114,6 +116,7 @@ class Stage1Collator:
     text_variant_probability: float = 0.0
     expressed_genes: ExpressedGenes | None = None
     expressed_genes_probability: float = 0.0
+    gene_vocab: dict | None = None
     seed: int = 0
 
     def __call__(self, rows: list[dict]) -> dict:
@@ -121,11 +124,8 @@ class Stage1Collator:
             raise ValueError("Stage1Collator got an empty batch")
         batch = rows_to_cell_inputs(augmented(self.augment, rows, self.cell_tokenizer), self.cell_tokenizer)
         rng = np.random.default_rng(batch_seed(self.seed, rows, b"text variants"))
-        text = self.text_tokenizer(
-            [self.text(r, rng) for r in rows], padding="longest", truncation=True,
-            max_length=self.max_text_length, return_tensors="pt",
-        )
-        batch["qformer_input_ids"], batch["qformer_attention_mask"] = text["input_ids"], text["attention_mask"]
+        texts = [self.text(r, rng) for r in rows]
+        batch.update(qformer_text_inputs(self.text_tokenizer, texts, self.max_text_length, self.gene_vocab))
         return batch
 
     def text(self, row: dict, rng: np.random.Generator) -> str:

@@ -92,6 +92,7 @@ class ModelArguments:
     max_text_length: int = ScMMGPTConfig.max_text_length
     contrastive_temperature: float = ScMMGPTConfig.contrastive_temperature
     contrastive_margin: float = ScMMGPTConfig.contrastive_margin
+    text_gene_grounding: bool = ScMMGPTConfig.text_gene_grounding
 
     def __post_init__(self):
         check_contrastive_margin(self.contrastive_margin)  # at config load, not when stage 1 builds its model

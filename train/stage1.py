@@ -10,6 +10,7 @@ import torch
 from transformers import BertConfig
 
 from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTConfig, ScMMGPTModel
+from modeling_scmmgpt.processing_scmmgpt import qformer_text_inputs
 
 from .collators import Stage1Collator
 from .streaming import cell_input_batches
@@ -84,9 +85,9 @@ def retrieval_predictions(model, rows, cell_tokenizer, text_tokenizer, label_tex
     """Zero-shot annotation of built rows by cell–text retrieval: (predicted labels, scores cells × labels)."""
     model.eval()
     labels = list(label_texts)
-    text = text_tokenizer([label_texts[label] for label in labels], padding=True, truncation=True,
-                          max_length=model.config.max_text_length, return_tensors="pt")
-    text_features = model.get_text_features(text["input_ids"].to(model.device), text["attention_mask"].to(model.device))
+    text = qformer_text_inputs(text_tokenizer, [label_texts[label] for label in labels], model.config.max_text_length,
+                               cell_tokenizer.vocab if model.config.text_gene_grounding else None)
+    text_features = model.get_text_features(**{k: v.to(model.device) for k, v in text.items()})
     scores = torch.cat([(model.get_cell_features(**batch) @ text_features.T).float().cpu()
                         for batch in cell_input_batches(rows, cell_tokenizer, batch_size, model.device)]).numpy()
     return [labels[i] for i in scores.argmax(1)], scores
@@ -125,8 +126,10 @@ def train_stage1(model: ScMMGPTModel, train_dataset, cell_tokenizer, text_tokeni
             return {"retrieval_accuracy": retrieval_accuracy(m, validation_dataset, cell_tokenizer, text_tokenizer,
                                                              label_texts)}
     trainer = Stage1Trainer(model=model, args=args, train_dataset=train_dataset, callbacks=callbacks,
-                            data_collator=stage1_collator(cell_tokenizer, text_tokenizer, max_text_length, augment,
-                                                          args.seed, **(texts or {})),
+                            data_collator=stage1_collator(
+                                cell_tokenizer, text_tokenizer, max_text_length, augment, args.seed,
+                                gene_vocab=cell_tokenizer.vocab if model.config.text_gene_grounding else None,
+                                **(texts or {})),
                             eval_dataset=validation_dataset, validation_score=score)
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     metrics.update(train_runtime=result.metrics["train_runtime"], train_steps=trainer.state.global_step)
