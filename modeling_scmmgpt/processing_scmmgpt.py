@@ -27,12 +27,15 @@ GENERATE_PROMPT = "Generate a cell. {text} Cell:"
 _SYMBOL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?")
 
 
-def qformer_text_inputs(tokenizer, texts: list[str], max_length: int, gene_vocab: dict | None = None) -> dict:
+def qformer_text_inputs(tokenizer, texts: list[str], max_length: int, gene_vocab: dict | None = None,
+                        return_tensors: str | None = "pt") -> dict:
     """The Q-Former's text arguments for `texts`: `qformer_input_ids`, `qformer_attention_mask` and, with
     `gene_vocab` (the cell tokenizer's symbol → id), `qformer_gene_ids` (batch, tokens): the id of the gene symbol
     each token belongs to, 0 for tokens naming no gene. Symbols match case-sensitively, as whole words ("CD14-positive"
     names CD14 unless it is a symbol itself)."""
-    encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+    if gene_vocab is not None and return_tensors != "pt":
+        raise ValueError(f"gene ids come as torch tensors: return_tensors='pt', got {return_tensors!r}")
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors=return_tensors,
                         return_offsets_mapping=gene_vocab is not None)
     if gene_vocab is None:
         return {"qformer_input_ids": encoded["input_ids"], "qformer_attention_mask": encoded["attention_mask"]}
@@ -90,12 +93,9 @@ class ScMMGPTProcessor(ProcessorMixin):
         """Tokenise text for the Q-Former (label texts, stage-1 captions): `qformer_input_ids`,
         `qformer_attention_mask`, the stage-1 model's text arguments; with `gene_ids`, `qformer_gene_ids` too (the
         cell vocabulary's gene each token names, for a model with `text_gene_grounding`)."""
-        if gene_ids:
-            texts = [text] if isinstance(text, str) else list(text)
-            return qformer_text_inputs(self.qformer_tokenizer, texts, max_length, self.feature_extractor.vocab)
-        encoded = self.qformer_tokenizer(text, padding=True, truncation=True, max_length=max_length,
-                                         return_tensors=return_tensors)
-        return {"qformer_input_ids": encoded["input_ids"], "qformer_attention_mask": encoded["attention_mask"]}
+        texts = [text] if isinstance(text, str) else list(text)
+        vocab = self.feature_extractor.vocab if gene_ids else None
+        return qformer_text_inputs(self.qformer_tokenizer, texts, max_length, vocab, return_tensors)
 
     def _add_cell_tokens(self):
         tokens = cell_slot_tokens(self.num_query_tokens)
