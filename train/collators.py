@@ -101,10 +101,13 @@ class Stage1Collator:
         text_variants: `{CL id: (cell-type text, [variants])}` (`ontology.cell_type_text_variants`): with
             probability `text_variant_probability` a cell's cell-type text is replaced by one of its variants
             (synonyms, parent terms, the bare name), the rest of its text kept; drawn from `seed`.
+        gene_vocab: the cell vocabulary (symbol → id) of a model with `text_gene_grounding`: each text token also
+            gets the id of the gene symbol it belongs to (`qformer_gene_ids`); None: no gene ids.
 
     Returns (torch tensors):
         `gene_ids`, `expression_values`, `cell_attention_mask`: B × L_cell;
-        `qformer_input_ids`, `qformer_attention_mask`: B × L_text (padded to the longest text), the Q-Former's text.
+        `qformer_input_ids`, `qformer_attention_mask`: B × L_text (padded to the longest text), the Q-Former's text;
+        `qformer_gene_ids` (B × L_text) with `gene_vocab`.
     """
 
     cell_tokenizer: object

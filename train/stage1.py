@@ -79,6 +79,11 @@ def label_texts_of(dataset) -> dict[str, str]:
     return pairs
 
 
+def gene_vocab(model, cell_tokenizer) -> dict | None:
+    """The cell vocabulary the model's texts name genes from (`text_gene_grounding`), else None: no gene ids."""
+    return cell_tokenizer.vocab if model.config.text_gene_grounding else None
+
+
 @torch.inference_mode()
 def retrieval_predictions(model, rows, cell_tokenizer, text_tokenizer, label_texts: dict[str, str],
                           batch_size: int = 64) -> tuple[list[str], np.ndarray]:
@@ -86,7 +91,7 @@ def retrieval_predictions(model, rows, cell_tokenizer, text_tokenizer, label_tex
     model.eval()
     labels = list(label_texts)
     text = qformer_text_inputs(text_tokenizer, [label_texts[label] for label in labels], model.config.max_text_length,
-                               cell_tokenizer.vocab if model.config.text_gene_grounding else None)
+                               gene_vocab(model, cell_tokenizer))
     text_features = model.get_text_features(**{k: v.to(model.device) for k, v in text.items()})
     scores = torch.cat([(model.get_cell_features(**batch) @ text_features.T).float().cpu()
                         for batch in cell_input_batches(rows, cell_tokenizer, batch_size, model.device)]).numpy()
@@ -128,7 +133,7 @@ def train_stage1(model: ScMMGPTModel, train_dataset, cell_tokenizer, text_tokeni
     trainer = Stage1Trainer(model=model, args=args, train_dataset=train_dataset, callbacks=callbacks,
                             data_collator=stage1_collator(
                                 cell_tokenizer, text_tokenizer, max_text_length, augment, args.seed,
-                                gene_vocab=cell_tokenizer.vocab if model.config.text_gene_grounding else None,
+                                gene_vocab=gene_vocab(model, cell_tokenizer),
                                 **(texts or {})),
                             eval_dataset=validation_dataset, validation_score=score)
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
