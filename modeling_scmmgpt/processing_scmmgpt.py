@@ -27,7 +27,7 @@ GENERATE_PROMPT = "Generate a cell. {text} Cell:"
 _SYMBOL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?")
 
 
-def qformer_text_inputs(tokenizer, texts: list[str], max_length: int, gene_vocab: dict | None = None,
+def qformer_text_inputs(tokenizer, texts: str | list[str], max_length: int, gene_vocab: dict | None = None,
                         return_tensors: str | None = "pt") -> dict:
     """The Q-Former's text arguments for `texts`: `qformer_input_ids`, `qformer_attention_mask` and, with
     `gene_vocab` (the cell tokenizer's symbol → id), `qformer_gene_ids` (batch, tokens): the id of the gene symbol
@@ -40,7 +40,7 @@ def qformer_text_inputs(tokenizer, texts: list[str], max_length: int, gene_vocab
     if gene_vocab is None:
         return {"qformer_input_ids": encoded["input_ids"], "qformer_attention_mask": encoded["attention_mask"]}
     gene_ids = torch.zeros_like(encoded["input_ids"])
-    for i, text in enumerate(texts):
+    for i, text in enumerate([texts] if isinstance(texts, str) else texts):
         spans = list(_mentions(text, gene_vocab))
         for t, (start, end) in enumerate(encoded["offset_mapping"][i].tolist()):
             gene_ids[i, t] = next((g for a, b, g in spans if end > start and a <= start and end <= b), 0)
@@ -93,9 +93,8 @@ class ScMMGPTProcessor(ProcessorMixin):
         """Tokenise text for the Q-Former (label texts, stage-1 captions): `qformer_input_ids`,
         `qformer_attention_mask`, the stage-1 model's text arguments; with `gene_ids`, `qformer_gene_ids` too (the
         cell vocabulary's gene each token names, for a model with `text_gene_grounding`)."""
-        texts = [text] if isinstance(text, str) else list(text)
         vocab = self.feature_extractor.vocab if gene_ids else None
-        return qformer_text_inputs(self.qformer_tokenizer, texts, max_length, vocab, return_tensors)
+        return qformer_text_inputs(self.qformer_tokenizer, text, max_length, vocab, return_tensors)
 
     def _add_cell_tokens(self):
         tokens = cell_slot_tokens(self.num_query_tokens)
