@@ -109,6 +109,14 @@ def _mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, out_features))
 
 
+def same_texts(ids, mask, other_ids, other_mask) -> torch.Tensor:
+    """(len(ids), len(other_ids)) bool: which tokenised texts are the same text, whatever their padding."""
+    width = max(ids.shape[1], other_ids.shape[1])
+    a = F.pad(ids.masked_fill(mask == 0, -1), (0, width - ids.shape[1]), value=-1)
+    b = F.pad(other_ids.masked_fill(other_mask == 0, -1), (0, width - other_ids.shape[1]), value=-1)
+    return (a[:, None] == b[None]).all(-1)
+
+
 class ScMMGPTModel(ScMMGPTPreTrainedModel):
     r"""
     Stage 1: cell encoder + Q-Former + projection heads, trained with cell–text contrastive, matching and captioning.
@@ -116,6 +124,10 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
     Cell inputs (`ScMMGPTCellTokenizer`): `gene_ids`, `expression_values`, `cell_attention_mask` (batch, genes + 1).
     Text inputs (the Q-Former's BERT tokenizer, `processor.qformer_text`): `qformer_input_ids`,
     `qformer_attention_mask` (batch, tokens), named apart from the LLM's `input_ids` as in InstructBLIP.
+    `negative_texts` (optional): the same three text arguments for texts every cell's text must also beat in the
+    contrastive loss, such as every training label's text, so that a type absent from the batch is still a
+    candidate, as it is in retrieval (`Stage1Collator(negative_texts=...)`); those that are a cell's text in the batch
+    are skipped.
     """
 
     def __init__(self, config: ScMMGPTConfig):
@@ -200,6 +212,18 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
         return F.normalize(self.text_projection(pooled), dim=-1)
 
+    def _negative_text_features(self, negative_texts, batch_ids, batch_mask):
+        """Features of `negative_texts` (the Q-Former text arguments of, e.g., every training label's text; the same
+        on every rank) that are no cell's text in the batch, else None."""
+        if not negative_texts:
+            return None
+        ids, mask = negative_texts["qformer_input_ids"], negative_texts["qformer_attention_mask"]
+        new = ~same_texts(ids, mask, batch_ids, batch_mask).any(1)
+        if not new.any():
+            return None
+        gene_ids = negative_texts.get("qformer_gene_ids")
+        return self.get_text_features(ids[new], mask[new], None if gene_ids is None else gene_ids[new])
+
     def _gene_grounding(self, gene_ids) -> torch.Tensor | None:
         if gene_ids is None or self.gene_text_projection is None:
             return None
@@ -221,13 +245,18 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         return self.qformer.load_bert_weights(load_file(cached_file(bert_path, "model.safetensors", **hub_kwargs)))
 
     # ------------------------------------------------------------------------------------------------ losses
-    def _contrastive_loss(self, cell_embeds, text_embeds, same_text):
-        """Symmetric InfoNCE; cells whose texts are identical all count as positives (cell types repeat in a batch)."""
+    def _contrastive_loss(self, cell_embeds, text_embeds, same_text, extra_text_embeds=None):
+        """Symmetric InfoNCE; cells whose texts are identical all count as positives (cell types repeat in a batch).
+        `extra_text_embeds`: texts of no cell of the batch (other labels), negatives of every cell."""
         scale = self.contrastive_logit_scale.clamp(max=4.6052).exp()  # <= 100, as CLIP
         logits = scale * cell_embeds @ text_embeds.T
         targets = same_text.float() / same_text.sum(1, keepdim=True)
         margined = logits - scale * self.config.contrastive_margin * same_text  # CosFace's margin, on positives only
-        loss = (F.cross_entropy(margined, targets) + F.cross_entropy(margined.T, targets)) / 2
+        per_text, text_targets = margined, targets
+        if extra_text_embeds is not None:  # more candidates for each cell's text, none of them its own
+            per_text = torch.cat([margined, scale * cell_embeds @ extra_text_embeds.T], 1)
+            text_targets = F.pad(targets, (0, len(extra_text_embeds)))
+        loss = (F.cross_entropy(per_text, text_targets) + F.cross_entropy(margined.T, targets)) / 2
         return loss, logits
 
     def _matching_loss(self, gene_states, queries, cell_attention_mask, input_ids, attention_mask, logits, same,
@@ -297,6 +326,7 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
         qformer_gene_ids: torch.LongTensor | None = None,
+        negative_texts: dict | None = None,
         return_loss: bool = True,
         **kwargs,
     ) -> ScMMGPTModelOutput:
@@ -312,12 +342,12 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         # as BLIP-2's do, so N processes of batch B train like one process of batch N·B (the test suite checks it)
         rank, world = data_parallel_world() if self.training else (0, 1)
         all_ids, all_mask = gather_rows(input_ids, world), gather_rows(attention_mask, world)
-        padded = all_ids.masked_fill(all_mask == 0, -1)
-        same = (padded[:, None] == padded[None]).all(-1)
+        same = same_texts(all_ids, all_mask, all_ids, all_mask)
         # every rank computes the whole contrastive loss; the gathers' backward sums the ranks' gradients, which
         # DDP's averaging then divides back: the gradient of the one-process loss
         contrastive, logits = self._contrastive_loss(gather_rows(cell_embeds, world), gather_rows(text_embeds, world),
-                                                     same)
+                                                     same, self._negative_text_features(negative_texts, all_ids,
+                                                                                        all_mask))
         if not return_loss:
             return ScMMGPTModelOutput(logits_per_cell=logits, cell_embeds=cell_embeds, text_embeds=text_embeds)
         sizes = gather_rows(torch.tensor([len(input_ids)], device=input_ids.device), world).tolist()

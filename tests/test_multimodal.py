@@ -117,6 +117,37 @@ def test_stage1_contrastive_margin_penalises_positive_pairs_only(processor, cell
             tiny_config(10, 10, contrastive_margin=bad)
 
 
+def test_stage1_label_negatives_join_each_cells_candidates_unless_in_the_batch(processor, cells):
+    torch.manual_seed(0)
+    model = ScMMGPTModel(tiny_config(len(processor.feature_extractor), len(processor.qformer_tokenizer))).eval()
+    cell_batch = processor(cells=cells, cell_kwargs={"use_raw": True}, return_tensors="pt")
+    batch_texts = [f"cell type: {t}." for t in cells.obs["bulk_labels"]]
+    text = processor.qformer_text(batch_texts)
+    absent = ["cell type: plasmacytoid dendritic cell.", "cell type: erythrocyte."]
+    negatives = processor.qformer_text([batch_texts[0], *absent])  # the first is a cell's own text: skipped
+    torch.manual_seed(1)  # the matching loss draws its hard negatives
+    plain = model(**cell_batch, **text)
+    torch.manual_seed(1)
+    out = model(**cell_batch, **text, negative_texts=negatives)
+    torch.testing.assert_close(out.logits_per_cell, plain.logits_per_cell)  # retrieval scores are unchanged
+    torch.testing.assert_close(out.loss_matching, plain.loss_matching)
+    extra = model.get_text_features(**processor.qformer_text(absent))
+    expected_extra = model._negative_text_features(dict(negatives), text["qformer_input_ids"],
+                                                   text["qformer_attention_mask"])
+    torch.testing.assert_close(expected_extra, extra)
+    scale = model.contrastive_logit_scale.exp()
+    same = torch.tensor([[a == b for b in batch_texts] for a in batch_texts])
+    targets = same.float() / same.sum(1, keepdim=True)
+    cell_to_text = torch.cat([plain.logits_per_cell, scale * out.cell_embeds @ extra.T], 1)
+    expected = (torch.nn.functional.cross_entropy(cell_to_text, torch.nn.functional.pad(targets, (0, 2)))
+                + torch.nn.functional.cross_entropy(plain.logits_per_cell.T, targets)) / 2
+    torch.testing.assert_close(out.loss_contrastive, expected)
+    assert out.loss_contrastive > plain.loss_contrastive  # two more candidates to beat
+    in_batch_only = processor.qformer_text(batch_texts[:2])
+    torch.manual_seed(1)
+    torch.testing.assert_close(model(**cell_batch, **text, negative_texts=in_batch_only).loss, plain.loss)
+
+
 def test_qformer_text_names_the_gene_of_each_token(processor):
     from modeling_scmmgpt.processing_scmmgpt import qformer_text_inputs
 

@@ -153,22 +153,31 @@ def _stage1_batches(model) -> list[dict]:
         values[:, 0] = 0.0
         types = [torch.randint(3, vocab, (int(n),), generator=g) for n in torch.randint(4, 13, (3,), generator=g)]
         texts = [types[int(t)] for t in torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)]
-        batches.append(dict(gene_ids=gene_ids, expression_values=values, cell_attention_mask=mask, texts=texts))
+        # label negatives (stage1.label_negatives): one type's text, and a text no cell of the batch has
+        negatives = [types[0], torch.randint(3, vocab, (7,), generator=g)]
+        batches.append(dict(gene_ids=gene_ids, expression_values=values, cell_attention_mask=mask, texts=texts,
+                            negatives=negatives))
     return batches
 
 
 def _rows(batch: dict, rows: slice) -> dict:
     """The model inputs of `rows` of a global batch, texts padded to the longest of those rows (as a collator pads a
     rank's share)."""
-    texts = batch["texts"][rows]
+    ids, mask = _padded(batch["texts"][rows])
+    negative_ids, negative_mask = _padded(batch["negatives"])  # every rank has them all
+    return dict(gene_ids=batch["gene_ids"][rows], expression_values=batch["expression_values"][rows],
+                cell_attention_mask=batch["cell_attention_mask"][rows], qformer_input_ids=ids,
+                qformer_attention_mask=mask,
+                negative_texts=dict(qformer_input_ids=negative_ids, qformer_attention_mask=negative_mask))
+
+
+def _padded(texts: list) -> tuple:
     length = max(len(t) for t in texts)
     ids = torch.zeros(len(texts), length, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, t in enumerate(texts):
         ids[i, : len(t)], mask[i, : len(t)] = t, 1
-    return dict(gene_ids=batch["gene_ids"][rows], expression_values=batch["expression_values"][rows],
-                cell_attention_mask=batch["cell_attention_mask"][rows], qformer_input_ids=ids,
-                qformer_attention_mask=mask)
+    return ids, mask
 
 
 def _train_stage1(model, batches, shares: list[slice]):

@@ -103,11 +103,15 @@ class Stage1Collator:
             (synonyms, parent terms, the bare name), the rest of its text kept; drawn from `seed`.
         gene_vocab: the cell vocabulary (symbol → id) of a model with `text_gene_grounding`: each text token also
             gets the id of the gene symbol it belongs to (`qformer_gene_ids`); None: no gene ids.
+        negative_texts: texts every cell's text must also beat in the contrastive loss (stage 1's
+            `label_negatives`: every training label's text), tokenised into `negative_texts` each batch.
 
     Returns (torch tensors):
         `gene_ids`, `expression_values`, `cell_attention_mask`: B × L_cell;
         `qformer_input_ids`, `qformer_attention_mask`: B × L_text (padded to the longest text), the Q-Former's text;
-        `qformer_gene_ids` (B × L_text) with `gene_vocab`.
+        `qformer_gene_ids` (B × L_text) with `gene_vocab`;
+        `negative_texts` with `negative_texts`: `{qformer_input_ids, qformer_attention_mask[, qformer_gene_ids]}`,
+        N × L_neg.
     """
 
     cell_tokenizer: object
@@ -120,6 +124,7 @@ class Stage1Collator:
     expressed_genes: ExpressedGenes | None = None
     expressed_genes_probability: float = 0.0
     gene_vocab: dict | None = None
+    negative_texts: list[str] | None = None
     seed: int = 0
 
     def __call__(self, rows: list[dict]) -> dict:
@@ -129,6 +134,9 @@ class Stage1Collator:
         rng = np.random.default_rng(batch_seed(self.seed, rows, b"text variants"))
         texts = [self.text(r, rng) for r in rows]
         batch.update(qformer_text_inputs(self.text_tokenizer, texts, self.max_text_length, self.gene_vocab))
+        if self.negative_texts:
+            batch["negative_texts"] = qformer_text_inputs(self.text_tokenizer, self.negative_texts,
+                                                          self.max_text_length, self.gene_vocab)
         return batch
 
     def text(self, row: dict, rng: np.random.Generator) -> str:

@@ -101,10 +101,24 @@ def _text_variants(cells, probability: float) -> dict | None:
     return cell_type_text_variants(cells.all_rows["cell_type_ontology_term_id"])
 
 
+def _label_negatives(cells) -> list[str]:
+    """Every training label's text (`stage1.label_negatives`), from in-memory training cells."""
+    from datasets import Dataset
+
+    from .stage1 import label_texts_of
+
+    if not isinstance(cells.train, Dataset):
+        raise ValueError("stage1.label_negatives reads the label texts of in-memory training cells (data.h5ad); a "
+                         "streamed folder (data.dataset_dir) gives none: set it to false")
+    return sorted(set(label_texts_of(cells.train).values()))
+
+
 def _stage1_texts(cells, extra) -> dict:
     """The stage-1 collator's text options from the stage's arguments (`Stage1Arguments`)."""
     texts = {"text_variants": _text_variants(cells, extra.text_variant_probability),
              "text_variant_probability": extra.text_variant_probability}
+    if extra.label_negatives:
+        texts["negative_texts"] = _label_negatives(cells)
     if extra.expressed_genes_probability:
         from .collators import ExpressedGenes
 
