@@ -6,14 +6,11 @@ Module names a PEFT user needs (LoRA on the LLM only, projectors trained in full
                modules_to_save=["cell_to_text_projector", "text_to_cell_projector", "expression_decoder"])
 """
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
 
 from .configuration_scmmgpt import ScMMGPTConfig
 from .modeling_cell_encoder import ScMMGPTCellModel, masked_mean
@@ -21,60 +18,9 @@ from .modeling_cell_pretraining import maskable_positions
 from .modeling_data_parallel import data_parallel_world, gather_rows
 from .modeling_expression_decoder import (CellStateSpread, CountDistribution, ExpressionDecoder, decoded_log1p,
                                           expression_loss)
+from .modeling_outputs import ScMMGPTCausalLMOutput, ScMMGPTModelOutput, ScMMGPTTextToCellOutput
 from .modeling_qformer import ScMMGPTQFormer
 from .saving import SafeSerializationMixin
-
-
-@dataclass
-class ScMMGPTModelOutput(ModelOutput):
-    r"""
-    loss: sum of the three stage-1 losses. loss_contrastive / loss_matching / loss_captioning: each of them.
-    logits_per_cell (`(batch, batch)`): scaled cell–text similarities (training under several processes: of the
-    global batch, every rank's cells × every rank's texts). cell_embeds / text_embeds (`(batch, embed_dim)`):
-    normalised features in the shared space.
-    """
-
-    loss: torch.FloatTensor | None = None
-    loss_contrastive: torch.FloatTensor | None = None
-    loss_matching: torch.FloatTensor | None = None
-    loss_captioning: torch.FloatTensor | None = None
-    logits_per_cell: torch.FloatTensor | None = None
-    cell_embeds: torch.FloatTensor | None = None
-    text_embeds: torch.FloatTensor | None = None
-
-
-@dataclass
-class ScMMGPTCausalLMOutput(ModelOutput):
-    r"""
-    loss: LM loss + weighted text→cell losses. loss_lm / loss_cell_embed / loss_expression: each of them.
-    logits (`(batch, length, vocab)`), cache: as the LLM's. cell_states (`(n, num_query_tokens, qformer_hidden)`): the
-    cell states reconstructed from the output cell slots; expression (`(n, genes)`): the decoded log1p expression.
-    """
-
-    loss: torch.FloatTensor | None = None
-    loss_lm: torch.FloatTensor | None = None
-    loss_cell_embed: torch.FloatTensor | None = None
-    loss_expression: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    cache: object | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    cell_states: torch.FloatTensor | None = None
-    expression: torch.FloatTensor | None = None
-
-
-@dataclass
-class ScMMGPTTextToCellOutput(ModelOutput):
-    r"""
-    loss: weighted sum of the two. loss_cell_embed: MSE of the reconstructed cell states to the true ones.
-    loss_expression: masked MSE of the decoded log1p expression (None without decoder targets). cell_states
-    (`(n, num_query_tokens, qformer_hidden)`) and expression (`(n, genes)`): what the output slots decode to.
-    """
-
-    loss: torch.FloatTensor | None = None
-    loss_cell_embed: torch.FloatTensor | None = None
-    loss_expression: torch.FloatTensor | None = None
-    cell_states: torch.FloatTensor | None = None
-    expression: torch.FloatTensor | None = None
 
 
 class ScMMGPTPreTrainedModel(SafeSerializationMixin, PreTrainedModel):
@@ -126,8 +72,9 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
     `qformer_attention_mask` (batch, tokens), named apart from the LLM's `input_ids` as in InstructBLIP.
     `negative_texts` (optional): the same three text arguments for texts every cell's text must also beat in the
     contrastive loss, such as every training label's text, so that a type absent from the batch is still a
-    candidate, as it is in retrieval (`Stage1Collator(negative_texts=...)`); those that are a cell's text in the batch
-    are skipped.
+    candidate, as it is in retrieval (`Stage1Collator(negative_texts=...)`); `label_text_index` (batch,): the row of
+    each cell's own label's text among them (-1: none), never its negative. Those that are a cell's text in the
+    batch are candidates already and are skipped.
     """
 
     def __init__(self, config: ScMMGPTConfig):
@@ -212,17 +159,22 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
         return F.normalize(self.text_projection(pooled), dim=-1)
 
-    def _negative_text_features(self, negative_texts, batch_ids, batch_mask):
-        """Features of `negative_texts` (the Q-Former text arguments of, e.g., every training label's text; the same
-        on every rank) that are no cell's text in the batch, else None."""
+    def _negative_texts(self, negative_texts, label_text_index, batch_ids, batch_mask):
+        """`(features, skip)` of `negative_texts` (text arguments, the same on every rank), or `(None, None)`:
+        `skip` (cells, negatives) marks the pairs left out of the loss, a negative that is some cell's text in the
+        batch (a candidate already) or the cell's own label's text (`label_text_index`, -1: none)."""
         if not negative_texts:
-            return None
+            return None, None
         ids, mask = negative_texts["qformer_input_ids"], negative_texts["qformer_attention_mask"]
-        new = ~same_texts(ids, mask, batch_ids, batch_mask).any(1)
-        if not new.any():
-            return None
+        skip = same_texts(ids, mask, batch_ids, batch_mask).any(1)[None].expand(len(batch_ids), -1)
+        if label_text_index is not None:
+            skip = skip | (label_text_index[:, None] == torch.arange(len(ids), device=ids.device))
+        used = ~skip.all(0)
+        if not used.any():
+            return None, None
         gene_ids = negative_texts.get("qformer_gene_ids")
-        return self.get_text_features(ids[new], mask[new], None if gene_ids is None else gene_ids[new])
+        features = self.get_text_features(ids[used], mask[used], None if gene_ids is None else gene_ids[used])
+        return features, skip[:, used]
 
     def _gene_grounding(self, gene_ids) -> torch.Tensor | None:
         if gene_ids is None or self.gene_text_projection is None:
@@ -245,17 +197,20 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         return self.qformer.load_bert_weights(load_file(cached_file(bert_path, "model.safetensors", **hub_kwargs)))
 
     # ------------------------------------------------------------------------------------------------ losses
-    def _contrastive_loss(self, cell_embeds, text_embeds, same_text, extra_text_embeds=None):
+    def _contrastive_loss(self, cell_embeds, text_embeds, same_text, negative_embeds=None, skip=None):
         """Symmetric InfoNCE; cells whose texts are identical all count as positives (cell types repeat in a batch).
-        `extra_text_embeds`: texts of no cell of the batch (other labels), negatives of every cell."""
+        `negative_embeds`: more texts each cell's own must beat (other labels' texts), but for the pairs `skip`
+        marks (cells × negatives)."""
         scale = self.contrastive_logit_scale.clamp(max=4.6052).exp()  # <= 100, as CLIP
         logits = scale * cell_embeds @ text_embeds.T
         targets = same_text.float() / same_text.sum(1, keepdim=True)
         margined = logits - scale * self.config.contrastive_margin * same_text  # CosFace's margin, on positives only
         per_text, text_targets = margined, targets
-        if extra_text_embeds is not None:  # more candidates for each cell's text, none of them its own
-            per_text = torch.cat([margined, scale * cell_embeds @ extra_text_embeds.T], 1)
-            text_targets = F.pad(targets, (0, len(extra_text_embeds)))
+        if negative_embeds is not None:
+            # a large finite logit, not -inf: the soft targets' zeros would meet log(0) in the cross-entropy
+            negatives = (scale * cell_embeds @ negative_embeds.T).masked_fill(skip, -1e4)
+            per_text = torch.cat([margined, negatives], 1)
+            text_targets = F.pad(targets, (0, len(negative_embeds)))
         loss = (F.cross_entropy(per_text, text_targets) + F.cross_entropy(margined.T, targets)) / 2
         return loss, logits
 
@@ -327,6 +282,7 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         qformer_attention_mask: torch.Tensor | None = None,
         qformer_gene_ids: torch.LongTensor | None = None,
         negative_texts: dict | None = None,
+        label_text_index: torch.LongTensor | None = None,
         return_loss: bool = True,
         **kwargs,
     ) -> ScMMGPTModelOutput:
@@ -345,9 +301,10 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         same = same_texts(all_ids, all_mask, all_ids, all_mask)
         # every rank computes the whole contrastive loss; the gathers' backward sums the ranks' gradients, which
         # DDP's averaging then divides back: the gradient of the one-process loss
+        negatives = self._negative_texts(negative_texts, None if label_text_index is None else
+                                         gather_rows(label_text_index, world), all_ids, all_mask)
         contrastive, logits = self._contrastive_loss(gather_rows(cell_embeds, world), gather_rows(text_embeds, world),
-                                                     same, self._negative_text_features(negative_texts, all_ids,
-                                                                                        all_mask))
+                                                     same, *negatives)
         if not return_loss:
             return ScMMGPTModelOutput(logits_per_cell=logits, cell_embeds=cell_embeds, text_embeds=text_embeds)
         sizes = gather_rows(torch.tensor([len(input_ids)], device=input_ids.device), world).tolist()

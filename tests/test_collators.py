@@ -60,14 +60,17 @@ def test_stage1_cells_match_tokenising_the_original_file(built, rows, pbmc, mini
     assert torch.equal(batch["qformer_attention_mask"], text["attention_mask"])
 
 
-def test_stage1_label_negatives_come_tokenised_like_the_cells_texts(built, rows, minilm_tokenizer):
+def test_stage1_label_negatives_come_tokenised_with_each_cells_own_label(built, rows, minilm_tokenizer):
     _, tok = built
-    negatives = ["cell type: B cell. A lymphocyte of B lineage.", "cell type: natural killer cell."]
+    own_type = rows[0]["cell_type"]
+    negatives = {"B cell": "cell type: B cell. A lymphocyte of B lineage.", own_type: rows[0]["text"]}
     batch = Stage1Collator(tok, minilm_tokenizer, max_text_length=24, negative_texts=negatives)(rows)
-    assert set(batch) == STAGE1_KEYS | {"negative_texts"}
-    text = minilm_tokenizer(negatives, padding="longest", truncation=True, max_length=24, return_tensors="pt")
+    assert set(batch) == STAGE1_KEYS | {"negative_texts", "label_text_index"}
+    text = minilm_tokenizer(list(negatives.values()), padding="longest", truncation=True, max_length=24,
+                            return_tensors="pt")
     assert torch.equal(batch["negative_texts"]["qformer_input_ids"], text["input_ids"])
     assert torch.equal(batch["negative_texts"]["qformer_attention_mask"], text["attention_mask"])
+    assert batch["label_text_index"].tolist() == [1 if r["cell_type"] == own_type else -1 for r in rows]
     plain = Stage1Collator(tok, minilm_tokenizer, max_text_length=24)(rows)
     for key in STAGE1_KEYS:  # the cells and their own texts are as without negatives
         assert torch.equal(plain[key], batch[key]), key

@@ -117,32 +117,32 @@ def test_stage1_contrastive_margin_penalises_positive_pairs_only(processor, cell
             tiny_config(10, 10, contrastive_margin=bad)
 
 
-def test_stage1_label_negatives_join_each_cells_candidates_unless_in_the_batch(processor, cells):
+def test_stage1_label_negatives_join_each_cells_candidates_but_its_own_and_the_batchs(processor, cells):
     torch.manual_seed(0)
     model = ScMMGPTModel(tiny_config(len(processor.feature_extractor), len(processor.qformer_tokenizer))).eval()
     cell_batch = processor(cells=cells, cell_kwargs={"use_raw": True}, return_tensors="pt")
     batch_texts = [f"cell type: {t}." for t in cells.obs["bulk_labels"]]
     text = processor.qformer_text(batch_texts)
     absent = ["cell type: plasmacytoid dendritic cell.", "cell type: erythrocyte."]
-    negatives = processor.qformer_text([batch_texts[0], *absent])  # the first is a cell's own text: skipped
+    negatives = processor.qformer_text([batch_texts[0], *absent])  # the first is a cell's text in the batch
+    own = torch.tensor([1] + [-1] * (len(batch_texts) - 1))  # as if the first cell's label's text were the second
     torch.manual_seed(1)  # the matching loss draws its hard negatives
     plain = model(**cell_batch, **text)
     torch.manual_seed(1)
-    out = model(**cell_batch, **text, negative_texts=negatives)
+    out = model(**cell_batch, **text, negative_texts=negatives, label_text_index=own)
     torch.testing.assert_close(out.logits_per_cell, plain.logits_per_cell)  # retrieval scores are unchanged
     torch.testing.assert_close(out.loss_matching, plain.loss_matching)
     extra = model.get_text_features(**processor.qformer_text(absent))
-    expected_extra = model._negative_text_features(dict(negatives), text["qformer_input_ids"],
-                                                   text["qformer_attention_mask"])
-    torch.testing.assert_close(expected_extra, extra)
     scale = model.contrastive_logit_scale.exp()
     same = torch.tensor([[a == b for b in batch_texts] for a in batch_texts])
     targets = same.float() / same.sum(1, keepdim=True)
-    cell_to_text = torch.cat([plain.logits_per_cell, scale * out.cell_embeds @ extra.T], 1)
+    negative_logits = scale * out.cell_embeds @ extra.T
+    negative_logits[0, 0] = -1e4  # the first cell's own label's text: no negative of it
+    cell_to_text = torch.cat([plain.logits_per_cell, negative_logits], 1)
     expected = (torch.nn.functional.cross_entropy(cell_to_text, torch.nn.functional.pad(targets, (0, 2)))
                 + torch.nn.functional.cross_entropy(plain.logits_per_cell.T, targets)) / 2
     torch.testing.assert_close(out.loss_contrastive, expected)
-    assert out.loss_contrastive > plain.loss_contrastive  # two more candidates to beat
+    assert out.loss_contrastive > plain.loss_contrastive  # more candidates to beat
     in_batch_only = processor.qformer_text(batch_texts[:2])
     torch.manual_seed(1)
     torch.testing.assert_close(model(**cell_batch, **text, negative_texts=in_batch_only).loss, plain.loss)

@@ -43,7 +43,8 @@ def test_console_script_help():
 # the modeling layer: configs, cell tokenizer, processor, models; everything above it may import it, never the reverse
 MODELING_FILES = ("configuration_scmmgpt", "feature_extraction_scmmgpt", "processing_scmmgpt", "saving",
                   "modeling_cell_encoder", "modeling_cell_pretraining", "modeling_cell_classification",
-                  "modeling_qformer", "modeling_data_parallel", "modeling_scmmgpt", "ontology_scmmgpt")
+                  "modeling_qformer", "modeling_data_parallel", "modeling_outputs", "modeling_scmmgpt",
+                  "ontology_scmmgpt")
 UPPER_LAYERS = ("jobs_scmmgpt", "kinds_scmmgpt", "pseudocells_scmmgpt", "results_scmmgpt", "inputs_scmmgpt",
                 "pipeline_scmmgpt", "cli", "cli_jobs", "hub", "convert_scgpt",
                 "scmmgpt_train", "train")

@@ -70,9 +70,6 @@ def test_configs_parse_into_training_arguments_and_sft_config(tmp_path):
     assert tiny.model.contrastive_margin == paper.model.contrastive_margin == 0.3
     with pytest.raises(ValueError, match="^model: contrastive_margin must be in"):
         load_config(TINY, output_dir=str(tmp_path), overrides={"model.contrastive_margin": -0.1})
-    with pytest.raises(ValueError, match="^stage1: label_negatives makes every label's text a negative"):
-        load_config(TINY, output_dir=str(tmp_path), overrides={"stage1.label_negatives": True,
-                                                               "stage1.text_variant_probability": 0.5})
 
 
 def test_label_negatives_are_the_training_labels_texts_of_in_memory_cells():
@@ -83,8 +80,8 @@ def test_label_negatives_are_the_training_labels_texts_of_in_memory_cells():
     from scmmgpt_train.stages import _label_negatives
 
     rows = {"cell_type": ["B", "NK", "B"], "text": ["cell type: B cell.", "cell type: NK cell.", "cell type: B cell."]}
-    assert _label_negatives(SimpleNamespace(train=Dataset.from_dict(rows))) == ["cell type: B cell.",
-                                                                               "cell type: NK cell."]
+    assert _label_negatives(SimpleNamespace(train=Dataset.from_dict(rows))) == {"B": "cell type: B cell.",
+                                                                               "NK": "cell type: NK cell."}
     streamed = SimpleNamespace(train=IterableDataset.from_generator(lambda: iter([])))
     with pytest.raises(ValueError, match="label_negatives reads the label texts of in-memory training cells"):
         _label_negatives(streamed)

@@ -163,11 +163,13 @@ def _stage1_batches(model) -> list[dict]:
 def _rows(batch: dict, rows: slice) -> dict:
     """The model inputs of `rows` of a global batch, texts padded to the longest of those rows (as a collator pads a
     rank's share)."""
-    ids, mask = _padded(batch["texts"][rows])
+    texts = batch["texts"][rows]
+    ids, mask = _padded(texts)
     negative_ids, negative_mask = _padded(batch["negatives"])  # every rank has them all
+    own = torch.tensor([0 if t is batch["negatives"][0] else -1 for t in texts])  # each cell's label's negative
     return dict(gene_ids=batch["gene_ids"][rows], expression_values=batch["expression_values"][rows],
                 cell_attention_mask=batch["cell_attention_mask"][rows], qformer_input_ids=ids,
-                qformer_attention_mask=mask,
+                qformer_attention_mask=mask, label_text_index=own,
                 negative_texts=dict(qformer_input_ids=negative_ids, qformer_attention_mask=negative_mask))
 
 

@@ -103,15 +103,17 @@ class Stage1Collator:
             (synonyms, parent terms, the bare name), the rest of its text kept; drawn from `seed`.
         gene_vocab: the cell vocabulary (symbol → id) of a model with `text_gene_grounding`: each text token also
             gets the id of the gene symbol it belongs to (`qformer_gene_ids`); None: no gene ids.
-        negative_texts: texts every cell's text must also beat in the contrastive loss (stage 1's
-            `label_negatives`: every training label's text), tokenised into `negative_texts` each batch.
+        negative_texts: `{label: text}` whose texts every cell's text must also beat in the contrastive loss, but
+            its own label's (stage 1's `label_negatives`: every training label's text); each batch carries them
+            tokenised (`negative_texts`) and each cell's label's row among them (`label_text_index`, from the row's
+            `label_column`).
 
     Returns (torch tensors):
         `gene_ids`, `expression_values`, `cell_attention_mask`: B × L_cell;
         `qformer_input_ids`, `qformer_attention_mask`: B × L_text (padded to the longest text), the Q-Former's text;
         `qformer_gene_ids` (B × L_text) with `gene_vocab`;
-        `negative_texts` with `negative_texts`: `{qformer_input_ids, qformer_attention_mask[, qformer_gene_ids]}`,
-        N × L_neg.
+        with `negative_texts`: `negative_texts` (`{qformer_input_ids, qformer_attention_mask[, qformer_gene_ids]}`,
+        N × L_neg) and `label_text_index` (B).
     """
 
     cell_tokenizer: object
@@ -124,7 +126,8 @@ class Stage1Collator:
     expressed_genes: ExpressedGenes | None = None
     expressed_genes_probability: float = 0.0
     gene_vocab: dict | None = None
-    negative_texts: list[str] | None = None
+    negative_texts: dict | None = None
+    label_column: str = "cell_type"
     seed: int = 0
 
     def __call__(self, rows: list[dict]) -> dict:
@@ -135,9 +138,18 @@ class Stage1Collator:
         texts = [self.text(r, rng) for r in rows]
         batch.update(qformer_text_inputs(self.text_tokenizer, texts, self.max_text_length, self.gene_vocab))
         if self.negative_texts:
-            batch["negative_texts"] = qformer_text_inputs(self.text_tokenizer, self.negative_texts,
-                                                          self.max_text_length, self.gene_vocab)
+            batch.update(self._negatives(rows))
         return batch
+
+    def _negatives(self, rows: list[dict]) -> dict:
+        import torch
+
+        labels = list(self.negative_texts)
+        row_of = {label: i for i, label in enumerate(labels)}
+        texts = qformer_text_inputs(self.text_tokenizer, [self.negative_texts[label] for label in labels],
+                                    self.max_text_length, self.gene_vocab)
+        own = torch.tensor([row_of.get(row.get(self.label_column), -1) for row in rows])
+        return {"negative_texts": texts, "label_text_index": own}
 
     def text(self, row: dict, rng: np.random.Generator) -> str:
         """The row's text, its cell-type part swapped for a variant with probability `text_variant_probability`, then

@@ -133,8 +133,8 @@ class Stage1Arguments:
     cell's own, its cell-type sentence and the `expressed_genes_count` genes it expresses most above the training
     cells' mean (`collators.ExpressedGenes`; off by default: on PBMC it lets marker texts find held-out types and
     costs the label texts' retrieval 5-8 points, BENCHMARKS.md); `label_negatives`: every training label's text is
-    a candidate in each batch's contrastive loss, present in the batch or not (`Stage1Collator.negative_texts`;
-    in-memory cells only, and not with the two text options above, whose texts differ from their label's)."""
+    a candidate in each batch's contrastive loss, present in the batch or not, but for the cell's own label
+    (`Stage1Collator.negative_texts`; in-memory cells only)."""
 
     freeze_cell_encoder: bool = False
     text_variant_probability: float = 0.0
@@ -143,13 +143,6 @@ class Stage1Arguments:
     label_negatives: bool = False
     captioning_max_cells: int | None = ScMMGPTConfig.captioning_max_cells
     max_seconds: float | None = None
-
-    def __post_init__(self):
-        if self.label_negatives and (self.text_variant_probability or self.expressed_genes_probability):
-            raise ValueError("label_negatives makes every label's text a negative of cells of other labels; a cell "
-                             "whose text is a variant or a gene text would have its own label's text as a negative: "
-                             "set text_variant_probability and expressed_genes_probability to 0, or label_negatives "
-                             "to false")
 
 
 @dataclass

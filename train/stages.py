@@ -101,7 +101,7 @@ def _text_variants(cells, probability: float) -> dict | None:
     return cell_type_text_variants(cells.all_rows["cell_type_ontology_term_id"])
 
 
-def _label_negatives(cells) -> list[str]:
+def _label_negatives(cells) -> dict[str, str]:
     """Every training label's text (`stage1.label_negatives`), from in-memory training cells."""
     from datasets import Dataset
 
@@ -110,7 +110,7 @@ def _label_negatives(cells) -> list[str]:
     if not isinstance(cells.train, Dataset):
         raise ValueError("stage1.label_negatives reads the label texts of in-memory training cells (data.h5ad); a "
                          "streamed folder (data.dataset_dir) gives none: set it to false")
-    return sorted(set(label_texts_of(cells.train).values()))
+    return label_texts_of(cells.train)
 
 
 def _stage1_texts(cells, extra) -> dict:
