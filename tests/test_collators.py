@@ -64,8 +64,12 @@ def test_stage1_label_negatives_come_tokenised_with_each_cells_own_label(built, 
     _, tok = built
     own_type = rows[0]["cell_type"]
     negatives = {"B cell": "cell type: B cell. A lymphocyte of B lineage.", own_type: rows[0]["text"]}
-    batch = Stage1Collator(tok, minilm_tokenizer, max_text_length=24, negative_texts=negatives)(rows)
+    collate = Stage1Collator(tok, minilm_tokenizer, max_text_length=24, negative_texts=negatives)
+    batch = collate(rows)
     assert set(batch) == STAGE1_KEYS | {"negative_texts", "label_text_index"}
+    again = collate(rows[::-1])  # the next batch: the same negatives, its own cells' rows among them
+    assert torch.equal(again["negative_texts"]["qformer_input_ids"], batch["negative_texts"]["qformer_input_ids"])
+    assert again["label_text_index"].tolist() == batch["label_text_index"].tolist()[::-1]
     text = minilm_tokenizer(list(negatives.values()), padding="longest", truncation=True, max_length=24,
                             return_tensors="pt")
     assert torch.equal(batch["negative_texts"]["qformer_input_ids"], text["input_ids"])

@@ -122,7 +122,8 @@ def run_unseen_variant(config_path: str, seed_dir: Path, seed: int, name: str, o
     if markers:
         texts[MARKER_RETRIEVAL] = {label: expressed_genes_text(text, markers[label])
                                    for label, text in texts[RETRIEVAL].items()}
-    results, train = {}, EvalCells.from_rows(cells.train, cells.tokenizer)
+    results = {}
+    train = EvalCells.from_rows(cells.train, cells.tokenizer) if markers else None  # the marker reference's z-scores
     for group, rows in ((UNSEEN, cells.unseen), (SEEN, cells.test)):
         group_cells, results[group] = EvalCells.from_rows(rows, cells.tokenizer), {}
         for method, label_texts in texts.items():

@@ -6,6 +6,7 @@ on a stream. Every batch carries the same keys whatever its examples are, so `Tr
 
 from __future__ import annotations
 
+import functools
 import itertools
 import zlib
 from dataclasses import dataclass, field
@@ -144,12 +145,17 @@ class Stage1Collator:
     def _negatives(self, rows: list[dict]) -> dict:
         import torch
 
+        texts, row_of = self._tokenised_negatives
+        own = torch.tensor([row_of.get(row.get(self.label_column), -1) for row in rows])
+        return {"negative_texts": dict(texts), "label_text_index": own}
+
+    @functools.cached_property
+    def _tokenised_negatives(self) -> tuple[dict, dict]:
+        """The negative texts' Q-Former inputs, tokenised once (every batch carries the same), and each label's row."""
         labels = list(self.negative_texts)
-        row_of = {label: i for i, label in enumerate(labels)}
         texts = qformer_text_inputs(self.text_tokenizer, [self.negative_texts[label] for label in labels],
                                     self.max_text_length, self.gene_vocab)
-        own = torch.tensor([row_of.get(row.get(self.label_column), -1) for row in rows])
-        return {"negative_texts": texts, "label_text_index": own}
+        return texts, {label: i for i, label in enumerate(labels)}
 
     def text(self, row: dict, rng: np.random.Generator) -> str:
         """The row's text, its cell-type part swapped for a variant with probability `text_variant_probability`, then
