@@ -167,7 +167,7 @@ def test_pipeline_runs_every_stage_caches_and_saves_a_hub_folder(tmp_path, capsy
     assert {"loss_lm", "loss_cell_embed", "loss_expression"} <= set(result["losses"]["stage2"])
     assert 0.0 <= result["metrics"]["stage2"]["knn_accuracy"] <= 1.0
     assert "retrieval_accuracy" in result["metrics"]["stage1"]
-    assert 0.0 <= result["metrics"]["classifier"]["accuracy"] <= 1.0  # fine-tuned from the stage-1 encoder
+    assert 0.0 <= result["metrics"]["classifier"]["accuracy"] <= 1.0  # fine-tuned from the encoder tiny-cpu names
     assert result["classifier_dir"] == str(out / "classifier")
     for stage in ("stage1", "stage2"):  # every process that trained left a record
         ranks = json.loads((out / stage / "ranks" / "rank-0.json").read_text())
@@ -309,6 +309,28 @@ def test_decoder_warm_up_decodes_each_types_mean_state_towards_its_mean_expressi
     print(np.mean(losses[:10]), np.mean(losses[-10:]), before.round(1), after.round(1))
     assert len(losses) == 150 and np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
     assert (after < before).all() and after.mean() < 0.5 * before.mean()
+
+
+def test_classifier_fine_tunes_the_cell_encoder_its_config_names(tmp_path):
+    from scmmgpt_train.config import ClassifierArguments
+
+    with pytest.raises(ValueError, match=r"classifier.encoder must be one of \['stage1', 'stage0_cell'\], got 'stage2'"):
+        ClassifierArguments(encoder="stage2")
+    config, out = few_steps(), tmp_path / "run"
+    config["pipeline"]["stages"] = ["stage0_cell", "classifier"]
+    with pytest.raises(ValueError, match="^classifier.encoder: stage1 fine-tunes that stage's cell encoder: add stage1"):
+        run_pipeline(config, out, progress=False)
+    config["classifier"]["encoder"] = "stage0_cell"
+    result = run_pipeline(config, out, progress=False)
+    assert result["stages"]["stage0_cell"]["cached"] and not result["stages"]["classifier"]["cached"]
+    assert not (out / "stage1").exists() and result["classifier_dir"] == str(out / "classifier")
+    from modeling_scmmgpt import ScMMGPTCellForClassification, ScMMGPTCellModel
+
+    key = "encoder.embedding.weight"  # the gene embeddings
+    start = ScMMGPTCellModel.from_pretrained(out / "stage0_cell").state_dict()[key]
+    tuned = ScMMGPTCellForClassification.from_pretrained(out / "classifier").cell_model.state_dict()[key]
+    # 3 steps from stage 0's encoder: its gene embeddings moved by a learning-rate's worth, not re-initialised
+    assert (tuned - start).abs().max() < 0.1 * start.abs().max()
 
 
 @pytest.mark.slow

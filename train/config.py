@@ -147,13 +147,22 @@ class Stage1Arguments:
 
 @dataclass
 class ClassifierArguments:
-    """Fine-tuned annotation (`ScMMGPTCellForClassification` from the stage-1 cell encoder): the head's `pooling`
-    (`"expression_mean"`, `"mean"` or `"cls"`) and `dropout`; the `TrainingArguments` of the section set the
-    optimiser."""
+    """Fine-tuned annotation (`ScMMGPTCellForClassification`): the cell `encoder` it starts from (`"stage1"`, the
+    aligned encoder of stage 1, or `"stage0_cell"`, the pre-trained one), the head's `pooling` (`"expression_mean"`,
+    `"mean"` or `"cls"`) and `dropout`; the `TrainingArguments` of the section set the optimiser."""
 
+    encoder: str = "stage1"
     pooling: str = "expression_mean"
     dropout: float = ScMMGPTCellConfig.classifier_dropout
     max_seconds: float | None = None
+
+    def __post_init__(self):
+        if self.encoder not in CLASSIFIER_ENCODERS:
+            raise ValueError(f"classifier.encoder must be one of {list(CLASSIFIER_ENCODERS)}, got {self.encoder!r}")
+
+
+# classifier.encoder → the pipeline output it fine-tunes (`stages.Stage.provides`)
+CLASSIFIER_ENCODERS = {"stage1": "stage1", "stage0_cell": "cell_encoder"}
 
 
 def _section_classes() -> dict:

@@ -1,6 +1,6 @@
 """`scmmgpt train`: the whole training pipeline from one YAML config: data → stage 0 (cell encoder, and a small LLM when
-none is given) → stage 1 (alignment) → stage 2 (generation) → a Hub-ready folder; and, from the stage-1 cell encoder, a
-fine-tuned cell type classifier (`classifier`, a Hub-ready folder of its own).
+none is given) → stage 1 (alignment) → stage 2 (generation) → a Hub-ready folder; and, from stage 1's or stage 0's
+cell encoder (`classifier.encoder`), a fine-tuned cell type classifier (`classifier`, a Hub-ready folder of its own).
 
     scmmgpt train --config train/configs/tiny-cpu.yaml [--output-dir DIR] [--fresh] [--stages stage1 stage2]
     accelerate launch --config_file train/accelerate/multi_gpu.yaml -m scmmgpt_train.run --config CONFIG

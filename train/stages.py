@@ -161,13 +161,26 @@ def _classifier(run: StageRun, args, extra) -> dict:
     from .pipeline import is_main_process
 
     cells = run.cells
-    _, metrics = finetune_cell_classifier(cells.train, cells.test, cells.tokenizer, str(run.inputs["stage1"]),
+    _, metrics = finetune_cell_classifier(cells.train, cells.test, cells.tokenizer, _classifier_encoder(run, extra),
                                           args=args, pooling=extra.pooling, dropout=extra.dropout,
                                           callbacks=run.callbacks, augment=run.augment,
                                           validation_rows=cells.validation)
     if is_main_process():  # its cell-annotation pipeline loads in a fresh process, package or not
         save_pipelines(run.folder)
     return metrics
+
+
+def _classifier_encoder(run: StageRun, extra) -> str:
+    """The folder of the cell encoder `classifier.encoder` names, or a one-line error saying how to provide it."""
+    from .config import CLASSIFIER_ENCODERS
+
+    provides = CLASSIFIER_ENCODERS[extra.encoder]
+    if provides not in run.inputs:
+        ways = {"stage1": "add stage1 to pipeline.stages",
+                "stage0_cell": "add stage0_cell to pipeline.stages or set model.cell_encoder_path"}
+        raise ValueError(f"classifier.encoder: {extra.encoder} fine-tunes that stage's cell encoder: "
+                         f"{ways[extra.encoder]}")
+    return str(run.inputs[provides])
 
 
 def _stage1(run: StageRun, targs, extra) -> dict:
@@ -244,7 +257,8 @@ PIPELINE = (
     Stage("stage0_llm", _stage0_llm, provides="llm", given_by="llm_path"),
     Stage("stage1", _stage1, provides="stage1", uses=("cell_encoder",)),
     Stage("stage2", _stage2, provides="model", needs=("stage1", "llm")),
-    Stage("classifier", _classifier, provides="classifier", needs=("stage1",)),
+    # needs what `classifier.encoder` names (`_classifier_encoder` checks): stage 1's encoder or stage 0's
+    Stage("classifier", _classifier, provides="classifier", uses=("stage1", "cell_encoder")),
 )
 
 
