@@ -53,7 +53,8 @@ def stage1_params(config) -> int:
     """ScMMGPTModel: the cell encoder; the Q-Former = BERT without pooler + cross-attention to the gene states in
     every f-th layer + the queries' own feed-forward in every layer + the captioning head (transform, LayerNorm,
     vocabulary bias; its matrix is the word embeddings); the query tokens, the projection of the cell summary into
-    them, the gene states' LayerNorm, the two contrastive projections, the matching head and the logit scale."""
+    them, the gene states' LayerNorm, the two contrastive projections, the matching head and the logit scale; with
+    `text_gene_grounding`, the projection of the cell encoder's gene embeddings into the Q-Former's text embeddings."""
     b, c = config.qformer_config, config.cell_config.hidden_size
     h, ff, layers = b.hidden_size, b.intermediate_size, b.num_hidden_layers
     cross_layers = len(range(0, layers, config.cross_attention_frequency))
@@ -61,7 +62,7 @@ def stage1_params(config) -> int:
     query_feed_forward = linear(h, ff) + linear(ff, h) + norm(h)
     captioning_head = linear(h, h) + norm(h) + b.vocab_size
     heads = (config.num_query_tokens * h + linear(c, h) + norm(c) + 2 * linear(h, config.embed_dim) + linear(h, 2)
-             + 1)
+             + 1 + (linear(c, h) if config.text_gene_grounding else 0))
     return (cell_encoder_params(config.cell_config) + bert_params(b, pooler=False) + cross_layers * cross
             + layers * query_feed_forward + captioning_head + heads)
 

@@ -318,6 +318,7 @@ def test_classifier_fine_tunes_the_cell_encoder_its_config_names(tmp_path):
         ClassifierArguments(encoder="stage2")
     config, out = few_steps(), tmp_path / "run"
     config["pipeline"]["stages"] = ["stage0_cell", "classifier"]
+    config["classifier"]["encoder"] = "stage1"
     with pytest.raises(ValueError, match="^classifier.encoder: stage1 fine-tunes that stage's cell encoder: add stage1"):
         run_pipeline(config, out, progress=False)
     config["classifier"]["encoder"] = "stage0_cell"
