@@ -348,11 +348,12 @@ def test_tiny_cpu_pipeline_learns(tmp_path):
     assert m["stage0_cell"]["masked_value_mse"] < m["stage0_cell"]["masked_value_mse_random_init"]
     assert m["classifier"]["accuracy"] >= 0.8  # logistic regression on all genes: 0.88
     assert m["stage1"]["retrieval_accuracy"] > m["stage1"]["retrieval_accuracy_before"] + 0.2
-    # the LLM reads each type's text into that type's cell state; the decoded profiles are still too close to the
-    # average cell for a k-NN on real cells to tell most types apart (knn_accuracy ~0.2-0.3 here), so only the
-    # decoder's fit is checked: below the per-gene-mean baseline of its targets (0.66 on PBMC)
+    # the LLM reads each type's text into that type's cell state, and the states it writes decode better as it learns
+    # (tiny-cpu's decoder is a negative binomial, fixed after its warm-up: the loss is the counts' NLL, 1.0-1.5 ->
+    # 0.83 here; the 0.64 this asserted was the MSE decoder's). The draws themselves are judged by the demo report
     assert m["stage2"]["generated_state_accuracy"] >= 0.7
-    assert result["losses"]["stage2"]["loss_expression"][1] < 0.64
+    first, last = result["losses"]["stage2"]["loss_expression"]
+    assert last < 0.9 * first
 
 
 def test_oversample_rare_texts_tops_each_text_up_with_text_to_cell_copies():
