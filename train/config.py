@@ -161,8 +161,8 @@ class ClassifierArguments:
             raise ValueError(f"classifier.encoder must be one of {list(CLASSIFIER_ENCODERS)}, got {self.encoder!r}")
 
 
-# classifier.encoder → the pipeline output it fine-tunes (`stages.Stage.provides`)
-CLASSIFIER_ENCODERS = {"stage1": "stage1", "stage0_cell": "cell_encoder"}
+# the stages whose cell encoder `classifier.encoder` may name
+CLASSIFIER_ENCODERS = ("stage1", "stage0_cell")
 
 
 def _section_classes() -> dict:

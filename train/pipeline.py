@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from transformers import TrainerCallback
 
 from .config import STAGES, DataArguments, PipelineConfig, load_config
-from .stages import PIPELINE, Stage, StageRun
+from .stages import PIPELINE, Stage, StageRun, how_to_provide
 from .trainers import time_guarded
 
 MARKER = "COMPLETE.json"
@@ -256,10 +256,8 @@ def _check_needs(stage: Stage, inputs: dict):
     if not missing:
         return
     providers = {other.provides: other for other in PIPELINE}
-    ways = [f"add {providers[need].name} to pipeline.stages"
-            + (f" or set model.{providers[need].given_by}" if providers[need].given_by else "") for need in missing]
     raise ValueError(f"{stage.name} needs the output of {' and '.join(providers[n].name for n in missing)}: "
-                     + "; ".join(ways))
+                     + "; ".join(how_to_provide(need) for need in missing))
 
 
 def _run_stage(stage: Stage, run: StageRun, progress: bool) -> dict:

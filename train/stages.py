@@ -172,14 +172,10 @@ def _classifier(run: StageRun, args, extra) -> dict:
 
 def _classifier_encoder(run: StageRun, extra) -> str:
     """The folder of the cell encoder `classifier.encoder` names, or a one-line error saying how to provide it."""
-    from .config import CLASSIFIER_ENCODERS
-
-    provides = CLASSIFIER_ENCODERS[extra.encoder]
+    provides = next(stage.provides for stage in PIPELINE if stage.name == extra.encoder)
     if provides not in run.inputs:
-        ways = {"stage1": "add stage1 to pipeline.stages",
-                "stage0_cell": "add stage0_cell to pipeline.stages or set model.cell_encoder_path"}
         raise ValueError(f"classifier.encoder: {extra.encoder} fine-tunes that stage's cell encoder: "
-                         f"{ways[extra.encoder]}")
+                         f"{how_to_provide(provides)}")
     return str(run.inputs[provides])
 
 
@@ -260,6 +256,13 @@ PIPELINE = (
     # needs what `classifier.encoder` names (`_classifier_encoder` checks): stage 1's encoder or stage 0's
     Stage("classifier", _classifier, provides="classifier", uses=("stage1", "cell_encoder")),
 )
+
+
+def how_to_provide(output: str) -> str:
+    """How a config provides the pipeline `output` (a `Stage.provides`): the stage that makes it, or the model path
+    that replaces that stage."""
+    stage = next(stage for stage in PIPELINE if stage.provides == output)
+    return f"add {stage.name} to pipeline.stages" + (f" or set model.{stage.given_by}" if stage.given_by else "")
 
 
 # ---------------------------------------------------------------------------------------------------- final model
