@@ -72,19 +72,30 @@ def test_configs_parse_into_training_arguments_and_sft_config(tmp_path):
         load_config(TINY, output_dir=str(tmp_path), overrides={"model.contrastive_margin": -0.1})
 
 
-def test_label_negatives_are_the_training_labels_texts_of_in_memory_cells():
+def test_label_negatives_are_the_training_labels_texts_in_memory_and_in_a_built_folder(tmp_path, pbmc_path):
     from types import SimpleNamespace
 
-    from datasets import Dataset, IterableDataset
+    from datasets import Dataset
 
+    from scmmgpt_train.data import load_dataset_dir, write_dataset
+    from scmmgpt_train.stage1 import label_texts_of
     from scmmgpt_train.stages import _label_negatives
 
+    def run(dataset_dir=None, train=None):
+        return SimpleNamespace(config=SimpleNamespace(data=SimpleNamespace(dataset_dir=dataset_dir)),
+                               cells=SimpleNamespace(train=train))
+
     rows = {"cell_type": ["B", "NK", "B"], "text": ["cell type: B cell.", "cell type: NK cell.", "cell type: B cell."]}
-    assert _label_negatives(SimpleNamespace(train=Dataset.from_dict(rows))) == {"B": "cell type: B cell.",
-                                                                               "NK": "cell type: NK cell."}
-    streamed = SimpleNamespace(train=IterableDataset.from_generator(lambda: iter([])))
-    with pytest.raises(ValueError, match="label_negatives reads the label texts of in-memory training cells"):
-        _label_negatives(streamed)
+    assert _label_negatives(run(train=Dataset.from_dict(rows))) == {"B": "cell type: B cell.",
+                                                                   "NK": "cell type: NK cell."}
+    out = tmp_path / "pbmc"  # 7 shards of at most 100 cells; Dendritic cells only in the held-out split
+    write_dataset(pbmc_path, out, cells_per_shard=100, progress=False, split_by="cell", test_size=0.2,
+                  held_out_cell_types=["Dendritic"])
+    negatives = _label_negatives(run(dataset_dir=str(out)))
+    in_memory = label_texts_of(load_dataset_dir(out, "train", cache_dir=str(tmp_path / "cache")))
+    assert list(negatives.items()) == list(in_memory.items())  # the same labels, texts and order as in memory
+    assert len(negatives) == 9 and "Dendritic" not in negatives
+    assert negatives["CD19+ B"].startswith("cell type: B cell.")
 
 
 def test_train_cli_says_config_mistakes_in_one_line_before_training(tmp_path, capsys):
@@ -204,6 +215,28 @@ def test_pipeline_runs_every_stage_caches_and_saves_a_hub_folder(tmp_path, capsy
     assert all(record["cached"] for record in again["stages"].values())
     assert again["losses"] == json.loads(json.dumps(result["losses"]))
     assert weights and weights == {stage: (out / stage / "model.safetensors").stat().st_mtime_ns for stage in weights}
+
+
+def test_pipeline_trains_on_a_built_folder_with_label_negatives_and_keeps_every_label(tmp_path, pbmc_path):
+    from scmmgpt_train.data import write_dataset
+
+    folder = tmp_path / "pbmc"  # streamed: the training cells are never in memory
+    write_dataset(pbmc_path, folder, cells_per_shard=100, progress=False, split_by="cell", test_size=0.2,
+                  held_out_cell_types=["Dendritic"])
+    config = few_steps()
+    config["pipeline"]["stages"] = ["stage0_llm", "stage1", "stage2"]
+    config["data"].update(dataset_dir=str(folder), validation_size=0)
+    for key in ("metric_for_best_model", "load_best_model_at_end"):
+        config["stage1"].pop(key)
+    config["stage1"].update(eval_strategy="no", save_strategy="no")
+    assert config["stage1"]["label_negatives"]
+    with pytest.warns(UserWarning, match="randomly initialised cell encoder"):
+        result = run_pipeline(config, tmp_path / "run", progress=False)
+    assert len(result["losses"]["stage1"]["loss_contrastive"]) == 2  # first and last
+    assert "retrieval_accuracy" in result["metrics"]["stage1"]  # on the folder's test split
+    # the model's own labels: those of every split, not only of the test split the run holds in memory
+    labels = json.loads((Path(result["model_dir"]) / "label_texts.json").read_text())
+    assert len(labels) == 10 and labels["Dendritic"].startswith("cell type: dendritic cell.")
 
 
 def test_stage2_lora_stays_in_the_llm_and_uses_the_processors_prompts(pbmc, minilm_tokenizer):

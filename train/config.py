@@ -134,7 +134,7 @@ class Stage1Arguments:
     cells' mean (`collators.ExpressedGenes`; off by default: on PBMC it lets marker texts find held-out types and
     costs the label texts' retrieval 5-8 points, BENCHMARKS.md); `label_negatives`: every training label's text is
     a candidate in each batch's contrastive loss, present in the batch or not, but for the cell's own label
-    (`Stage1Collator.negative_texts`; in-memory cells only)."""
+    (`Stage1Collator.negative_texts`; from in-memory training cells or a built folder's train shards)."""
 
     freeze_cell_encoder: bool = False
     text_variant_probability: float = 0.0

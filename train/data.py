@@ -501,6 +501,25 @@ def shard_files(out_dir, split: str = "train") -> list[str]:
     return [str(Path(out_dir) / split / name) for name in info["shards"][split]]
 
 
+def split_label_texts(out_dir, split: str = "train") -> dict[str, str]:
+    """label → the text of its first cell in one split of a built folder, in shard order (what
+    `stage1.label_texts_of` gives for the same cells in memory). Reads only the label and text columns, a shard at a
+    time, so a corpus is never held whole."""
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    paths = shard_files(out_dir, split)
+    texts: dict[str, str] = {}
+    for path in tqdm(paths, desc=f"label texts of {split}", unit="shard", disable=len(paths) < 20):
+        table = pq.read_table(path, columns=["cell_type", "text"])
+        labels, first = np.unique(table.column("cell_type").to_numpy(zero_copy_only=False), return_index=True)
+        new = [(label, row) for label, row in sorted(zip(labels, first), key=lambda pair: pair[1])
+               if label not in texts]
+        found = table.column("text").take([row for _, row in new]).to_pylist() if new else []
+        texts.update((str(label), text) for (label, _), text in zip(new, found))
+    return texts
+
+
 def load_dataset_dir(out_dir, split: str = "train", cache_dir: str | None = None):
     """One split of a built folder as a memory-mapped `datasets.Dataset` (converted into `cache_dir`, by default the
     `datasets` cache)."""

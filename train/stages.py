@@ -101,24 +101,39 @@ def _text_variants(cells, probability: float) -> dict | None:
     return cell_type_text_variants(cells.all_rows["cell_type_ontology_term_id"])
 
 
-def _label_negatives(cells) -> dict[str, str]:
-    """Every training label's text (`stage1.label_negatives`), from in-memory training cells."""
-    from datasets import Dataset
-
+def _label_negatives(run: StageRun) -> dict[str, str]:
+    """Every training label's text (`stage1.label_negatives`): of the in-memory training cells, or of a built folder's
+    train shards."""
+    from .data import split_label_texts
     from .stage1 import label_texts_of
 
-    if not isinstance(cells.train, Dataset):
-        raise ValueError("stage1.label_negatives reads the label texts of in-memory training cells (data.h5ad); a "
-                         "streamed folder (data.dataset_dir) gives none: set it to false")
-    return label_texts_of(cells.train)
+    folder = run.config.data.dataset_dir
+    return split_label_texts(folder, "train") if folder else label_texts_of(run.cells.train)
 
 
-def _stage1_texts(cells, extra) -> dict:
+def _label_set(run: StageRun) -> dict[str, str] | None:
+    """The labels (→ texts) a run scores retrieval over and saves with its model: every label of its cells, in
+    memory or in a built folder's splits (of which only the test split is held in memory)."""
+    from .data import read_build_info, split_label_texts
+    from .stage1 import label_texts_of
+
+    cells, folder = run.cells, run.config.data.dataset_dir
+    if not folder:
+        return label_texts_of(cells.all_rows) if cells.all_rows is not None else None
+    texts: dict[str, str] = {}
+    for split in read_build_info(folder).get("shards", {}):
+        for label, text in split_label_texts(folder, split).items():
+            texts.setdefault(label, text)
+    return texts
+
+
+def _stage1_texts(run: StageRun, extra) -> dict:
     """The stage-1 collator's text options from the stage's arguments (`Stage1Arguments`)."""
+    cells = run.cells
     texts = {"text_variants": _text_variants(cells, extra.text_variant_probability),
              "text_variant_probability": extra.text_variant_probability}
     if extra.label_negatives:
-        texts["negative_texts"] = _label_negatives(cells)
+        texts["negative_texts"] = _label_negatives(run)
     if extra.expressed_genes_probability:
         from .collators import ExpressedGenes
 
@@ -184,7 +199,7 @@ def _stage1(run: StageRun, targs, extra) -> dict:
 
     from modeling_scmmgpt import ScMMGPTCellModel
 
-    from .stage1 import build_stage1_model, label_texts_of, train_stage1
+    from .stage1 import build_stage1_model, train_stage1
 
     m, cells, cell_encoder_dir = run.config.model, run.cells, run.inputs.get("cell_encoder")
     cell_tokenizer = cells.tokenizer
@@ -198,12 +213,11 @@ def _stage1(run: StageRun, targs, extra) -> dict:
     else:
         warnings.warn("stage 1 starts from a randomly initialised cell encoder (no cell_encoder_path, stage 0 not "
                       "run)", stacklevel=2)
-    label_texts = label_texts_of(cells.all_rows) if cells.all_rows is not None else None
     trainer, metrics = train_stage1(
-        model, cells.train, cell_tokenizer, text_tokenizer, targs, eval_dataset=cells.test, label_texts=label_texts,
+        model, cells.train, cell_tokenizer, text_tokenizer, targs, eval_dataset=cells.test, label_texts=_label_set(run),
         freeze_cell_encoder=extra.freeze_cell_encoder, max_text_length=m.max_text_length, callbacks=run.callbacks,
         resume_from_checkpoint=run.resume_from_checkpoint, augment=run.augment, validation_dataset=cells.validation,
-        texts=_stage1_texts(cells, extra))
+        texts=_stage1_texts(run, extra))
     trainer.save_model(str(run.folder))
     if trainer.is_world_process_zero():
         text_tokenizer.save_pretrained(str(run.folder / "qformer_tokenizer"))
@@ -244,7 +258,7 @@ def _stage2(run: StageRun, sft_config, extra) -> dict:
                                                                        processor=processor)
     if trainer.is_world_process_zero():
         save_final_model(model, processor, run.model_dir, config_path=run.config.path,
-                         label_texts=label_texts_of(all_rows) if all_rows is not None else None)
+                         label_texts=_label_set(run))
     return metrics
 
 
