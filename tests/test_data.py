@@ -223,6 +223,10 @@ def test_cli_writes_shards_report_and_tokenizer(tmp_path, pbmc_path):
     assert len(load_cell_tokenizer(out)) == 3 + 765
     test = load_dataset_dir(out, "test", cache_dir=str(tmp_path / "cache"))
     assert len(test) == 70 and set(test["split"]) == {"test"}
+    again = tmp_path / "with-validation"
+    assert build_dataset_main([pbmc_path, "-o", str(again), "--split-by", "cell", "--validation-size", "0.1"]) == 0
+    assert read_build_info(again)["splits"] == {"test": 70, "train": 567, "validation": 63}
+    assert load_dataset_dir(again, "test", cache_dir=str(tmp_path / "cache"))["cell_id"] == test["cell_id"]
 
 
 def _cli_error(capsys, argv) -> str:
@@ -251,6 +255,8 @@ def test_cli_errors_are_one_line_naming_the_flag(tmp_path, capsys):
     assert _cli_error(capsys, [path, "-o", out, "--split-by", "cell", "--test-size", "2"]) == (
         "--test-size must be in (0, 1), got 2.0")
     assert _cli_error(capsys, [path, "-o", out, "--split-by", "donor"]).startswith("--split-by 'donor' cannot split")
+    assert _cli_error(capsys, [path, "-o", out, "--validation-size", "1.5"]).startswith(
+        "--validation-size must be a share of the training cells in [0, 1) or a whole number of cells, got 1.5")
     line = _cli_error(capsys, [path, "-o", out, "--vocab", str(tmp_path / "nowhere")])
     assert line.startswith("--vocab '") and line.endswith("is not a folder (a saved cell tokenizer)")
     label_map = str(tmp_path / "map.json")
@@ -366,6 +372,25 @@ def test_split_by_cell_and_held_out_cell_types(built):
         split_dataset(ds, by="donor")
     with pytest.raises(ValueError, match=r"held_out_cell_types \['martian cell'\] match no cell"):
         split_dataset(ds, by="cell", held_out_cell_types=["Martian cell"])
+
+
+
+def test_validation_cells_are_training_cells_and_leave_the_test_split_as_it_was(built):
+    ds, _ = built
+    plain = split_dataset(ds, by="cell", test_size=0.2, seed=0, held_out_cell_types=["Dendritic"])
+    share = split_dataset(ds, by="cell", test_size=0.2, seed=0, held_out_cell_types=["Dendritic"],
+                          validation_size=0.1)
+    assert share["test"]["cell_id"] == plain["test"]["cell_id"] and len(share["heldout"]) == 240
+    assert len(share["validation"]) == round(0.1 * len(plain["train"]))
+    assert set(share["validation"]["cell_id"]) | set(share["train"]["cell_id"]) == set(plain["train"]["cell_id"])
+    assert not set(share["validation"]["cell_id"]) & set(share["train"]["cell_id"])
+    counted = split_dataset(ds, by=None, validation_size=50, seed=3)  # a number of cells; no test split
+    assert len(counted["validation"]) == 50 and len(counted["train"]) == 650 and set(counted) == {"train", "validation"}
+    assert split_dataset(ds, by=None, validation_size=50, seed=3)["validation"]["cell_id"] == (
+        counted["validation"]["cell_id"])
+    for bad, said in ((-0.1, "must be a share"), (2.5, "must be a share"), (700, "only 700 training cells")):
+        with pytest.raises(ValueError, match=f"validation_size .*{said}"):
+            split_dataset(ds, by=None, validation_size=bad)
 
 
 # ---------------------------------------------------------------------------------------------------- scale

@@ -217,23 +217,31 @@ def test_pipeline_runs_every_stage_caches_and_saves_a_hub_folder(tmp_path, capsy
     assert weights and weights == {stage: (out / stage / "model.safetensors").stat().st_mtime_ns for stage in weights}
 
 
-def test_pipeline_trains_on_a_built_folder_with_label_negatives_and_keeps_every_label(tmp_path, pbmc_path):
+def test_pipeline_trains_on_a_built_folder_with_label_negatives_and_its_validation_split(tmp_path, pbmc_path):
     from scmmgpt_train.data import write_dataset
 
-    folder = tmp_path / "pbmc"  # streamed: the training cells are never in memory
-    write_dataset(pbmc_path, folder, cells_per_shard=100, progress=False, split_by="cell", test_size=0.2,
-                  held_out_cell_types=["Dendritic"])
+    folder, plain = tmp_path / "pbmc", tmp_path / "plain"  # streamed: the training cells are never in memory
+    for out, validation in ((folder, 50), (plain, 0)):
+        write_dataset(pbmc_path, out, cells_per_shard=100, progress=False, split_by="cell", test_size=0.2,
+                      held_out_cell_types=["Dendritic"], validation_size=validation)
     config = few_steps()
     config["pipeline"]["stages"] = ["stage0_llm", "stage1", "stage2"]
-    config["data"].update(dataset_dir=str(folder), validation_size=0)
-    for key in ("metric_for_best_model", "load_best_model_at_end"):
-        config["stage1"].pop(key)
-    config["stage1"].update(eval_strategy="no", save_strategy="no")
+    config["data"].update(dataset_dir=str(plain))  # tiny-cpu asks for validation cells: this folder has none
+    with pytest.raises(ValueError, match="^data.validation_size: a built folder .* pass --validation-size to scmmgpt"):
+        run_pipeline(config, tmp_path / "run", progress=False)
+    config["data"]["validation_size"] = 0  # and stage 1 still chooses its checkpoint: said before any stage trains
+    with pytest.raises(ValueError, match=r"^stage1: eval_strategy='steps' .* build it with --validation-size"):
+        run_pipeline(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "stage0_llm").exists()
+    config["data"].update(dataset_dir=str(folder))
+    config["stage1"]["eval_steps"] = 3  # choose stage 1's checkpoint on the folder's 50 validation cells
     assert config["stage1"]["label_negatives"]
     with pytest.warns(UserWarning, match="randomly initialised cell encoder"):
         result = run_pipeline(config, tmp_path / "run", progress=False)
     assert len(result["losses"]["stage1"]["loss_contrastive"]) == 2  # first and last
     assert "retrieval_accuracy" in result["metrics"]["stage1"]  # on the folder's test split
+    state = json.loads((tmp_path / "run" / "stage1" / "trainer_state.json").read_text())
+    assert 0.0 <= state["best_metric"] <= 1.0 and state["best_global_step"] == 3
     # the model's own labels: those of every split, not only of the test split the run holds in memory
     labels = json.loads((Path(result["model_dir"]) / "label_texts.json").read_text())
     assert len(labels) == 10 and labels["Dendritic"].startswith("cell type: dendritic cell.")

@@ -16,7 +16,7 @@ from pathlib import Path
 from .data import CHUNK_CELLS, LABEL_COLUMNS, write_dataset
 from .ontology import UnmappedLabelsError
 from .sources import COUNTS, DataError, OptionError
-from .splits import check_test_size
+from .splits import check_test_size, check_validation_size
 
 PROG = "scmmgpt build-dataset"
 # build keywords whose flag is not the keyword spelt with dashes
@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-size", type=float, default=0.1,
                         help="share of the cells in the test split (with --split-by); must be in (0, 1)")
     parser.add_argument("--held-out-cell-types", nargs="*", default=[], help="labels / CL ids / names held out")
+    parser.add_argument("--validation-size", type=float, default=0.0,
+                        help="training cells set aside in a validation split, on which training chooses its "
+                             "checkpoint: a share in (0, 1) or a number of cells (default: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cells-per-shard", type=_positive_int, default=100_000)
     parser.add_argument("--chunk-cells", type=_positive_int, default=CHUNK_CELLS)
@@ -104,6 +107,7 @@ def _warning_line(message, category, filename, lineno, file=None, line=None):
 
 def _build(args) -> dict:
     check_test_size(args.test_size)  # checked with or without --split-by: a bad value is a mistake either way
+    check_validation_size(args.validation_size)
     label_map = _read_label_map(args.label_map)
     _check_output(args.output, args.overwrite)
     with warnings.catch_warnings():
@@ -114,7 +118,7 @@ def _build(args) -> dict:
             on_unmapped="label_only" if args.keep_unmapped else "error",
             value_kind=COUNTS if args.require_counts else "auto", chunk_cells=args.chunk_cells,
             split_by=args.split_by, test_size=args.test_size, seed=args.seed,
-            held_out_cell_types=args.held_out_cell_types,
+            held_out_cell_types=args.held_out_cell_types, validation_size=args.validation_size,
         )
 
 

@@ -78,8 +78,8 @@ class BuildOptions:
             more vocabulary genes.
         donor_column, dataset_column: obs columns of donor / dataset ids; found among the usual names when None.
         chunk_cells: cells read per chunk.
-        split_by, test_size, seed, held_out_cell_types: see `splits.assign_splits`; `split_by=None` puts every cell in
-            `"train"`.
+        split_by, test_size, seed, held_out_cell_types, validation_size: see `splits.assign_splits`; `split_by=None`
+            puts every cell but the held-out types' and the validation cells in `"train"`.
     """
 
     label_column: str | None = None
@@ -94,6 +94,7 @@ class BuildOptions:
     test_size: float = 0.1
     seed: int = 0
     held_out_cell_types: list[str] = field(default_factory=list)
+    validation_size: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------------- vocabulary
@@ -358,7 +359,7 @@ def plan_build(inputs, tokenizer=None, options: BuildOptions | None = None, onto
             donors=np.concatenate([m.donors for m in metas]), datasets=np.concatenate([m.datasets for m in metas]),
             cell_types=np.concatenate([np.stack([m.labels, m.term_ids, m.term_names], 1) for m in metas]),
             by=options.split_by, test_size=options.test_size, seed=options.seed,
-            held_out_cell_types=options.held_out_cell_types,
+            held_out_cell_types=options.held_out_cell_types, validation_size=options.validation_size,
         )
     except BaseException:
         for source in sources:
@@ -378,7 +379,7 @@ def plan_build(inputs, tokenizer=None, options: BuildOptions | None = None, onto
         "ontology_version": ontology.version,
         "chunk_cells": options.chunk_cells,
         "split_by": options.split_by, "test_size": options.test_size, "seed": options.seed,
-        "held_out_cell_types": list(options.held_out_cell_types),
+        "held_out_cell_types": list(options.held_out_cell_types), "validation_size": options.validation_size,
     }
     return _Plan(sources, metas, col_maps, splits, tokenizer, info)
 

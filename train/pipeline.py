@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from .config import STAGES, DataArguments, PipelineConfig, load_config
 from .stages import PIPELINE, Stage, StageRun, how_to_provide
-from .trainers import time_guarded
+from .trainers import check_validation, time_guarded
 
 MARKER = "COMPLETE.json"
 
@@ -164,16 +164,17 @@ def load_cells(data: DataArguments) -> Cells:
         # (`IterableDataset.shard`: whole parquet shards per rank, the split `stream_dataset(rank=, world_size=)`
         # makes, when there are at least as many shards as ranks); splitting here too would drop data
         train = stream_dataset(data.dataset_dir, "train", seed=data.seed, buffer_size=data.stream_buffer_size)
-        if data.validation_size:
-            raise ValueError("data.validation_size carves validation cells from an in-memory h5ad; a built folder "
-                             "streams its training cells: set it to 0")
+        shards = read_build_info(data.dataset_dir).get("shards", {})
+        if data.validation_size and "validation" not in shards:
+            raise ValueError("data.validation_size: a built folder streams its training cells, so its validation "
+                             "cells are set aside when it is built: pass --validation-size to scmmgpt build-dataset, "
+                             "or set data.validation_size: 0")
         if data.held_out_cell_types:
             raise ValueError("data.held_out_cell_types splits an in-memory h5ad; a built folder was split when it was "
                              "built: pass --held-out-cell-types to scmmgpt build-dataset")
-        shards = read_build_info(data.dataset_dir).get("shards", {})
-        test = load_dataset_dir(data.dataset_dir, "test") if "test" in shards else None
-        unseen = load_dataset_dir(data.dataset_dir, "heldout") if "heldout" in shards else None
-        return Cells(train, test, test, tokenizer, unseen)
+        test, unseen, validation = (load_dataset_dir(data.dataset_dir, split) if split in shards else None
+                                    for split in ("test", "heldout", "validation"))
+        return Cells(train, test, test, tokenizer, unseen, validation)
     source = data.h5ad or pbmc_path()
     dataset, tokenizer = build_dataset(source, return_tokenizer=True, label_column=data.label_column)
     tokenizer.max_genes = data.max_genes
@@ -220,6 +221,7 @@ def run_pipeline(config, output_dir=None, fresh: bool = False, progress: bool = 
     root.mkdir(parents=True, exist_ok=True)
 
     cells = load_cells(cfg.data)
+    _check_validation_cells(cfg, cells, [s for s in PIPELINE if s.name in wanted and not is_complete(root / s.name)])
     results: dict[str, dict] = {}
     inputs: dict[str, Path | str] = {}
     for stage in PIPELINE:
@@ -258,6 +260,14 @@ def _check_needs(stage: Stage, inputs: dict):
     providers = {other.provides: other for other in PIPELINE}
     raise ValueError(f"{stage.name} needs the output of {' and '.join(providers[n].name for n in missing)}: "
                      + "; ".join(how_to_provide(need) for need in missing))
+
+
+def _check_validation_cells(cfg: PipelineConfig, cells: Cells, to_train: list[Stage]):
+    """Before any stage trains: a one-line error when a stage to train chooses its checkpoint on validation cells
+    and the run has none (rather than after the stages before it)."""
+    for stage in to_train:
+        if stage.validates:
+            check_validation(cfg.training(stage.name)[0], cells.validation, stage.name)
 
 
 def _run_stage(stage: Stage, run: StageRun, progress: bool) -> dict:

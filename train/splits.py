@@ -1,4 +1,4 @@
-"""Train / test / held-out-cell-type splits of cells, reproducible from a seed.
+"""Train / validation / test / held-out-cell-type splits of cells, reproducible from a seed.
 
 Splits are decided from metadata alone, before any expression is read, so `write_dataset` can write each split's
 shards directly and an in-memory dataset can be split the same way (`split_dataset`).
@@ -52,9 +52,29 @@ def check_test_size(test_size: float):
         raise OptionError("test_size", f"must be in (0, 1), got {test_size}")
 
 
+def check_validation_size(validation_size: float):
+    """Raise `OptionError("validation_size", ...)` unless it is 0, a fraction in (0, 1), or a whole number of cells."""
+    if validation_size < 0 or (validation_size >= 1 and validation_size != int(validation_size)):
+        raise OptionError("validation_size", f"must be a share of the training cells in [0, 1) or a whole number of "
+                                             f"cells, got {validation_size}")
+
+
+def _validation_mask(train: np.ndarray, validation_size: float, seed: int) -> np.ndarray:
+    """`validation_size` of the `train` cells (a share, or a number of cells), drawn per cell from their own seeded
+    stream, so that asking for validation cells leaves the test split as it was."""
+    candidates = np.flatnonzero(train)
+    n = int(validation_size) if validation_size >= 1 else int(round(validation_size * len(candidates)))
+    if n >= len(candidates):
+        raise OptionError("validation_size", f"asks for {n} validation cells, but only {len(candidates)} training "
+                                             "cells are left")
+    mask = np.zeros(len(train), dtype=bool)
+    mask[np.random.default_rng([seed, 1]).choice(candidates, size=n, replace=False)] = True
+    return mask
+
+
 def assign_splits(cell_ids, donors, datasets, cell_types, by: str | None = None, test_size: float = 0.1,
-                  seed: int = 0, held_out_cell_types=()) -> np.ndarray:
-    """The split of every cell: `"train"`, `"test"` or `"heldout"`.
+                  seed: int = 0, held_out_cell_types=(), validation_size: float = 0.0) -> np.ndarray:
+    """The split of every cell: `"train"`, `"validation"`, `"test"` or `"heldout"`.
 
     Args:
         cell_ids, donors, datasets: arrays of length n ("" where a donor / dataset is unknown).
@@ -64,6 +84,8 @@ def assign_splits(cell_ids, donors, datasets, cell_types, by: str | None = None,
         test_size: fraction of the non-held-out cells put in test (whole groups when splitting by donor / dataset).
         seed: the same seed and metadata give the same splits.
         held_out_cell_types: labels / CL ids / CL names whose cells all go to `"heldout"` (zero-shot evaluation).
+        validation_size: training cells set aside as `"validation"` (the cells on which training chooses its
+            checkpoint): a share of them in (0, 1), or a number of cells; single cells, drawn after the test split.
 
     Returns:
         object array of length n.
@@ -72,12 +94,20 @@ def assign_splits(cell_ids, donors, datasets, cell_types, by: str | None = None,
         raise OptionError("split_by", f"must be one of {SPLIT_BY}, got {by!r}")
     if by is not None:
         check_test_size(test_size)
+    check_validation_size(validation_size)
     donors, datasets = np.asarray(donors, dtype=object), np.asarray(datasets, dtype=object)
     out = np.full(len(cell_ids), "train", dtype=object)
     held = _held_out_mask(np.asarray(cell_types, dtype=object), list(held_out_cell_types))
     out[held] = "heldout"
-    if by is None:
-        return out
+    if by is not None:
+        _assign_test(out, donors, datasets, held, by, test_size, seed)
+    if validation_size:
+        out[_validation_mask(out == "train", validation_size, seed)] = "validation"
+    return out
+
+
+def _assign_test(out: np.ndarray, donors, datasets, held: np.ndarray, by: str, test_size: float, seed: int):
+    """Mark the test cells in `out` (see `assign_splits`)."""
     if by == "auto":
         by = next((name for name, g in (("donor", donors), ("dataset", datasets))
                    if len(set(g[g != ""])) >= 2), "cell")
@@ -88,12 +118,12 @@ def assign_splits(cell_ids, donors, datasets, cell_types, by: str | None = None,
         out[test] = "test"
     else:
         out[_group_test_mask(donors if by == "donor" else datasets, ~held, test_size, rng, by)] = "test"
-    return out
 
 
-def split_dataset(dataset, by: str = "auto", test_size: float = 0.1, seed: int = 0, held_out_cell_types=()):
-    """Split a built `datasets.Dataset` (`data.cell_features()` rows) into a `DatasetDict` of train / test /
-    heldout, exactly as `write_dataset(split_by=...)` would."""
+def split_dataset(dataset, by: str = "auto", test_size: float = 0.1, seed: int = 0, held_out_cell_types=(),
+                  validation_size: float = 0.0):
+    """Split a built `datasets.Dataset` (`data.cell_features()` rows) into a `DatasetDict` of train / validation /
+    test / heldout, exactly as `write_dataset(split_by=...)` would."""
     from datasets import DatasetDict
 
     columns = dataset.select_columns(["cell_id", "donor_id", "dataset_id", "cell_type",
@@ -102,9 +132,10 @@ def split_dataset(dataset, by: str = "auto", test_size: float = 0.1, seed: int =
         columns["cell_id"], columns["donor_id"], columns["dataset_id"],
         np.stack([columns["cell_type"], columns["cell_type_ontology_term_id"], columns["cell_type_name"]], 1),
         by=by, test_size=test_size, seed=seed, held_out_cell_types=held_out_cell_types,
+        validation_size=validation_size,
     )
     return DatasetDict({name: dataset.select(np.flatnonzero(splits == name))
-                        for name in ("train", "test", "heldout") if (splits == name).any()})
+                        for name in ("train", "validation", "test", "heldout") if (splits == name).any()})
 
 
-__all__ = ["assign_splits", "check_test_size", "split_dataset"]
+__all__ = ["assign_splits", "check_test_size", "check_validation_size", "split_dataset"]

@@ -1,7 +1,8 @@
 """The training stages behind one small interface, and the final Hub-ready folder.
 
 Each `Stage` has a `name` (its config section and its folder), the folders it `needs` (or `uses` when there), the folder
-it `provides` to later stages, optionally the `ModelArguments` path that replaces it (`given_by`), and `train`:
+it `provides` to later stages, optionally the `ModelArguments` path that replaces it (`given_by`), whether it can
+choose its checkpoint on the run's validation cells (`validates`: its `eval_strategy` then needs them), and `train`:
 `(StageRun, parsed TrainingArguments or SFTConfig, the stage's own arguments) → metrics`. `train` saves the stage's
 weights and `trainer_state.json` into its folder (`args.output_dir`); the pipeline (`pipeline.run_pipeline`) marks it
 complete. `PIPELINE` lists them in running order.
@@ -30,6 +31,7 @@ class Stage:
     needs: tuple[str, ...] = ()
     uses: tuple[str, ...] = ()
     given_by: str | None = None
+    validates: bool = False
 
 
 @dataclass
@@ -265,10 +267,10 @@ def _stage2(run: StageRun, sft_config, extra) -> dict:
 PIPELINE = (
     Stage("stage0_cell", _stage0_cell, provides="cell_encoder", given_by="cell_encoder_path"),
     Stage("stage0_llm", _stage0_llm, provides="llm", given_by="llm_path"),
-    Stage("stage1", _stage1, provides="stage1", uses=("cell_encoder",)),
+    Stage("stage1", _stage1, provides="stage1", uses=("cell_encoder",), validates=True),
     Stage("stage2", _stage2, provides="model", needs=("stage1", "llm")),
     # needs what `classifier.encoder` names (`_classifier_encoder` checks): stage 1's encoder or stage 0's
-    Stage("classifier", _classifier, provides="classifier", uses=("stage1", "cell_encoder")),
+    Stage("classifier", _classifier, provides="classifier", uses=("stage1", "cell_encoder"), validates=True),
 )
 
 

@@ -89,8 +89,10 @@ class ValidationScoreMixin:
 def check_validation(args: TrainingArguments, validation, stage: str):
     """A one-line error when `args` evaluate mid-run (checkpoint choice) but there are no validation cells."""
     if args.eval_strategy not in (None, "no") and validation is None:
-        raise ValueError(f"{stage}: eval_strategy={str(args.eval_strategy)!r} chooses checkpoints on validation cells, "
-                         "but there are none: set data.validation_size > 0 (in-memory cells) or eval_strategy: no")
+        strategy = getattr(args.eval_strategy, "value", args.eval_strategy)  # the YAML's word, not the enum's repr
+        raise ValueError(f"{stage}: eval_strategy={strategy!r} chooses checkpoints on validation cells, but there "
+                         "are none: set data.validation_size > 0 (a built folder: build it with --validation-size) "
+                         "or eval_strategy: no")
 
 
 class LossPartsTrainer(ValidationScoreMixin, LossPartsLoggingMixin, Trainer):
