@@ -72,26 +72,26 @@ def test_configs_parse_into_training_arguments_and_sft_config(tmp_path):
         load_config(TINY, output_dir=str(tmp_path), overrides={"model.contrastive_margin": -0.1})
 
 
-def test_label_negatives_are_the_training_labels_texts_in_memory_and_in_a_built_folder(tmp_path, pbmc_path):
+def test_training_labels_texts_are_the_same_in_memory_and_in_a_built_folder(tmp_path, pbmc_path):
     from types import SimpleNamespace
 
     from datasets import Dataset
 
     from scmmgpt_train.data import load_dataset_dir, write_dataset
     from scmmgpt_train.stage1 import label_texts_of
-    from scmmgpt_train.stages import _label_negatives
+    from scmmgpt_train.stages import _training_label_texts
 
     def run(dataset_dir=None, train=None):
         return SimpleNamespace(config=SimpleNamespace(data=SimpleNamespace(dataset_dir=dataset_dir)),
                                cells=SimpleNamespace(train=train))
 
     rows = {"cell_type": ["B", "NK", "B"], "text": ["cell type: B cell.", "cell type: NK cell.", "cell type: B cell."]}
-    assert _label_negatives(run(train=Dataset.from_dict(rows))) == {"B": "cell type: B cell.",
+    assert _training_label_texts(run(train=Dataset.from_dict(rows))) == {"B": "cell type: B cell.",
                                                                    "NK": "cell type: NK cell."}
     out = tmp_path / "pbmc"  # 7 shards of at most 100 cells; Dendritic cells only in the held-out split
     write_dataset(pbmc_path, out, cells_per_shard=100, progress=False, split_by="cell", test_size=0.2,
                   held_out_cell_types=["Dendritic"])
-    negatives = _label_negatives(run(dataset_dir=str(out)))
+    negatives = _training_label_texts(run(dataset_dir=str(out)))
     in_memory = label_texts_of(load_dataset_dir(out, "train", cache_dir=str(tmp_path / "cache")))
     assert list(negatives.items()) == list(in_memory.items())  # the same labels, texts and order as in memory
     assert len(negatives) == 9 and "Dendritic" not in negatives
@@ -217,7 +217,7 @@ def test_pipeline_runs_every_stage_caches_and_saves_a_hub_folder(tmp_path, capsy
     assert weights and weights == {stage: (out / stage / "model.safetensors").stat().st_mtime_ns for stage in weights}
 
 
-def test_pipeline_trains_on_a_built_folder_with_label_negatives_and_its_validation_split(tmp_path, pbmc_path):
+def test_pipeline_trains_stage1_stage2_and_a_classifier_on_a_built_folder_with_its_validation_split(tmp_path, pbmc_path):
     from scmmgpt_train.data import write_dataset
 
     folder, plain = tmp_path / "pbmc", tmp_path / "plain"  # streamed: the training cells are never in memory
@@ -225,7 +225,7 @@ def test_pipeline_trains_on_a_built_folder_with_label_negatives_and_its_validati
         write_dataset(pbmc_path, out, cells_per_shard=100, progress=False, split_by="cell", test_size=0.2,
                       held_out_cell_types=["Dendritic"], validation_size=validation)
     config = few_steps()
-    config["pipeline"]["stages"] = ["stage0_llm", "stage1", "stage2"]
+    config["pipeline"]["stages"] = ["stage0_llm", "stage1", "stage2", "classifier"]
     config["data"].update(dataset_dir=str(plain))  # tiny-cpu asks for validation cells: this folder has none
     with pytest.raises(ValueError, match="^data.validation_size: a built folder .* pass --validation-size to scmmgpt"):
         run_pipeline(config, tmp_path / "run", progress=False)
@@ -234,14 +234,19 @@ def test_pipeline_trains_on_a_built_folder_with_label_negatives_and_its_validati
         run_pipeline(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "stage0_llm").exists()
     config["data"].update(dataset_dir=str(folder))
-    config["stage1"]["eval_steps"] = 3  # choose stage 1's checkpoint on the folder's 50 validation cells
+    for stage in ("stage1", "classifier"):  # each chooses its checkpoint on the folder's 50 validation cells
+        config[stage]["eval_steps"] = 3
+    config["classifier"]["encoder"] = "stage1"
     assert config["stage1"]["label_negatives"]
     with pytest.warns(UserWarning, match="randomly initialised cell encoder"):
         result = run_pipeline(config, tmp_path / "run", progress=False)
     assert len(result["losses"]["stage1"]["loss_contrastive"]) == 2  # first and last
     assert "retrieval_accuracy" in result["metrics"]["stage1"]  # on the folder's test split
-    state = json.loads((tmp_path / "run" / "stage1" / "trainer_state.json").read_text())
-    assert 0.0 <= state["best_metric"] <= 1.0 and state["best_global_step"] == 3
+    for stage in ("stage1", "classifier"):
+        state = json.loads((tmp_path / "run" / stage / "trainer_state.json").read_text())
+        assert 0.0 <= state["best_metric"] <= 1.0 and state["best_global_step"] == 3
+    classifier = json.loads((tmp_path / "run" / "classifier" / "config.json").read_text())
+    assert len(classifier["id2label"]) == 9 and "Dendritic" not in classifier["label2id"]  # the streamed cells' types
     # the model's own labels: those of every split, not only of the test split the run holds in memory
     labels = json.loads((Path(result["model_dir"]) / "label_texts.json").read_text())
     assert len(labels) == 10 and labels["Dendritic"].startswith("cell type: dendritic cell.")

@@ -86,12 +86,13 @@ def finetune_cell_classifier(train_rows, eval_rows, cell_tokenizer, encoder_dir:
                              output_dir: str = "classifier", label_column: str = "cell_type",
                              pooling: str = "expression_mean", dropout: float = 0.1, max_seconds: float | None = None,
                              progress: bool = True, save: bool = True, callbacks=None, augment=None,
-                             validation_rows=None, **training_args):
+                             validation_rows=None, labels=None, **training_args):
     r"""
     Fine-tune a cell type classifier from the cell encoder in `encoder_dir`.
 
     Args:
         train_rows, eval_rows: built cell rows (`data.build_dataset`) with a `label_column`; `eval_rows` may be None.
+            `train_rows` may be streamed (an `IterableDataset`, with `args.max_steps`) when `labels` are given.
         cell_tokenizer: the `ScMMGPTCellTokenizer` of the rows (saved beside the model).
         args: parsed `TrainingArguments` (the pipeline's); without them, `CLASSIFIER_TRAINING` (weight decay 0.1: the
             labelled set is usually small) under `training_args` (any `TrainingArguments` field, e.g. `max_steps`,
@@ -103,14 +104,15 @@ def finetune_cell_classifier(train_rows, eval_rows, cell_tokenizer, encoder_dir:
         augment: a `CellAugmentation` for the training cells.
         validation_rows: labelled cells carved from the training data; with `args.eval_strategy` set, their accuracy
             is logged as `eval_accuracy` and `load_best_model_at_end` keeps the best checkpoint.
+        labels: the cell types the head predicts (default: those of `train_rows`, read in memory).
 
     Returns:
         `(model, metrics)`: the trained model and `{"train_steps", "first_loss", "last_loss", "train_runtime"}` plus,
         with `eval_rows`, held-out `accuracy` / `macro_f1` and those of the untrained head (`*_before`).
     """
-    if not hasattr(train_rows, "__len__"):
-        raise ValueError("fine-tuning a classifier reads its labelled cells in memory; got a streamed dataset")
-    labels = sorted({str(label) for label in train_rows[label_column]})
+    if labels is None and not hasattr(train_rows, "__len__"):
+        raise ValueError("fine-tuning a classifier on streamed cells needs their cell types: pass labels=")
+    labels = sorted({str(label) for label in (train_rows[label_column] if labels is None else labels)})
     if len(labels) < 2:
         raise ValueError(f"fine-tuning a classifier needs at least 2 cell types in {label_column!r}, got {labels}")
     args = stage_training_arguments(args, CLASSIFIER_TRAINING, output_dir, progress, training_args)

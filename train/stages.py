@@ -103,9 +103,9 @@ def _text_variants(cells, probability: float) -> dict | None:
     return cell_type_text_variants(cells.all_rows["cell_type_ontology_term_id"])
 
 
-def _label_negatives(run: StageRun) -> dict[str, str]:
-    """Every training label's text (`stage1.label_negatives`): of the in-memory training cells, or of a built folder's
-    train shards."""
+def _training_label_texts(run: StageRun) -> dict[str, str]:
+    """Every training label's text (`stage1.label_negatives`, the classifier's labels): of the in-memory training
+    cells, or of a built folder's train shards."""
     from .data import split_label_texts
     from .stage1 import label_texts_of
 
@@ -135,7 +135,7 @@ def _stage1_texts(run: StageRun, extra) -> dict:
     texts = {"text_variants": _text_variants(cells, extra.text_variant_probability),
              "text_variant_probability": extra.text_variant_probability}
     if extra.label_negatives:
-        texts["negative_texts"] = _label_negatives(run)
+        texts["negative_texts"] = _training_label_texts(run)
     if extra.expressed_genes_probability:
         from .collators import ExpressedGenes
 
@@ -181,7 +181,7 @@ def _classifier(run: StageRun, args, extra) -> dict:
     _, metrics = finetune_cell_classifier(cells.train, cells.test, cells.tokenizer, _classifier_encoder(run, extra),
                                           args=args, pooling=extra.pooling, dropout=extra.dropout,
                                           callbacks=run.callbacks, augment=run.augment,
-                                          validation_rows=cells.validation)
+                                          validation_rows=cells.validation, labels=list(_training_label_texts(run)))
     if is_main_process():  # its cell-annotation pipeline loads in a fresh process, package or not
         save_pipelines(run.folder)
     return metrics
