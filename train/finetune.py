@@ -46,19 +46,32 @@ class CellLabelCollator:
         return batch
 
 
+def load_cell_encoder(encoder_dir: str):
+    """The `ScMMGPTCellModel` saved in `encoder_dir`: a cell-encoder folder, or a stage-1 / stage-2 scMMGPT folder,
+    whose `cell_model` is taken. Stage 0's folder also holds its pre-training heads, which this drops on purpose, so
+    transformers' load report listing them is not printed."""
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTCellModel, ScMMGPTModel
+
+    if not isinstance(AutoConfig.from_pretrained(encoder_dir), ScMMGPTCellConfig):
+        return ScMMGPTModel.from_pretrained(encoder_dir).cell_model
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return ScMMGPTCellModel.from_pretrained(encoder_dir)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def classifier_from_encoder(encoder_dir: str, labels: list[str], pooling: str = "expression_mean",
                             dropout: float = 0.1):
-    """A `ScMMGPTCellForClassification` whose cell encoder is the one saved in `encoder_dir` (a cell-encoder folder,
-    or a stage-1 / stage-2 scMMGPT folder, whose `cell_model` is taken) and whose head is new."""
-    from transformers import AutoConfig
+    """A `ScMMGPTCellForClassification` whose cell encoder is `load_cell_encoder(encoder_dir)`'s and whose head is
+    new."""
+    from modeling_scmmgpt import ScMMGPTCellForClassification
 
-    from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTCellForClassification, ScMMGPTCellModel, ScMMGPTModel
-
-    config = AutoConfig.from_pretrained(encoder_dir)
-    if isinstance(config, ScMMGPTCellConfig):
-        encoder = ScMMGPTCellModel.from_pretrained(encoder_dir)
-    else:  # a full scMMGPT folder: its aligned cell encoder
-        encoder = ScMMGPTModel.from_pretrained(encoder_dir).cell_model
+    encoder = load_cell_encoder(encoder_dir)
     cell_config = copy.deepcopy(encoder.config)
     cell_config.num_labels = len(labels)
     cell_config.id2label = dict(enumerate(labels))
@@ -141,4 +154,4 @@ def finetune_cell_classifier(train_rows, eval_rows, cell_tokenizer, encoder_dir:
 
 
 __all__ = ["CLASSIFIER_TRAINING", "CellLabelCollator", "classifier_from_encoder", "classifier_scores",
-           "finetune_cell_classifier"]
+           "finetune_cell_classifier", "load_cell_encoder"]

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from transformers import TrainerCallback
 
-from .config import STAGES, DataArguments, PipelineConfig, load_config
+from .config import STAGES, ConfigError, DataArguments, PipelineConfig, load_config
 from .stages import PIPELINE, Stage, StageRun, how_to_provide
 from .trainers import check_validation, time_guarded
 
@@ -166,11 +166,11 @@ def load_cells(data: DataArguments) -> Cells:
         train = stream_dataset(data.dataset_dir, "train", seed=data.seed, buffer_size=data.stream_buffer_size)
         shards = read_build_info(data.dataset_dir).get("shards", {})
         if data.validation_size and "validation" not in shards:
-            raise ValueError("data.validation_size: a built folder streams its training cells, so its validation "
+            raise ConfigError("data.validation_size: a built folder streams its training cells, so its validation "
                              "cells are set aside when it is built: pass --validation-size to scmmgpt build-dataset, "
                              "or set data.validation_size: 0")
         if data.held_out_cell_types:
-            raise ValueError("data.held_out_cell_types splits an in-memory h5ad; a built folder was split when it was "
+            raise ConfigError("data.held_out_cell_types splits an in-memory h5ad; a built folder was split when it was "
                              "built: pass --held-out-cell-types to scmmgpt build-dataset")
         test, unseen, validation = (load_dataset_dir(data.dataset_dir, split) if split in shards else None
                                     for split in ("test", "heldout", "validation"))
@@ -258,7 +258,7 @@ def _check_needs(stage: Stage, inputs: dict):
     if not missing:
         return
     providers = {other.provides: other for other in PIPELINE}
-    raise ValueError(f"{stage.name} needs the output of {' and '.join(providers[n].name for n in missing)}: "
+    raise ConfigError(f"{stage.name} needs the output of {' and '.join(providers[n].name for n in missing)}: "
                      + "; ".join(how_to_provide(need) for need in missing))
 
 

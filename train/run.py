@@ -15,8 +15,14 @@ from __future__ import annotations
 
 import argparse
 
-from .config import STAGES, load_config, parse_overrides
+from .config import STAGES, ConfigError, load_config, parse_overrides
 from .pipeline import is_main_process, run_pipeline
+
+
+# each stage's held-out figures next to the reference it should beat (random encoder, per-gene mean, untrained head)
+SHOWN_METRICS = ("masked_value_mse", "masked_value_mse_random_init", "masked_value_mse_gene_mean", "perplexity_before",
+                 "perplexity_after", "retrieval_accuracy_before", "retrieval_accuracy", "knn_accuracy",
+                 "generated_state_accuracy", "accuracy_before", "accuracy", "macro_f1")
 
 
 def _summary(result: dict) -> str:
@@ -25,14 +31,20 @@ def _summary(result: dict) -> str:
         how = "cached" if record["cached"] else f"{record['seconds']:.0f}s"
         losses = ", ".join(f"{k} {a:.3f}→{b:.3f}" for k, (a, b) in record["losses"].items())
         lines.append(f"  {name:<11} [{how}] {losses}")
-        shown = {k: v for k, v in record["metrics"].items()
-                 if k in ("masked_value_mse", "masked_value_mse_random_init", "perplexity_before", "perplexity_after",
-                          "retrieval_accuracy_before", "retrieval_accuracy", "knn_accuracy",
-                          "generated_state_accuracy")}
+        shown = {k: v for k, v in record["metrics"].items() if k in SHOWN_METRICS}
         if shown:
             lines.append("              " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()))
     lines.append(f"total {result['seconds']:.0f}s")
     return "\n".join(lines)
+
+
+def _quiet_libraries():
+    """No progress bars from transformers (weight loading, saving) or datasets (reading a built folder's splits)."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.output_dir, overrides)
     except (OSError, ValueError) as error:
         parser.error(f"--config {args.config}: {error}")
-    result = run_pipeline(config, fresh=args.fresh, progress=not args.quiet, stages=args.stages)
+    if args.quiet:
+        _quiet_libraries()
+    try:
+        result = run_pipeline(config, fresh=args.fresh, progress=not args.quiet, stages=args.stages)
+    except ConfigError as error:  # data, stages and options that do not fit: one line, before the stage trains
+        parser.error(str(error))
     if is_main_process():
         print(_summary(result))
     return 0

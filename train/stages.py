@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import MINILM, ModelArguments, PipelineConfig
+from .config import MINILM, ConfigError, ModelArguments, PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,7 @@ def _classifier_encoder(run: StageRun, extra) -> str:
     """The folder of the cell encoder `classifier.encoder` names, or a one-line error saying how to provide it."""
     provides = next(stage.provides for stage in PIPELINE if stage.name == extra.encoder)
     if provides not in run.inputs:
-        raise ValueError(f"classifier.encoder: {extra.encoder} fine-tunes that stage's cell encoder: "
+        raise ConfigError(f"classifier.encoder: {extra.encoder} fine-tunes that stage's cell encoder: "
                          f"{how_to_provide(provides)}")
     return str(run.inputs[provides])
 
@@ -199,8 +199,7 @@ def _classifier_encoder(run: StageRun, extra) -> str:
 def _stage1(run: StageRun, targs, extra) -> dict:
     import torch
 
-    from modeling_scmmgpt import ScMMGPTCellModel
-
+    from .finetune import load_cell_encoder
     from .stage1 import build_stage1_model, train_stage1
 
     m, cells, cell_encoder_dir = run.config.model, run.cells, run.inputs.get("cell_encoder")
@@ -210,8 +209,7 @@ def _stage1(run: StageRun, targs, extra) -> dict:
     model = build_stage1_model(cell_tokenizer, text_tokenizer,
                                **stage1_model_arguments(m, cell_tokenizer, extra.captioning_max_cells))
     if cell_encoder_dir is not None:
-        encoder = ScMMGPTCellModel.from_pretrained(str(cell_encoder_dir))
-        model.cell_model.load_state_dict(encoder.state_dict())
+        model.cell_model.load_state_dict(load_cell_encoder(str(cell_encoder_dir)).state_dict())
     else:
         warnings.warn("stage 1 starts from a randomly initialised cell encoder (no cell_encoder_path, stage 0 not "
                       "run)", stacklevel=2)

@@ -13,6 +13,8 @@ import warnings
 
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from .config import ConfigError
+
 
 class QuietLogs(TrainerCallback):
     """Among a trainer's callbacks, asks for no per-log printing: without progress bars `Trainer` prints every log
@@ -90,7 +92,7 @@ def check_validation(args: TrainingArguments, validation, stage: str):
     """A one-line error when `args` evaluate mid-run (checkpoint choice) but there are no validation cells."""
     if args.eval_strategy not in (None, "no") and validation is None:
         strategy = getattr(args.eval_strategy, "value", args.eval_strategy)  # the YAML's word, not the enum's repr
-        raise ValueError(f"{stage}: eval_strategy={strategy!r} chooses checkpoints on validation cells, but there "
+        raise ConfigError(f"{stage}: eval_strategy={strategy!r} chooses checkpoints on validation cells, but there "
                          "are none: set data.validation_size > 0 (a built folder: build it with --validation-size) "
                          "or eval_strategy: no")
 
