@@ -103,15 +103,18 @@ def test_train_cli_says_config_mistakes_in_one_line_before_training(tmp_path, ca
 
     for config, sets, said in ((TINY, ["model.contrastive_margin=1.5"], "contrastive_margin must be in [0, 1)"),
                                (TINY, ["stage1.learning_rat=1"], "unknown key stage1.learning_rat; did you mean"),
-                               (tmp_path / "missing.yaml", [], "No such file")):
+                               (tmp_path / "missing.yaml", [], "No such file"),
+                               (TINY, ["data.h5ad=nowhere.h5ad"], "error: data.h5ad: nowhere.h5ad: no such file"),
+                               (TINY, ["data.label_column=zzz"], "error: data.label_column 'zzz' is not a column of obs"),
+                               (TINY, [f"data.dataset_dir={tmp_path}"], "error: data.dataset_dir: ")):
         with pytest.raises(SystemExit) as exit_:
             main(["--config", str(config), "--output-dir", str(tmp_path / "run"), "--set", *sets])
         error = capsys.readouterr().err
         assert exit_.value.code == 2 and said in error and "Traceback" not in error
-    assert not (tmp_path / "run").exists()  # nothing trained
+    assert not (tmp_path / "run").exists()  # nothing written
     # stages and options that do not fit together: one line too, before the stage concerned trains
     with pytest.raises(SystemExit) as exit_:
-        main(["--config", str(TINY), "--output-dir", str(tmp_path / "run"), "--stages", "classifier", "--quiet",
+        main(["--config", str(TINY), "--output-dir", str(tmp_path / "run"), "--stages", "classifier",
               "--set", "classifier.encoder=stage1"])
     error = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in error

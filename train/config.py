@@ -330,6 +330,6 @@ def load_config(config, output_dir: str | None = None, overrides: dict | None = 
     return PipelineConfig(pipeline=pipeline, raw=raw, path=path, **parsed)
 
 
-__all__ = ["CELL_PRESETS", "ClassifierArguments", "ConfigError", "DataArguments", "DEFAULT_STAGES", "MINILM", "ModelArguments",
-           "PipelineArguments", "PipelineConfig", "STAGES", "Stage0CellArguments", "Stage0LLMArguments",
-           "Stage1Arguments", "load_config", "parse_overrides"]
+__all__ = ["CELL_PRESETS", "ClassifierArguments", "ConfigError", "DataArguments", "DEFAULT_STAGES", "MINILM",
+           "ModelArguments", "PipelineArguments", "PipelineConfig", "STAGES", "Stage0CellArguments",
+           "Stage0LLMArguments", "Stage1Arguments", "load_config", "parse_overrides"]

@@ -154,29 +154,38 @@ def load_cells(data: DataArguments) -> Cells:
     validation`)."""
     from .data import build_dataset, load_cell_tokenizer, load_dataset_dir, read_build_info
     from .pretrain import pbmc_path
+    from .sources import DataError, OptionError
     from .splits import split_dataset
     from .streaming import stream_dataset
 
     if data.dataset_dir:
+        try:
+            shards = read_build_info(data.dataset_dir).get("shards", {})
+        except DataError as error:  # a wrong path: said as the config's mistake, not as a loader's traceback
+            raise ConfigError(f"data.dataset_dir: {error}") from None
         tokenizer = load_cell_tokenizer(data.dataset_dir)
         tokenizer.max_genes = data.max_genes
         # not split here: under several processes the Trainer's accelerator gives each rank its share of the stream
         # (`IterableDataset.shard`: whole parquet shards per rank, the split `stream_dataset(rank=, world_size=)`
         # makes, when there are at least as many shards as ranks); splitting here too would drop data
         train = stream_dataset(data.dataset_dir, "train", seed=data.seed, buffer_size=data.stream_buffer_size)
-        shards = read_build_info(data.dataset_dir).get("shards", {})
         if data.validation_size and "validation" not in shards:
             raise ConfigError("data.validation_size: a built folder streams its training cells, so its validation "
-                             "cells are set aside when it is built: pass --validation-size to scmmgpt build-dataset, "
-                             "or set data.validation_size: 0")
+                              "cells are set aside when it is built: pass --validation-size to scmmgpt build-dataset, "
+                              "or set data.validation_size: 0")
         if data.held_out_cell_types:
             raise ConfigError("data.held_out_cell_types splits an in-memory h5ad; a built folder was split when it was "
-                             "built: pass --held-out-cell-types to scmmgpt build-dataset")
+                              "built: pass --held-out-cell-types to scmmgpt build-dataset")
         test, unseen, validation = (load_dataset_dir(data.dataset_dir, split) if split in shards else None
                                     for split in ("test", "heldout", "validation"))
         return Cells(train, test, test, tokenizer, unseen, validation)
     source = data.h5ad or pbmc_path()
-    dataset, tokenizer = build_dataset(source, return_tokenizer=True, label_column=data.label_column)
+    try:
+        dataset, tokenizer = build_dataset(source, return_tokenizer=True, label_column=data.label_column)
+    except OptionError as error:  # label_column is the one build option the data section sets
+        raise ConfigError(f"data.{error.option} {error.problem}") from None
+    except DataError as error:
+        raise ConfigError(f"data.h5ad: {error}") from None
     tokenizer.max_genes = data.max_genes
     splits = split_dataset(dataset, by=data.split_by, test_size=data.test_size, seed=data.seed,
                            held_out_cell_types=data.held_out_cell_types)
@@ -214,14 +223,15 @@ def run_pipeline(config, output_dir=None, fresh: bool = False, progress: bool = 
     root = Path(cfg.pipeline.output_dir)
     wanted = list(stages or cfg.pipeline.stages)
     model_dir = root / "model"
+    cells = load_cells(cfg.data)  # data mistakes, and stages that lack validation cells, before anything is written
+    _check_validation_cells(cfg, cells, [s for s in PIPELINE
+                                         if s.name in wanted and (fresh or not is_complete(root / s.name))])
     if fresh and is_main_process():
         for path in [*(root / stage.name for stage in PIPELINE), model_dir]:
             shutil.rmtree(path, ignore_errors=True)
     _barrier()
     root.mkdir(parents=True, exist_ok=True)
 
-    cells = load_cells(cfg.data)
-    _check_validation_cells(cfg, cells, [s for s in PIPELINE if s.name in wanted and not is_complete(root / s.name)])
     results: dict[str, dict] = {}
     inputs: dict[str, Path | str] = {}
     for stage in PIPELINE:
@@ -259,7 +269,7 @@ def _check_needs(stage: Stage, inputs: dict):
         return
     providers = {other.provides: other for other in PIPELINE}
     raise ConfigError(f"{stage.name} needs the output of {' and '.join(providers[n].name for n in missing)}: "
-                     + "; ".join(how_to_provide(need) for need in missing))
+                      + "; ".join(how_to_provide(need) for need in missing))
 
 
 def _check_validation_cells(cfg: PipelineConfig, cells: Cells, to_train: list[Stage]):

@@ -192,7 +192,7 @@ def _classifier_encoder(run: StageRun, extra) -> str:
     provides = next(stage.provides for stage in PIPELINE if stage.name == extra.encoder)
     if provides not in run.inputs:
         raise ConfigError(f"classifier.encoder: {extra.encoder} fine-tunes that stage's cell encoder: "
-                         f"{how_to_provide(provides)}")
+                          f"{how_to_provide(provides)}")
     return str(run.inputs[provides])
 
 

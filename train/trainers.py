@@ -93,8 +93,8 @@ def check_validation(args: TrainingArguments, validation, stage: str):
     if args.eval_strategy not in (None, "no") and validation is None:
         strategy = getattr(args.eval_strategy, "value", args.eval_strategy)  # the YAML's word, not the enum's repr
         raise ConfigError(f"{stage}: eval_strategy={strategy!r} chooses checkpoints on validation cells, but there "
-                         "are none: set data.validation_size > 0 (a built folder: build it with --validation-size) "
-                         "or eval_strategy: no")
+                          "are none: set data.validation_size > 0 (a built folder: build it with --validation-size) "
+                          "or eval_strategy: no")
 
 
 class LossPartsTrainer(ValidationScoreMixin, LossPartsLoggingMixin, Trainer):
