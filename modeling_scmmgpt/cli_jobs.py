@@ -27,13 +27,14 @@ class CLIError(Exception):
     """A problem with the user's input, reported as one line and exit status 2."""
 
 
-def _positive_int(text: str) -> int:
+def positive_int_argument(text: str) -> int:
+    """argparse `type=`: a whole number >= 1; anything else (`0`, `-3`, `abc`) is a one-line usage error."""
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
@@ -184,7 +185,7 @@ def _common_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("model", help="a saved scMMGPT model folder")
     parser.add_argument("input", help="input .h5ad (cells × genes: raw counts or log-normalised; see --layer)")
     parser.add_argument("-o", "--output", required=True, help="output .h5ad (a copy of the input with the results)")
-    parser.add_argument("--batch-size", type=_positive_int, default=64, help="cells per forward pass")
+    parser.add_argument("--batch-size", type=positive_int_argument, default=64, help="cells per forward pass")
     parser.add_argument("--layer", help="read layers[LAYER] instead of .X (e.g. a counts layer)")
     parser.add_argument("--use-raw", action="store_true",
                         help="read .raw (default: .X, or .raw when .X holds scaled values and .raw does not)")
@@ -301,7 +302,7 @@ def describe_main(argv=None) -> int:
                                      description="Cell descriptions: writes obs['scmmgpt_description'].")
     _common_arguments(parser)
     parser.set_defaults(batch_size=16)
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=None,
+    parser.add_argument("--max-new-tokens", type=positive_int_argument, default=None,
                         help="length limit (default: long enough for the longest label text the model learned)")
     return _run(parser, argv, _describe)
 
@@ -318,7 +319,7 @@ def generate_main(argv=None) -> int:
                                      description="Pseudo-cells from text: an AnnData of N cells over the model's genes.")
     parser.add_argument("model", help="a saved scMMGPT model folder")
     parser.add_argument("text", nargs="+", help="one or more prompts, e.g. 'cell type: CD14-positive monocyte.'")
-    parser.add_argument("-n", type=_positive_int, default=10, help="cells per prompt")
+    parser.add_argument("-n", type=positive_int_argument, default=10, help="cells per prompt")
     parser.add_argument("-o", "--output", required=True, help="output .h5ad")
     parser.add_argument("--seed", type=int, default=0, help="every random draw comes from it: the same seed, the "
                                                              "same cells")
@@ -331,7 +332,7 @@ def generate_main(argv=None) -> int:
     parser.add_argument("--state-spread", type=float, default=None,
                         help="scale of the training cells' spread around a prompt's state that each cell's state is "
                              "drawn from (0: one state per prompt; default: 1 for counts / log1p, 0 for mean)")
-    parser.add_argument("--batch-size", type=_positive_int, default=256, help="cells decoded at a time")
+    parser.add_argument("--batch-size", type=positive_int_argument, default=256, help="cells decoded at a time")
     return _run(parser, argv, _generate)
 
 
@@ -347,4 +348,5 @@ def _generate(args):
         _write_generated(batches, len(args.text) * args.n, args.output)
 
 
-__all__ = ["annotate_main", "embed_main", "describe_main", "generate_main", "load_jobs", "write_results"]
+__all__ = ["annotate_main", "embed_main", "describe_main", "generate_main", "load_jobs", "positive_int_argument",
+           "write_results"]

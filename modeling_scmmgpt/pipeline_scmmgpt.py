@@ -27,6 +27,7 @@ import transformers
 from transformers import AutoConfig, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .inputs_scmmgpt import check_positive_int
 from .jobs_scmmgpt import ScMMGPTJobs, read_label_texts, kind_of_model, model_kind
 from .ontology_scmmgpt import ONTOLOGY_FILE, shipped_ontology_file
 
@@ -90,8 +91,7 @@ class ScMMGPTPipeline(Pipeline):
     def __call__(self, inputs, batch_size: int | None = None, **kwargs):
         if batch_size is None:
             batch_size = self._batch_size if self._batch_size is not None else self.default_batch_size
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = check_positive_int(batch_size, "batch_size")
         preprocess, forward, postprocess = self._sanitize_parameters(**kwargs)
         preprocess = {**self._preprocess_params, **preprocess}
         forward = {**self._forward_params, **forward, "batch_size": batch_size}
@@ -146,9 +146,7 @@ class CellAnnotationPipeline(ScMMGPTPipeline):
         forward = {k: v for k, v in (("labels", labels), ("method", method), ("label_texts", label_texts)) if v is not None}
         postprocess = {}
         if top_k is not None:
-            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-                raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-            postprocess["top_k"] = top_k
+            postprocess["top_k"] = check_positive_int(top_k, "top_k")
         return preprocess, forward, postprocess
 
     def _forward(self, model_inputs, batch_size=32, **job_kwargs):

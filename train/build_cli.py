@@ -13,6 +13,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from modeling_scmmgpt.cli_jobs import positive_int_argument
+
 from .data import CHUNK_CELLS, LABEL_COLUMNS, write_dataset
 from .ontology import UnmappedLabelsError
 from .sources import COUNTS, DataError, OptionError
@@ -32,13 +34,6 @@ class _OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="training cells set aside in a validation split, on which training chooses its "
                              "checkpoint: a share in (0, 1) or a number of cells (default: none)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cells-per-shard", type=_positive_int, default=100_000)
-    parser.add_argument("--chunk-cells", type=_positive_int, default=CHUNK_CELLS)
+    parser.add_argument("--cells-per-shard", type=positive_int_argument, default=100_000)
+    parser.add_argument("--chunk-cells", type=positive_int_argument, default=CHUNK_CELLS)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     return parser
 
