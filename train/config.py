@@ -222,12 +222,10 @@ class PipelineConfig:
 
 
 def _report_to() -> list[str]:
-    try:
-        import tensorboard  # noqa: F401  (optional: loss curves in TensorBoard when installed)
+    """TensorBoard loss curves where it is installed (optional), found without importing it."""
+    import importlib.util
 
-        return ["tensorboard"]
-    except ImportError:
-        return []
+    return ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
 
 
 def _training_section(name: str, section: dict, pipeline: PipelineArguments, root: Path, streamed: bool) -> dict:

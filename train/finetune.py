@@ -136,14 +136,14 @@ def finetune_cell_classifier(train_rows, eval_rows, cell_tokenizer, encoder_dir:
         metrics.update({f"{k}_before": v for k, v in classifier_scores(model, eval_rows, cell_tokenizer,
                                                                       label_column).items()})
     check_validation(args, validation_rows, "classifier")
-    score = None
-    if validation_rows is not None:
-        def score(m):
-            return classifier_scores(m, validation_rows, cell_tokenizer, label_column)
+    def score(m):
+        return classifier_scores(m, validation_rows, cell_tokenizer, label_column)
+
     trainer = LossPartsTrainer(model=model, args=args, train_dataset=train_rows, eval_dataset=validation_rows,
                                data_collator=CellLabelCollator(cell_tokenizer, model.config.label2id, label_column,
                                                                augment),
-                               callbacks=time_guarded(max_seconds, callbacks, progress), validation_score=score)
+                               callbacks=time_guarded(max_seconds, callbacks, progress),
+                               validation_score=score if validation_rows is not None else None)
     metrics.update(trained_metrics(trainer, trainer.train()))
     if eval_rows is not None:
         metrics.update(classifier_scores(model, eval_rows, cell_tokenizer, label_column))

@@ -125,17 +125,17 @@ def train_stage1(model: ScMMGPTModel, train_dataset, cell_tokenizer, text_tokeni
         metrics["retrieval_accuracy_before"] = retrieval_accuracy(model, eval_dataset, cell_tokenizer, text_tokenizer,
                                                                   label_texts)
     check_validation(args, validation_dataset, "stage1")
-    score = None
-    if validation_dataset is not None and label_texts:
-        def score(m):
-            return {"retrieval_accuracy": retrieval_accuracy(m, validation_dataset, cell_tokenizer, text_tokenizer,
-                                                             label_texts)}
+    def score(m):
+        return {"retrieval_accuracy": retrieval_accuracy(m, validation_dataset, cell_tokenizer, text_tokenizer,
+                                                         label_texts)}
+
     trainer = Stage1Trainer(model=model, args=args, train_dataset=train_dataset, callbacks=callbacks,
                             data_collator=stage1_collator(
                                 cell_tokenizer, text_tokenizer, max_text_length, augment, args.seed,
                                 gene_vocab=gene_vocab(model, cell_tokenizer),
                                 **(texts or {})),
-                            eval_dataset=validation_dataset, validation_score=score)
+                            eval_dataset=validation_dataset,
+                            validation_score=score if validation_dataset is not None and label_texts else None)
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     metrics.update(train_runtime=result.metrics["train_runtime"], train_steps=trainer.state.global_step)
     if evaluate:
