@@ -384,6 +384,11 @@ def test_validation_cells_are_training_cells_and_leave_the_test_split_as_it_was(
     assert len(share["validation"]) == round(0.1 * len(plain["train"]))
     assert set(share["validation"]["cell_id"]) | set(share["train"]["cell_id"]) == set(plain["train"]["cell_id"])
     assert not set(share["validation"]["cell_id"]) & set(share["train"]["cell_id"])
+    # every type in its share of the training cells, to the cell, and each keeps training cells
+    types, counts = np.unique(plain["train"]["cell_type"], return_counts=True)
+    validation = dict(zip(*np.unique(share["validation"]["cell_type"], return_counts=True)))
+    for cell_type, n in zip(types, counts):
+        assert abs(validation.get(cell_type, 0) - 0.1 * n) < 1 and validation.get(cell_type, 0) < n, cell_type
     counted = split_dataset(ds, by=None, validation_size=50, seed=3)  # a number of cells; no test split
     assert len(counted["validation"]) == 50 and len(counted["train"]) == 650 and set(counted) == {"train", "validation"}
     assert split_dataset(ds, by=None, validation_size=50, seed=3)["validation"]["cell_id"] == (

@@ -59,16 +59,22 @@ def check_validation_size(validation_size: float):
                                              f"cells, got {validation_size}")
 
 
-def _validation_mask(train: np.ndarray, validation_size: float, seed: int) -> np.ndarray:
-    """`validation_size` of the `train` cells (a share, or a number of cells), drawn per cell from their own seeded
-    stream, so that asking for validation cells leaves the test split as it was."""
+def _validation_mask(train: np.ndarray, labels: np.ndarray, validation_size: float, seed: int) -> np.ndarray:
+    """`validation_size` of the `train` cells (a share, or a number of cells), each cell type in its share of them
+    (largest remainders) but never its last training cell, so the cells a checkpoint is chosen on hold every type
+    that can spare one; drawn from their own seeded stream, so that asking for them leaves the test split as it was."""
     candidates = np.flatnonzero(train)
     n = int(validation_size) if validation_size >= 1 else int(round(validation_size * len(candidates)))
     if n >= len(candidates):
         raise OptionError("validation_size", f"asks for {n} validation cells, but only {len(candidates)} training "
                                              "cells are left")
-    mask = np.zeros(len(train), dtype=bool)
-    mask[np.random.default_rng([seed, 1]).choice(candidates, size=n, replace=False)] = True
+    groups = [candidates[labels[candidates] == label] for label in np.unique(labels[candidates])]
+    quotas = np.array([n * len(cells) / len(candidates) for cells in groups])
+    take = np.floor(quotas).astype(int)
+    take[np.argsort(take - quotas, kind="stable")[: n - take.sum()]] += 1
+    rng, mask = np.random.default_rng([seed, 1]), np.zeros(len(train), dtype=bool)
+    for cells, k in zip(groups, np.minimum(take, [len(cells) - 1 for cells in groups])):
+        mask[rng.choice(cells, size=k, replace=False)] = True
     return mask
 
 
@@ -85,7 +91,8 @@ def assign_splits(cell_ids, donors, datasets, cell_types, by: str | None = None,
         seed: the same seed and metadata give the same splits.
         held_out_cell_types: labels / CL ids / CL names whose cells all go to `"heldout"` (zero-shot evaluation).
         validation_size: training cells set aside as `"validation"` (the cells on which training chooses its
-            checkpoint): a share of them in (0, 1), or a number of cells; single cells, drawn after the test split.
+            checkpoint): a share of them in (0, 1), or a number of cells; single cells, each type in its share
+            (`cell_types`' first column), drawn after the test split.
 
     Returns:
         object array of length n.
@@ -102,7 +109,8 @@ def assign_splits(cell_ids, donors, datasets, cell_types, by: str | None = None,
     if by is not None:
         _assign_test(out, donors, datasets, held, by, test_size, seed)
     if validation_size:
-        out[_validation_mask(out == "train", validation_size, seed)] = "validation"
+        labels = np.asarray(cell_types, dtype=object).reshape(len(out), -1)[:, 0].astype(str)
+        out[_validation_mask(out == "train", labels, validation_size, seed)] = "validation"
     return out
 
 
