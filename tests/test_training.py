@@ -245,7 +245,7 @@ def test_pipeline_trains_stage1_stage2_and_a_classifier_on_a_built_folder_with_i
         run_pipeline(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "stage0_llm").exists()
     config["data"].update(dataset_dir=str(folder))
-    for stage in ("stage1", "classifier"):  # each chooses its checkpoint on the folder's 50 validation cells
+    for stage in ("stage1", "classifier"):  # both score the folder's 50 validation cells; stage 1 keeps its best
         config[stage]["eval_steps"] = 3
     config["classifier"]["encoder"] = "stage1"
     assert config["stage1"]["label_negatives"]
@@ -253,9 +253,10 @@ def test_pipeline_trains_stage1_stage2_and_a_classifier_on_a_built_folder_with_i
         result = run_pipeline(config, tmp_path / "run", progress=False)
     assert len(result["losses"]["stage1"]["loss_contrastive"]) == 2  # first and last
     assert "retrieval_accuracy" in result["metrics"]["stage1"]  # on the folder's test split
-    for stage in ("stage1", "classifier"):
-        state = json.loads((tmp_path / "run" / stage / "trainer_state.json").read_text())
-        assert 0.0 <= state["best_metric"] <= 1.0 and state["best_global_step"] == 3
+    state = json.loads((tmp_path / "run" / "stage1" / "trainer_state.json").read_text())
+    assert 0.0 <= state["best_metric"] <= 1.0 and state["best_global_step"] == 3
+    state = json.loads((tmp_path / "run" / "classifier" / "trainer_state.json").read_text())
+    assert [entry["step"] for entry in state["log_history"] if "eval_accuracy" in entry] == [3]
     classifier = json.loads((tmp_path / "run" / "classifier" / "config.json").read_text())
     assert len(classifier["id2label"]) == 9 and "Dendritic" not in classifier["label2id"]  # the streamed cells' types
     # the model's own labels: those of every split, not only of the test split the run holds in memory
