@@ -95,6 +95,12 @@ def test_training_labels_texts_are_the_same_in_memory_and_in_a_built_folder(tmp_
     in_memory = label_texts_of(load_dataset_dir(out, "train", cache_dir=str(tmp_path / "cache")))
     assert list(negatives.items()) == list(in_memory.items())  # the same labels, texts and order as in memory
     assert len(negatives) == 9 and "Dendritic" not in negatives
+    from unittest import mock
+
+    import pyarrow.parquet as pq  # stage 1, stage 2 and the classifier each ask: the shards are read once
+
+    with mock.patch.object(pq, "read_table", side_effect=AssertionError("train shards read again")):
+        assert _training_label_texts(run(dataset_dir=str(out))) == negatives
     assert negatives["CD19+ B"].startswith("cell type: B cell.")
 
 

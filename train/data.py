@@ -17,6 +17,7 @@ Entry points: `build_dataset` (→ `datasets.Dataset` / `DatasetDict`), `write_d
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -505,7 +506,14 @@ def shard_files(out_dir, split: str = "train") -> list[str]:
 def split_label_texts(out_dir, split: str = "train") -> dict[str, str]:
     """label → the text of its first cell in one split of a built folder, in shard order (what
     `stage1.label_texts_of` gives for the same cells in memory). Reads only the label and text columns, a shard at a
-    time, so a corpus is never held whole."""
+    time, so a corpus is never held whole; read once per folder build (a run asks for it in several stages)."""
+    shard_files(out_dir, split)  # a folder without that split: its DataError, not a cached miss
+    built = (Path(out_dir) / INFO_FILE).stat().st_mtime_ns  # a rebuilt folder is read again
+    return dict(_split_label_texts(str(out_dir), split, built))
+
+
+@functools.lru_cache(maxsize=16)
+def _split_label_texts(out_dir: str, split: str, built: int) -> dict[str, str]:
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
