@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.utils import logging as hf_logging
 
 from .configuration_scmmgpt import ScMMGPTConfig
 from .modeling_cell_encoder import ScMMGPTCellModel, masked_mean
@@ -400,7 +401,14 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
         self.config.cell_token_ids = list(processor.cell_token_ids)
         self.config.boc_token_id, self.config.eoc_token_id = processor.boc_token_id, processor.eoc_token_id
         if len(processor.tokenizer) > self.get_input_embeddings().num_embeddings:
-            self.language_model.resize_token_embeddings(len(processor.tokenizer))
+            # the mean-and-covariance init of the new rows is wanted; transformers' notice of it is not news here
+            resizing_logger = hf_logging.get_logger("transformers.modeling_utils")
+            level = resizing_logger.level
+            resizing_logger.setLevel(hf_logging.ERROR)
+            try:
+                self.language_model.resize_token_embeddings(len(processor.tokenizer))
+            finally:
+                resizing_logger.setLevel(level)
         self._suppress_cell_tokens_in_text()
 
     def _suppress_cell_tokens_in_text(self) -> None:
