@@ -95,11 +95,10 @@ class ScMMGPTCellConfig(PreTrainedConfig):
         return cls(**overrides)
 
 
-def check_contrastive_margin(margin: float) -> float:
-    """`margin` when it is a usable contrastive margin, else a ValueError (cosine units: CosFace uses 0.1-0.5)."""
+def check_contrastive_margin(margin: float) -> None:
+    """Raise a ValueError unless `margin` is a usable contrastive margin (cosine units: CosFace uses 0.1-0.5)."""
     if not 0.0 <= margin < 1.0:
         raise ValueError(f"contrastive_margin must be in [0, 1), got {margin}")
-    return margin
 
 
 class ScMMGPTConfig(PreTrainedConfig):

@@ -74,7 +74,9 @@ def test_configs_parse_into_training_arguments_and_sft_config(tmp_path):
 
 def test_training_labels_texts_are_the_same_in_memory_and_in_a_built_folder(tmp_path, pbmc_path):
     from types import SimpleNamespace
+    from unittest import mock
 
+    import pyarrow.parquet as pq
     from datasets import Dataset
 
     from scmmgpt_train.data import load_dataset_dir, write_dataset
@@ -91,17 +93,21 @@ def test_training_labels_texts_are_the_same_in_memory_and_in_a_built_folder(tmp_
     out = tmp_path / "pbmc"  # 7 shards of at most 100 cells; Dendritic cells only in the held-out split
     write_dataset(pbmc_path, out, cells_per_shard=100, progress=False, split_by="cell", test_size=0.2,
                   held_out_cell_types=["Dendritic"])
-    negatives = _training_label_texts(run(dataset_dir=str(out)))
+    with mock.patch.object(pq, "read_table", side_effect=AssertionError("recorded at build time: no shard read")):
+        negatives = _training_label_texts(run(dataset_dir=str(out)))
     in_memory = label_texts_of(load_dataset_dir(out, "train", cache_dir=str(tmp_path / "cache")))
     assert list(negatives.items()) == list(in_memory.items())  # the same labels, texts and order as in memory
     assert len(negatives) == 9 and "Dendritic" not in negatives
-    from unittest import mock
-
-    import pyarrow.parquet as pq  # stage 1, stage 2 and the classifier each ask: the shards are read once
-
+    assert negatives["CD19+ B"].startswith("cell type: B cell.")
+    info_path = out / "build_info.json"  # a folder built before the texts were recorded: its shards are scanned
+    info = json.loads(info_path.read_text())
+    assert set(info.pop("label_texts")) == {"train", "test", "heldout"}
+    info_path.write_text(json.dumps(info))
+    scanned = _training_label_texts(run(dataset_dir=str(out)))
+    assert list(scanned.items()) == list(negatives.items())
+    # stage 1, stage 2 and the classifier each ask: the shards are read once
     with mock.patch.object(pq, "read_table", side_effect=AssertionError("train shards read again")):
         assert _training_label_texts(run(dataset_dir=str(out))) == negatives
-    assert negatives["CD19+ B"].startswith("cell type: B cell.")
 
 
 def test_train_cli_says_config_mistakes_in_one_line_before_training(tmp_path, capsys):

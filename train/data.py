@@ -434,13 +434,16 @@ def write_dataset(inputs, out_dir, tokenizer=None, *, cells_per_shard: int = 100
     plan = plan_build(inputs, tokenizer, BuildOptions(**options), ontology)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     writers: dict[str, tuple] = {}  # split → (writer, shard index, rows in shard)
+    label_texts: dict[str, dict[str, str]] = {}  # split → label → its first cell's text
     try:
         tmp.mkdir(parents=True)
         for batch in plan.record_batches(progress):
             _write_batch(batch, tmp, writers, cells_per_shard, pq)
+            _record_label_texts(batch, label_texts)
         for writer, _, _ in writers.values():
             writer.close()
         plan.info["shards"] = {s: sorted(p.name for p in (tmp / s).glob("*.parquet")) for s in writers}
+        plan.info["label_texts"] = label_texts
         (tmp / INFO_FILE).write_text(json.dumps(plan.info, indent=1))
         plan.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         _replace_dir(tmp, out_dir)
@@ -475,6 +478,14 @@ def _write_batch(batch, root: Path, writers: dict, cells_per_shard: int, pq):
             part = part.slice(take.num_rows)
 
 
+def _record_label_texts(batch, label_texts: dict):
+    """Add each label met for the first time in `batch` to `label_texts[split]`, with its first cell's text: the
+    batches come in shard order, so this is what scanning the written shards would find."""
+    columns = batch.select(["split", "cell_type", "text"]).to_pydict()
+    for split, label, text in zip(columns["split"], columns["cell_type"], columns["text"]):
+        label_texts.setdefault(split, {}).setdefault(label, text)
+
+
 def _replace_dir(tmp: Path, out_dir: Path):
     """Move the finished `tmp` into place; an old `out_dir` is moved aside first and removed last."""
     old = None
@@ -505,9 +516,13 @@ def shard_files(out_dir, split: str = "train") -> list[str]:
 
 def split_label_texts(out_dir, split: str = "train") -> dict[str, str]:
     """label → the text of its first cell in one split of a built folder, in shard order (what
-    `stage1.label_texts_of` gives for the same cells in memory). Reads only the label and text columns, a shard at a
-    time, so a corpus is never held whole; read once per folder build (a run asks for it in several stages)."""
+    `stage1.label_texts_of` gives for the same cells in memory). `write_dataset` records them in `build_info.json`;
+    for a folder built before it did, the label and text columns are read a shard at a time (a corpus is never held
+    whole), once per folder build (a run asks for it in several stages)."""
     shard_files(out_dir, split)  # a folder without that split: its DataError, not a cached miss
+    recorded = read_build_info(out_dir).get("label_texts", {})
+    if split in recorded:
+        return dict(recorded[split])
     built = (Path(out_dir) / INFO_FILE).stat().st_mtime_ns  # a rebuilt folder is read again
     return dict(_split_label_texts(str(out_dir), split, built))
 
