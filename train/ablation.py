@@ -33,6 +33,7 @@ import numpy as np
 
 from .config import load_config, parse_overrides
 from .robustness import LOGISTIC, RETRIEVAL, held_out_types
+from .trainers import quiet_libraries
 
 ACCURACY = ": accuracy"
 MARKER_RETRIEVAL = "scMMGPT (retrieval, marker texts)"
@@ -247,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("two variants share a name")
     if args.markers and not args.unseen_types:
         parser.error("--markers scores held-out types: give --unseen-types too")
+    if args.quiet:
+        quiet_libraries()
     labels = _cell_labels(args.config) if args.unseen_types else None
     try:
         markers = load_markers(args.markers, set(labels)) if args.markers else None

@@ -256,11 +256,14 @@ def summarize_seeds(per_seed: dict[int, dict]) -> tuple[dict, str]:
 
 def main(argv=None) -> int:
     from .report import pseudo_cell_sections, robustness_sections
+    from .trainers import quiet_libraries
 
     args = parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     output_dir = Path(args.output_dir)
     progress = not args.no_progress
+    if not progress:
+        quiet_libraries()
     options = dict(time_limits=not args.no_time_limits, shift_suite=args.shift_suite, unseen_types=args.unseen_types)
     if not args.seeds or len(args.seeds) == 1:
         run_seed(args.config, output_dir, args.seeds[0] if args.seeds else None, args.fresh, progress, **options)

@@ -17,6 +17,7 @@ import argparse
 
 from .config import STAGES, ConfigError, load_config, parse_overrides
 from .pipeline import is_main_process, run_pipeline
+from .trainers import quiet_libraries
 
 
 # each stage's held-out figures next to the reference it should beat (random encoder, per-gene mean, untrained head)
@@ -36,15 +37,6 @@ def _summary(result: dict) -> str:
             lines.append("              " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()))
     lines.append(f"total {result['seconds']:.0f}s")
     return "\n".join(lines)
-
-
-def _quiet_libraries():
-    """No progress bars from transformers (weight loading, saving) or datasets (reading a built folder's splits)."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         parser.error(f"--config {args.config}: {error}")
     if args.quiet:
-        _quiet_libraries()
+        quiet_libraries()
     try:
         result = run_pipeline(config, fresh=args.fresh, progress=not args.quiet, stages=args.stages)
     except ConfigError as error:  # data, stages and options that do not fit: one line, before the stage trains

@@ -88,6 +88,16 @@ class ValidationScoreMixin:
         return metrics
 
 
+def quiet_libraries():
+    """No progress bars from transformers (weight loading, saving) or datasets (reading a built folder's splits): the
+    `--quiet` / `--no-progress` of the CLIs that train."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def check_validation(args: TrainingArguments, validation, stage: str):
     """A one-line error when `args` evaluate mid-run (checkpoint choice) but there are no validation cells."""
     if args.eval_strategy not in (None, "no") and validation is None:
@@ -181,4 +191,4 @@ def save_trained(trainer: Trainer, tokenizer, name: str, metrics: dict):
 
 __all__ = ["RUN_DEFAULTS", "LossPartsLoggingMixin", "LossPartsTrainer", "QuietLogs", "TimeLimitCallback",
            "ValidationScoreMixin", "check_validation", "bounded_training_arguments", "first_last", "save_trained",
-           "stage_training_arguments", "time_guarded", "trained_metrics"]
+           "stage_training_arguments", "time_guarded", "trained_metrics", "quiet_libraries"]
