@@ -241,6 +241,10 @@ def annotate_main(argv=None) -> int:
     parser.add_argument("--method", choices=["retrieval", "likelihood", "generate"], default=None,
                         help="zero-shot method of a scMMGPT model (default: retrieval); a fine-tuned classifier "
                              "folder uses its head")
+    parser.add_argument("--no-subtypes", dest="subtypes", action="store_false",
+                        help="score a Cell Ontology label coarser than the model's own types ('T cell') by its own "
+                             "text alone; by default it takes the best of its text and those of the types it covers "
+                             "(which: uns['scmmgpt']['label_subtypes'])")
     return _run(parser, argv, _annotate)
 
 
@@ -267,7 +271,7 @@ def _annotate(args):
         raise CLIError(f"{args.model} is a fine-tuned classifier with fixed labels: drop --labels / --label-texts / "
                        "--method")
     result = jobs.annotate(cells, args.labels, method=args.method, label_texts=label_texts,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, subtypes=args.subtypes)
     obs = {"scmmgpt_cell_type": pd.Categorical(result.predictions, categories=result.labels)}
     uns = {**cells.record(), "job": "annotate", "method": args.method or jobs.kind.annotation_methods[0],
            "labels": np.asarray(result.labels, dtype=object)}
@@ -278,6 +282,8 @@ def _annotate(args):
         term_of = dict(zip(result.labels, result.label_ids))
         obs["scmmgpt_cell_type_ontology_term_id"] = pd.Categorical([term_of.get(p) for p in result.predictions])
         uns["cell_ontology"] = load_cell_ontology().version
+    if result.subtypes:  # JSON: labels such as "CD4+/CD25 T Reg" are no HDF5 keys
+        uns["label_subtypes"] = json.dumps(result.subtypes)
     write_results(args.input, args.output, obs=obs,
                   obsm={"scmmgpt_cell_type_scores": result.scores.astype(np.float32)}, uns=uns)
 

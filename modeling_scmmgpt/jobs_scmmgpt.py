@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .inputs_scmmgpt import CellInputs, check_names, check_positive_int, read_cells
 from .kinds_scmmgpt import MODEL_KINDS, ModelKind, kind_of_model, model_kind, require_job
-from .ontology_scmmgpt import cell_type_terms, cell_type_text, cl_id
+from .ontology_scmmgpt import cell_type_terms, cell_type_text, cl_id, ontology_name, trained_subtypes
 from .processing_scmmgpt import ANNOTATE_PROMPT, DESCRIBE_PROMPT
 from .pseudocells_scmmgpt import DEFAULT_LIBRARY_SIZE, GENERATED_OUTPUTS, PseudoCellJobs
 from .results_scmmgpt import CellAnnotation, GeneratedCells
@@ -38,9 +38,14 @@ READ_VALUES = 1 << 24  # ... and at most this many matrix entries, so that a den
 DEFAULT_DESCRIPTION_TOKENS = 128  # describe's length when the model carries no label texts to size it by
 
 
-def ontology_name(text: str) -> str:
-    """The cell-type name of a cell text `"cell type: {name}. {definition}"` (the name the LLM learned)."""
-    return text.removeprefix("cell type: ").split(". ")[0].rstrip(".")
+def _best_per_owner(scores: np.ndarray, owners: list[int], n_labels: int) -> np.ndarray:
+    """(cells, texts) scores → (cells, labels): each label's best over the texts it owns (its own comes first)."""
+    if len(owners) == n_labels:
+        return scores
+    best = scores[:, :n_labels].copy()
+    for column, owner in enumerate(owners[n_labels:], start=n_labels):
+        np.maximum(best[:, owner], scores[:, column], out=best[:, owner])
+    return best
 
 
 def _given_texts(labels, label_texts) -> dict[str, str]:
@@ -192,8 +197,9 @@ class ScMMGPTJobs(PseudoCellJobs):
         return encoder(batch["gene_ids"], batch["expression_values"], batch["cell_attention_mask"]).cell_embeds
 
     # ---------------------------------------------------------------------------------------------- annotation
-    def _label_set(self, labels, label_texts) -> tuple[list[str], list[str], list[str | None]]:
-        """(labels as the predictions name them, the text each is scored by, its CL id or None); see `annotate`."""
+    def _label_set(self, labels, label_texts, subtypes: bool = True):
+        """(labels as the predictions name them, the text each is scored by, its CL id or None, label → the model's
+        own labels it also scores as); see `annotate`."""
         if labels is not None:
             labels = check_names(labels, "labels")
         given = _given_texts(labels, label_texts)
@@ -212,11 +218,17 @@ class ScMMGPTJobs(PseudoCellJobs):
         texts = [known[label] if label in known else cell_type_text(terms[label].name, terms[label].definition)
                  for label in labels]
         _refuse_same_cell_type(labels, names, ids)
-        return names, texts, ids
+        return names, texts, ids, self._subtypes(labels, names, terms) if subtypes else {}
+
+    def _subtypes(self, labels: list[str], names: list[str], terms: dict) -> dict[str, list[str]]:
+        """name → the model's own labels (not asked for themselves) that the ontology label's term covers."""
+        trained = {label: text for label, text in (self.label_texts or {}).items() if label not in labels}
+        covered = trained_subtypes(terms, trained, getattr(self.model, "name_or_path", None))
+        return {names[labels.index(label)]: own for label, own in covered.items()}
 
     @torch.inference_mode()
     def annotate(self, cells, labels=None, method: str | None = None, label_texts=None, batch_size: int = 64,
-                 gene_names=None, **input_options) -> CellAnnotation:
+                 gene_names=None, subtypes: bool = True, **input_options) -> CellAnnotation:
         """Assign each cell one of `labels` (default: the cell types the model was trained on).
 
         Each label is scored by a text, the first found of: the caller's `label_texts` (a list of one text per label,
@@ -226,6 +238,11 @@ class ScMMGPTJobs(PseudoCellJobs):
         `"cell type: {name}. {definition}"` as in training. Predictions name labels as given, except that a CL id
         comes back as its term's name ("natural killer cell"); `CellAnnotation.label_ids` keeps the CL ids. Any other
         label is a one-line ValueError with close matches among the ontology's names and the model's labels.
+
+        A Cell Ontology label coarser than cell types the model was trained on ("T cell", "lymphocyte", "monocyte")
+        scores as the best of its own text and theirs (`subtypes=True`; each trained type counts for the nearest such
+        label above it, `CellAnnotation.subtypes` says which): its own text is one the model never trained on, while
+        its cells sit by their subtypes' texts.
 
         - `"retrieval"` (zero-shot, stage 1 and 2): cosine similarity of cell features to the features of the
           label texts;
@@ -239,25 +256,30 @@ class ScMMGPTJobs(PseudoCellJobs):
         if method not in self.kind.annotation_methods:
             raise ValueError(f"method {method!r} is not one of this {self.kind.name} model's: "
                              f"{list(self.kind.annotation_methods)}")
-        ids = None
+        ids, covered = None, {}
         if method == "classifier":
             if labels is not None or label_texts is not None:
                 raise ValueError("a fine-tuned classifier annotates with its own labels: drop labels / label_texts")
             labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         else:
-            labels, label_texts, ids = self._label_set(labels, label_texts)
+            labels, label_texts, ids, covered = self._label_set(labels, label_texts, subtypes)
         inputs = self.read(cells, gene_names, **input_options)
-        score = self._label_scorer(method, label_texts)
+        owners, scored_texts = list(range(len(labels))), list(label_texts or ())
+        for label, own in covered.items():
+            self._say(f"{label!r} also scores as the model's own {', '.join(map(repr, own))}")
+            owners += [labels.index(label)] * len(own)
+            scored_texts += [self.label_texts[o] for o in own]
+        score = self._label_scorer(method, scored_texts)
         scores, empty = np.empty((inputs.n_cells, len(labels)), dtype=np.float32), np.zeros(inputs.n_cells, bool)
         for start, batch, none in self._batches(inputs, batch_size, f"annotate ({method})"):
-            part = torch.as_tensor(score(batch)).float().cpu().numpy()
+            part = _best_per_owner(torch.as_tensor(score(batch)).float().cpu().numpy(), owners, len(labels))
             scores[start : start + len(part)], empty[start : start + len(part)] = part, none
         scores[empty] = np.nan
         self._warn_empty(empty, "they get no label")
         best = np.nan_to_num(scores, nan=-np.inf).argmax(1)
         predictions = [None if e else labels[i] for i, e in zip(best, empty)]
         return CellAnnotation(predictions=predictions, scores=scores, labels=labels, label_texts=label_texts,
-                              label_ids=ids)
+                              label_ids=ids, subtypes=covered or None)
 
     def _label_scorer(self, method, label_texts):
         """batch → (cells, labels) scores for `method`."""

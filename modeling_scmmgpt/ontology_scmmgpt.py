@@ -301,14 +301,7 @@ def cell_type_terms(labels: list[str], model_labels: list[str] = (), model_dir=N
     file when neither this code nor the folder has it."""
     if not labels:
         return {}
-    here = shipped_ontology_file() is not None
-    path = None if here else shipped_ontology_file(model_dir)  # None: the default, loaded once for every caller
-    if not here and path is None:
-        where = f" nor in the model folder {model_dir}" if model_dir else ""
-        raise FileNotFoundError(f"{', '.join(map(repr, labels))}: not labels of this model, and reading labels as Cell "
-                                f"Ontology names or CL ids needs {ONTOLOGY_FILE}, which is neither next to "
-                                f"{Path(__file__).name}{where} (save_pipelines and scmmgpt push put it there)")
-    ontology = load_cell_ontology(path)
+    ontology = _shipped_ontology(labels, model_dir)
     terms = {label: ontology.lookup(label) for label in labels}
     unknown = [_why_unknown(ontology, label, term, model_labels) for label, term in terms.items()
                if term is None or term.deprecated]
@@ -317,6 +310,41 @@ def cell_type_terms(labels: list[str], model_labels: list[str] = (), model_dir=N
                          "this model, a CL id or a Cell Ontology name or synonym; give free-text labels their texts "
                          "with label_texts (CLI: --label-texts FILE)")
     return terms
+
+
+def _shipped_ontology(labels, model_dir=None) -> CellOntology:
+    """The ontology this code ships, or the copy in the model folder (see `cell_type_terms`)."""
+    here = shipped_ontology_file() is not None
+    path = None if here else shipped_ontology_file(model_dir)  # None: the default, loaded once for every caller
+    if not here and path is None:
+        where = f" nor in the model folder {model_dir}" if model_dir else ""
+        raise FileNotFoundError(f"{', '.join(map(repr, labels))}: not labels of this model, and reading labels as Cell "
+                                f"Ontology names or CL ids needs {ONTOLOGY_FILE}, which is neither next to "
+                                f"{Path(__file__).name}{where} (save_pipelines and scmmgpt push put it there)")
+    return load_cell_ontology(path)
+
+
+def trained_subtypes(terms: dict[str, CLTerm], trained_texts: dict[str, str], model_dir=None) -> dict[str, list[str]]:
+    """label → the model's own labels that its Cell Ontology term covers, for `annotate`'s coarser labels ("T cell"
+    for a model trained on T-cell subtypes): a trained label (`trained_texts`: label → its text, `"cell type: {name}.
+    ..."`) whose term is one of `terms` (label → term of the labels asked) or lies under it (is_a, part_of) goes to the
+    nearest such label only. Trained labels asked for themselves, and labels that cover none, are left out."""
+    if not terms:
+        return {}
+    ontology = _shipped_ontology(list(terms), model_dir)
+    asked = {}
+    for label, term in terms.items():
+        asked.setdefault(term.id, label)
+    covered: dict[str, list[str]] = {}
+    for trained, text in trained_texts.items():
+        term = None if trained in terms else ontology.lookup(ontology_name(text))
+        if term is None:
+            continue
+        lineage = [term.id, *(t.id for t in ontology.ancestors(term.id))]  # nearest first
+        nearest = next((asked[i] for i in lineage if i in asked), None)
+        if nearest is not None:
+            covered.setdefault(nearest, []).append(trained)
+    return covered
 
 
 def _why_unknown(ontology: CellOntology, label: str, term: CLTerm | None, model_labels) -> str:
@@ -334,6 +362,11 @@ def cell_type_text(name: str, definition: str = "") -> str:
     return f"{text} {definition.strip()}" if definition and definition.strip() else text
 
 
+def ontology_name(text: str) -> str:
+    """The cell-type name of a cell text `"cell type: {name}. {definition}"` (the name the LLM learned)."""
+    return text.removeprefix("cell type: ").split(". ")[0].rstrip(".")
+
+
 __all__ = [
     "CLTerm",
     "CellOntology",
@@ -344,8 +377,10 @@ __all__ = [
     "newest_ontology_file",
     "normalise_name",
     "ontology_data_dir",
+    "ontology_name",
     "prune_cell_ontology",
     "shipped_ontology_file",
+    "trained_subtypes",
     "write_pruned_ontology",
 ]
 

@@ -10,13 +10,15 @@ class CellAnnotation:
     """`predictions[i]` is the label of cell i (None for a cell with no known gene expressed); `scores` (cells ×
     labels) the method's score of each label (NaN rows for such cells). `label_texts` are the texts the labels were
     scored by and `label_ids` their CL ids where they were resolved through the Cell Ontology (None for the model's
-    own labels and free-text ones; both None for a classifier's labels)."""
+    own labels and free-text ones; both None for a classifier's labels). `subtypes`: label → the model's own labels
+    whose texts its score also took the best of (ontology labels coarser than the trained ones), or None."""
 
     predictions: list
     scores: np.ndarray
     labels: list[str]
     label_texts: list[str] | None = None
     label_ids: list[str | None] | None = None
+    subtypes: dict[str, list[str]] | None = None
 
 
 @dataclass

@@ -74,7 +74,7 @@ def test_cl_ids_names_and_synonyms_resolve_to_their_term(label):
 
 def test_model_labels_ids_names_and_synonyms_get_their_texts(jobs, cells, cl, scored_texts):
     labels = ["CD14+ Monocyte", "CL:0000623", "CL_0000084", "b CELL", "Treg"]
-    result = jobs.annotate(cells, labels)
+    result = jobs.annotate(cells, labels, subtypes=False)  # each label by its own text alone
     # a CL id comes back as its term's name; names and synonyms as the user wrote them
     assert result.labels == ["CD14+ Monocyte", "natural killer cell", "T cell", "b CELL", "Treg"]
     assert set(result.predictions) <= set(result.labels)
@@ -82,6 +82,25 @@ def test_model_labels_ids_names_and_synonyms_get_their_texts(jobs, cells, cl, sc
     expected = [TINY_LABEL_TEXTS["CD14+ Monocyte"]] + [_text(cl, i) for i in result.label_ids[1:]]
     assert result.label_texts == expected and scored_texts == [expected]
     assert expected[1].startswith("cell type: natural killer cell. A lymphocyte that can spontaneously kill")
+
+
+def test_coarser_ontology_labels_score_as_the_trained_types_they_cover(jobs, cells, scored_texts):
+    """"monocyte" takes the best of its own text and the model's CD14+ Monocyte's; each trained type counts for the
+    nearest label above it only ("monocyte", not "leukocyte"); a trained label asked for itself is nobody's subtype."""
+    own = list(TINY_LABEL_TEXTS)  # Dendritic, CD14+ Monocyte, CD19+ B
+    plain = jobs.annotate(cells, ["monocyte", "leukocyte", "B cell"], subtypes=False)
+    trained = jobs.annotate(cells, own)
+    result = jobs.annotate(cells, ["monocyte", "leukocyte", "B cell"])
+    assert result.subtypes == {"monocyte": ["CD14+ Monocyte"], "leukocyte": ["Dendritic"], "B cell": ["CD19+ B"]}
+    assert scored_texts[-1] == plain.label_texts + [TINY_LABEL_TEXTS[label] for label in ("Dendritic",
+                                                                                        "CD14+ Monocyte", "CD19+ B")]
+    expected = np.maximum(plain.scores, trained.scores[:, [own.index("CD14+ Monocyte"), own.index("Dendritic"),
+                                                           own.index("CD19+ B")]])
+    np.testing.assert_allclose(result.scores, expected, rtol=1e-5, atol=1e-6)
+    assert result.predictions == [result.labels[i] for i in expected.argmax(1)]
+    assert plain.subtypes is None and result.label_texts == plain.label_texts
+    asked = jobs.annotate(cells, ["leukocyte", "Dendritic", "CD19+ B"])
+    assert asked.subtypes == {"leukocyte": ["CD14+ Monocyte"]}
 
 
 def test_default_labels_are_the_models_own(jobs, cells):
@@ -241,6 +260,7 @@ def test_cli_annotates_with_ontology_labels_and_records_them(tiny_model_dir, cel
     assert list(record["label_texts"]) == [_text(cl, "CL:0000236"), _text(cl, "CL:0000623"),
                                            TINY_LABEL_TEXTS["CD14+ Monocyte"]]
     assert record["cell_ontology"] == cl.version
+    assert json.loads(record["label_subtypes"]) == {"B cell": ["CD19+ B"]}
 
     capsys.readouterr()
     assert main(["annotate", str(tiny_model_dir), str(source), "-o", str(out), "--labels", "B cel"]) == 2
