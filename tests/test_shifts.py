@@ -203,6 +203,49 @@ def test_suite_runner_on_a_tiny_model(pbmc_cells, minilm_tokenizer):
     assert table.count("\n") == 2 + len(suite) and DESCRIPTIONS in table
 
 
+def test_coarse_labels_map_types_up_the_ontology_and_are_bracketed(pbmc_cells, minilm_tokenizer):
+    import copy
+
+    import torch
+
+    from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTProcessor
+    from scmmgpt_train.robustness import (COARSE_LABEL_SETS, TEXT_ONLY, WITH_SUBTYPES, coarse_truth,
+                                          evaluate_coarse_labels)
+    from scmmgpt_train.stage1 import label_texts_of
+
+    from .test_multimodal import tiny_config
+
+    splits, tokenizer, _ = pbmc_cells
+    label_texts = label_texts_of(splits["train"])
+    t_cells = ["CD4+/CD25 T Reg", "CD4+/CD45RA+/CD25- Naive T", "CD4+/CD45RO+ Memory", "CD8+ Cytotoxic T",
+               "CD8+/CD45RA+ Naive Cytotoxic"]
+    assert coarse_truth(label_texts, COARSE_LABEL_SETS["lineages"]) == {
+        **dict.fromkeys(t_cells, "T cell"), "CD19+ B": "B cell", "CD56+ NK": "natural killer cell",
+        "CD14+ Monocyte": "monocyte", "Dendritic": "dendritic cell", "CD34+": "hematopoietic precursor cell"}
+    by_lineage = coarse_truth(label_texts, COARSE_LABEL_SETS["CD4 / CD8 T cells"])
+    assert {t: by_lineage[t].split(",")[0] for t in t_cells} == {
+        "CD4+/CD25 T Reg": "CD4-positive", "CD4+/CD45RA+/CD25- Naive T": "CD4-positive",
+        "CD4+/CD45RO+ Memory": "CD4-positive", "CD8+ Cytotoxic T": "CD8-positive",
+        "CD8+/CD45RA+ Naive Cytotoxic": "CD8-positive"}
+
+    processor = ScMMGPTProcessor(tokenizer, copy.deepcopy(minilm_tokenizer), num_query_tokens=4)
+    torch.manual_seed(0)
+    model = ScMMGPTForConditionalGeneration(tiny_config(len(tokenizer), len(processor.tokenizer))).eval()
+    model.set_cell_token_ids(processor)
+    train = EvalCells.from_rows(splits["train"], tokenizer)
+    test = EvalCells.from_rows(splits["test"].select(range(60)), tokenizer)
+    sets = {**COARSE_LABEL_SETS, "neurons": ("neuron",)}  # covers no PBMC type: left out
+    results = evaluate_coarse_labels(model, processor, train, test, label_texts, sets)
+    assert list(results) == ["ontology labels: lineages", "ontology labels: CD4 / CD8 T cells"]
+    up = coarse_truth(label_texts, COARSE_LABEL_SETS["lineages"])
+    trained, truth = [up[label] for label in train.labels], [up[label] for label in test.labels]
+    row = results["ontology labels: lineages"]
+    majority = max(set(trained), key=trained.count)  # dendritic cells: 240 of PBMC's 700, T cells 192 in 5 types
+    assert row["majority class: accuracy"] == pytest.approx(truth.count(majority) / len(truth))
+    assert row["logistic regression (all genes), mapped up: accuracy"] >= 0.85 > row["majority class: accuracy"]
+    assert {f"{WITH_SUBTYPES}: accuracy", f"{TEXT_ONLY}: accuracy"} <= set(row)
+
+
 def test_named_type_share():
     texts = {"B": "cell type: B cell. A lymphocyte.", "NK": "cell type: natural killer cell. A lymphocyte."}
     described = ["cell type: B cell. A lymphocyte of B lineage.", "cell type: B cell. Kills.", ""]
@@ -290,8 +333,11 @@ def test_goals_read_one_run_or_means_over_seeds(tmp_path):
 
     from scmmgpt_train.report import robustness_sections
 
-    text = "\n".join(robustness_sections({"shifts": shifts, "unseen": unseen}, tmp_path, {0: ["a", "b", "c"]}))
+    coarse = {"ontology labels: lineages": row(0.87, 0.95)}
+    text = "\n".join(robustness_sections({"shifts": shifts, "unseen": unseen, "coarse_labels": coarse}, tmp_path,
+                                         {0: ["a", "b", "c"]}))
     assert "## Under dataset shift" in text and "](shifts.png)" in text and "seed 0: a, b, c" in text
+    assert "## Coarser ontology labels" in text and "| ontology labels: lineages | 0.870 / 0.870 | 0.950" in text
     assert text.count("**not met**") == 2 + 1 and (tmp_path / "shifts.png").is_file()
 
 

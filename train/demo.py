@@ -84,7 +84,7 @@ def run_seed(config_path: str, output_dir: Path, seed: int | None, fresh: bool, 
     from .evaluate import EvalCells, evaluate_model, results_table
     from .pipeline import load_cells, run_pipeline
     from .report import write_model_card, write_report
-    from .robustness import held_out_types
+    from .robustness import evaluate_coarse_labels, held_out_types
     from .stage1 import label_texts_of
 
     config = load_config(config_path, output_dir=str(output_dir), overrides=_overrides(seed, time_limits))
@@ -111,6 +111,7 @@ def run_seed(config_path: str, output_dir: Path, seed: int | None, fresh: bool, 
         classifier = ScMMGPTCellForClassification.from_pretrained(pipeline["classifier_dir"]).eval()
     results = evaluate_model(model, processor, train, test, label_texts, progress=progress,
                              seed=config.pipeline.seed, classifier=classifier)
+    results["coarse_labels"] = evaluate_coarse_labels(model, processor, train, test, label_texts, progress=progress)
     timings["evaluation"] = time.perf_counter() - start
     if shift_suite != "none":
         start = time.perf_counter()
@@ -233,7 +234,7 @@ def scalar_results(results: dict) -> dict:
             for job, rows in results.items() if isinstance(rows, dict)}
 
 
-TABLE_JOBS = ("annotation", "description", "pseudo_cells")  # the shift suite and unseen types have tables of their own
+TABLE_JOBS = ("annotation", "description", "pseudo_cells")  # shifts, unseen types, coarse labels: tables of their own
 
 
 def summarize_seeds(per_seed: dict[int, dict]) -> tuple[dict, str]:

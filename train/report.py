@@ -208,6 +208,15 @@ def robustness_sections(results: dict, output_dir: Path, held_out: dict | None =
             shift_table(results["shifts"]), "", "Goals (issue 16):", "", goal_lines(shift_goals(results["shifts"])),
             "", "![annotation accuracy under dataset shift](shifts.png)",
         ]
+    if results.get("coarse_labels"):
+        lines += [
+            "", "## Coarser ontology labels", "",
+            "`annotate` with Cell Ontology names coarser than the training types, on the held-out cells: each cell's "
+            "type mapped up the ontology is the truth. By default a coarse label scores as the best of its own text "
+            "and its trained subtypes' texts (`subtypes=True`); its own text alone is one the model never trained on. "
+            "The model's own labels and logistic regression (fitted on the training types) are mapped up too.", "",
+            shift_table(results["coarse_labels"], "labels"),
+        ]
     if results.get("unseen"):
         types = "; ".join(f"seed {seed}: {', '.join(t)}" for seed, t in (held_out or {}).items())
         lines += [

@@ -1,4 +1,5 @@
-"""Annotation off the training split: under dataset shift, and on cell types no training stage saw.
+"""Annotation off the training split: under dataset shift, on cell types no training stage saw, and with labels
+coarser than the training types.
 
 - `evaluate_shifts`: every shift of a suite (`shifts.SHORT_SUITE` / `FULL_SUITE`) applied to the held-out cells'
   counts and handed to the jobs as a user would (matrix + gene names, value kind detected); accuracy and macro-F1 of
@@ -7,6 +8,8 @@
   share of generated descriptions that name the right cell type;
 - `evaluate_unseen_types`: top-1 / top-3 accuracy over all label texts from `CellAnnotation.scores`, with
   `reference_top_k` (logistic regression, which cannot predict a type it never saw, and chance);
+- `evaluate_coarse_labels`: Cell Ontology labels coarser than the training types ("T cell"), with and without the
+  trained subtypes' texts (`annotate(subtypes=)`), against each cell's type mapped up the ontology;
 - the tables and the goal lines of the report and of `make eval`'s summary (issue 16), which read either one run's
   figures or `[mean, sd]` over seeds.
 
@@ -21,6 +24,7 @@ import numpy as np
 
 from modeling_scmmgpt.inputs_scmmgpt import value_kind
 from modeling_scmmgpt.jobs_scmmgpt import ScMMGPTJobs, ontology_name
+from modeling_scmmgpt.ontology_scmmgpt import cell_type_terms, trained_subtypes
 
 from .evaluate import EvalCells, annotation_scores, fit_annotation_baselines, fit_pca
 from .shifts import (SHORT_SUITE, Shift, apply_shift, counts_from_log1p, normalized_log1p,
@@ -35,6 +39,14 @@ RETRIEVAL, LOGISTIC = "scMMGPT (retrieval)", "logistic regression (all genes)"
 MARKER_SCORE = "reference: marker-gene score (no training)"
 UNSEEN, SEEN, SEEN_ALL_TYPES = "held-out-type cells", "seen-type test cells", "seen-type test cells, all-types model"
 GOAL_SHIFTS = ("depth 50%", "genes 70%", "batch σ 0.3")
+# PBMC's ten types at two coarser levels of the Cell Ontology: every trained type lies under one label of each set
+COARSE_LABEL_SETS = {
+    "lineages": ("B cell", "T cell", "natural killer cell", "monocyte", "dendritic cell",
+                 "hematopoietic precursor cell"),
+    "CD4 / CD8 T cells": ("B cell", "CD4-positive, alpha-beta T cell", "CD8-positive, alpha-beta T cell",
+                          "natural killer cell", "monocyte", "dendritic cell", "hematopoietic precursor cell"),
+}
+WITH_SUBTYPES, TEXT_ONLY = "scMMGPT (retrieval, with trained subtypes)", "scMMGPT (retrieval, label texts only)"
 
 
 # ---------------------------------------------------------------------------------------------------- cells
@@ -214,6 +226,43 @@ def held_out_types(labels, seed: int, n: int = 3, min_cells: int = 20) -> list[s
     return sorted(np.random.default_rng(seed).choice(eligible, size=n, replace=False).tolist())
 
 
+# ---------------------------------------------------------------------------------------------------- coarser labels
+def coarse_truth(label_texts: dict[str, str], coarse_labels) -> dict[str, str]:
+    """Trained label → the label of `coarse_labels` (Cell Ontology names) whose term covers it, nearest first;
+    trained labels none covers are left out."""
+    covered = trained_subtypes(cell_type_terms(list(coarse_labels)), label_texts)
+    return {own: coarse for coarse, owns in covered.items() for own in owns}
+
+
+def evaluate_coarse_labels(model, processor, train: EvalCells, cells: EvalCells, label_texts: dict[str, str],
+                           label_sets: dict = COARSE_LABEL_SETS, progress: bool = False) -> dict[str, dict[str, float]]:
+    """Annotation with Cell Ontology labels coarser than the training types ("T cell"), scored against each cell's
+    type mapped up the ontology: retrieval as `annotate` does it (each label the best of its text and its trained
+    subtypes') and by the labels' own texts alone, beside the model's own labels and logistic regression (fitted on
+    the training types), mapped up, and the majority class of the training cells' mapped-up types. {"ontology labels: <set>": {"<method>: accuracy" /
+    "<method>: macro_f1": value}}, over the cells whose type a label of the set covers."""
+    jobs = ScMMGPTJobs(model, processor, label_texts, progress=progress, verbose=False)
+    inputs = jobs.read(cells.matrix, cells.gene_names, normalize=False)
+    fine = {RETRIEVAL + ", own labels mapped up": jobs.annotate(inputs, list(label_texts)).predictions,
+            LOGISTIC + ", mapped up": fit_annotation_baselines(train, None, names=(LOGISTIC,))[LOGISTIC].predict(
+                cells.matrix)}
+    results = {}
+    for name, coarse in label_sets.items():
+        up = coarse_truth(label_texts, coarse)
+        kept = np.isin(cells.labels, list(up))
+        if not kept.any():  # another dataset's types: this set covers none of them
+            continue
+        majority = max(coarse, key=[up.get(label) for label in train.labels].count)  # of the coarse labels
+        predicted = {WITH_SUBTYPES: jobs.annotate(inputs, list(coarse)).predictions,
+                     TEXT_ONLY: jobs.annotate(inputs, list(coarse), subtypes=False).predictions,
+                     **{method: [up.get(p) for p in labels] for method, labels in fine.items()},
+                     "majority class": [majority] * len(kept)}
+        results[f"ontology labels: {name}"] = _scores_row(
+            [up[label] for label in cells.labels[kept]],
+            {method: [p for p, keep in zip(labels, kept) if keep] for method, labels in predicted.items()})
+    return results
+
+
 # ---------------------------------------------------------------------------------------------------- tables
 def _mean(value) -> float:
     """A figure of one run, or the mean of a summary's [mean, sd]."""
@@ -230,11 +279,12 @@ def _methods(rows: dict, metric: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def shift_table(shifts: dict) -> str:
-    """Markdown: a row per shift, a column per method (accuracy / macro-F1), and the descriptions' share."""
+def shift_table(shifts: dict, first: str = "shift") -> str:
+    """Markdown: a row per shift (or other `first` column), a column per method (accuracy / macro-F1), and the
+    descriptions' share."""
     methods = _methods(shifts, "accuracy")
     described = any(f"{DESCRIPTIONS}: share" in row for row in shifts.values())
-    lines = ["| shift | " + " | ".join(methods) + (f" | {DESCRIPTIONS}" if described else "") + " |",
+    lines = [f"| {first} | " + " | ".join(methods) + (f" | {DESCRIPTIONS}" if described else "") + " |",
              "|---" * (1 + len(methods) + described) + "|",
              "| | " + " | ".join(["accuracy / macro-F1"] * len(methods)) + (" | share" if described else "") + " |"]
     for shift, row in shifts.items():
