@@ -118,7 +118,6 @@ def test_train_cli_says_config_mistakes_in_one_line_before_training(tmp_path, ca
                                (tmp_path / "missing.yaml", [], "No such file"),
                                (TINY, ["data.h5ad=nowhere.h5ad"], "error: data.h5ad: nowhere.h5ad: no such file"),
                                (TINY, ["data.label_column=zzz"], "error: data.label_column 'zzz' is not a column of obs"),
-                               (TINY, ["data.validation_size=2.5"], "error: data.validation_size must be a share of"),
                                (TINY, [f"data.dataset_dir={tmp_path}"], "error: data.dataset_dir: ")):
         with pytest.raises(SystemExit) as exit_:
             main(["--config", str(config), "--output-dir", str(tmp_path / "run"), "--set", *sets])
@@ -133,18 +132,6 @@ def test_train_cli_says_config_mistakes_in_one_line_before_training(tmp_path, ca
     assert exit_.value.code == 2 and "Traceback" not in error
     assert error.strip().splitlines()[-1] == ("scmmgpt train: error: classifier.encoder: stage1 fine-tunes that "
                                               "stage's cell encoder: add stage1 to pipeline.stages")
-
-
-def test_in_memory_validation_cells_are_drawn_per_type_and_leave_the_test_split_as_it_was():
-    """Checkpoint choice sees every type that can spare a training cell, as on a built folder."""
-    from scmmgpt_train.config import DataArguments
-    from scmmgpt_train.pipeline import load_cells
-
-    plain, carved = load_cells(DataArguments()), load_cells(DataArguments(validation_size=0.1))
-    assert list(carved.test["cell_id"]) == list(plain.test["cell_id"])
-    assert sorted([*carved.train["cell_id"], *carved.validation["cell_id"]]) == sorted(plain.train["cell_id"])
-    assert len(carved.validation) == round(0.1 * len(plain.train))
-    assert set(carved.validation["cell_type"]) == set(plain.train["cell_type"])  # the rare CD34+ included
 
 
 def test_accelerate_configs_are_valid_and_documented():
