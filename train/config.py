@@ -52,7 +52,8 @@ class DataArguments:
     `test` split, when present, is read in memory for evaluation). `max_genes`: gene tokens per cell.
     `held_out_cell_types`: labels, CL ids or CL names whose cells go to no training stage (the `heldout` split, for
     zero-shot evaluation on unseen types; an in-memory `h5ad` only: a built folder was split when it was built).
-    `validation_size`: share of the training cells set aside (in memory, seeded) for stages that choose their checkpoint on them (`eval_strategy` / `load_best_model_at_end` in the stage's section); 0: none. A built folder's
+    `validation_size`: share of the training cells set aside (in memory, seeded) for stages that choose their
+    checkpoint on them (`eval_strategy` / `load_best_model_at_end` in the stage's section); 0: none. A built folder's
     own `validation` split (`scmmgpt build-dataset --validation-size`) is used whenever it has one."""
 
     h5ad: str | None = None

@@ -481,9 +481,20 @@ def _write_batch(batch, root: Path, writers: dict, cells_per_shard: int, pq):
 def _record_label_texts(batch, label_texts: dict):
     """Add each label met for the first time in `batch` to `label_texts[split]`, with its first cell's text: the
     batches come in shard order, so this is what scanning the written shards would find."""
-    columns = batch.select(["split", "cell_type", "text"]).to_pydict()
-    for split, label, text in zip(columns["split"], columns["cell_type"], columns["text"]):
-        label_texts.setdefault(split, {}).setdefault(label, text)
+    import pyarrow.compute as pc
+
+    columns = batch.select(["split", "cell_type", "text"])
+    for split in pc.unique(columns.column(0)).to_pylist():
+        part = columns.filter(pc.equal(columns.column(0), split))
+        _add_first_texts(part.column(1), part.column(2), label_texts.setdefault(split, {}))
+
+
+def _add_first_texts(labels, texts, found: dict):
+    """Add to `found` each label of `labels` (an arrow array) not in it yet, with `texts`' entry at its first cell,
+    in order of first appearance; only those texts are read."""
+    unique, first = np.unique(labels.to_numpy(zero_copy_only=False), return_index=True)
+    new = sorted((row, str(label)) for label, row in zip(unique, first) if str(label) not in found)
+    found.update(zip((label for _, label in new), texts.take([row for row, _ in new]).to_pylist() if new else []))
 
 
 def _replace_dir(tmp: Path, out_dir: Path):
@@ -536,11 +547,7 @@ def _split_label_texts(out_dir: str, split: str, built: int) -> dict[str, str]:
     texts: dict[str, str] = {}
     for path in tqdm(paths, desc=f"label texts of {split}", unit="shard", disable=len(paths) < 20):
         table = pq.read_table(path, columns=["cell_type", "text"])
-        labels, first = np.unique(table.column("cell_type").to_numpy(zero_copy_only=False), return_index=True)
-        new = [(label, row) for label, row in sorted(zip(labels, first), key=lambda pair: pair[1])
-               if label not in texts]
-        found = table.column("text").take([row for _, row in new]).to_pylist() if new else []
-        texts.update((str(label), text) for (label, _), text in zip(new, found))
+        _add_first_texts(table.column("cell_type"), table.column("text"), texts)
     return texts
 
 

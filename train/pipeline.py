@@ -182,19 +182,17 @@ def load_cells(data: DataArguments) -> Cells:
     source = data.h5ad or pbmc_path()
     try:
         dataset, tokenizer = build_dataset(source, return_tokenizer=True, label_column=data.label_column)
-    except OptionError as error:  # label_column is the one build option the data section sets
+        splits = split_dataset(dataset, by=data.split_by, test_size=data.test_size, seed=data.seed,
+                               held_out_cell_types=data.held_out_cell_types)
+    except OptionError as error:  # label_column, split_by, test_size, held_out_cell_types: the data section's options
         raise ConfigError(f"data.{error.option} {error.problem}") from None
     except DataError as error:
         raise ConfigError(f"data.h5ad: {error}") from None
     tokenizer.max_genes = data.max_genes
-    try:
-        splits = split_dataset(dataset, by=data.split_by, test_size=data.test_size, seed=data.seed,
-                               held_out_cell_types=data.held_out_cell_types)
-    except OptionError as error:
-        raise ConfigError(f"data.{error.option} {error.problem}") from None
     train, validation = splits["train"], None
     if data.validation_size:
-        # a random carve, not per type as a built folder's: per type cost make eval's retrieval 4.5 points (stop 31)
+        # a random carve, not per type as a built folder's: per type cost make eval's retrieval 4.5 points
+        # (BENCHMARKS.md, issue #16)
         carved = train.train_test_split(test_size=data.validation_size, seed=data.seed)
         train, validation = carved["train"], carved["test"]
     return Cells(train, splits.get("test"), dataset, tokenizer, splits.get("heldout"), validation)

@@ -239,8 +239,9 @@ def evaluate_coarse_labels(model, processor, train: EvalCells, cells: EvalCells,
     """Annotation with Cell Ontology labels coarser than the training types ("T cell"), scored against each cell's
     type mapped up the ontology: retrieval as `annotate` does it (each label the best of its text and its trained
     subtypes') and by the labels' own texts alone, beside the model's own labels and logistic regression (fitted on
-    the training types), mapped up, and the majority class of the training cells' mapped-up types. {"ontology labels: <set>": {"<method>: accuracy" /
-    "<method>: macro_f1": value}}, over the cells whose type a label of the set covers."""
+    the training types), mapped up, and the majority class of the training cells' mapped-up types.
+    {"ontology labels: <set>": {"<method>: accuracy" / "<method>: macro_f1": value}}, over the cells whose type a
+    label of the set covers."""
     jobs = ScMMGPTJobs(model, processor, label_texts, progress=progress, verbose=False)
     inputs = jobs.read(cells.matrix, cells.gene_names, normalize=False)
     fine = {RETRIEVAL + ", own labels mapped up": jobs.annotate(inputs, list(label_texts)).predictions,
