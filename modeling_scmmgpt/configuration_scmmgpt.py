@@ -133,6 +133,9 @@ class ScMMGPTConfig(PreTrainedConfig):
             tokens, so the text side reads a gene's name through the gene the cell side knows, including genes no
             training text named (in text features: retrieval and the contrastive loss; matching and captioning read
             the text's tokens alone).
+        text_pooling: how a text's Q-Former outputs become one feature: `"mean"` over its tokens, or `"attention"`,
+            weights learned per token state (a softmax of one learned direction; it starts as the mean), so the few
+            words that tell close definitions apart (CD4 / CD8, CD25, naive / memory) can outweigh the shared rest.
         max_text_length: longest text the Q-Former reads (stage 1).
         captioning_max_cells: stage 1 captions only the first this many cells of each batch (None: all; 0: no
             captioning loss), a compute budget for small models whose step is dominated by the BERT-vocabulary LM head.
@@ -164,6 +167,7 @@ class ScMMGPTConfig(PreTrainedConfig):
     contrastive_temperature: float = 0.07
     contrastive_margin: float = 0.0
     text_gene_grounding: bool = False
+    text_pooling: Literal["mean", "attention"] = "mean"
     max_text_length: int = 128
     captioning_max_cells: int | None = None
     cell_embed_loss_weight: float = 1.0
@@ -182,6 +186,8 @@ class ScMMGPTConfig(PreTrainedConfig):
         if self.cross_attention_frequency < 1:
             raise ValueError(f"cross_attention_frequency must be >= 1, got {self.cross_attention_frequency}")
         check_contrastive_margin(self.contrastive_margin)
+        if self.text_pooling not in ("mean", "attention"):
+            raise ValueError(f"text_pooling must be 'mean' or 'attention', got {self.text_pooling!r}")
         if self.expression_distribution not in ("mse", "nb", "zinb"):
             raise ValueError(f"expression_distribution must be 'mse', 'nb' or 'zinb', got "
                              f"{self.expression_distribution!r}")

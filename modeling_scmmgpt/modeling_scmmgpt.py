@@ -48,6 +48,8 @@ class ScMMGPTPreTrainedModel(SafeSerializationMixin, PreTrainedModel):
             init.normal_(module.query_tokens, mean=0.0, std=self.config.initializer_range)
             init.constant_(module.contrastive_logit_scale,
                            float(torch.tensor(1.0 / self.config.contrastive_temperature).log()))
+            if module.text_pooling_query is not None:
+                init.zeros_(module.text_pooling_query)
         if isinstance(module, CellStateSpread):  # unfitted (a folder saved before it): adds no spread
             module.reset()
 
@@ -90,6 +92,9 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         self.gene_text_projection = (nn.Linear(config.cell_config.hidden_size, qconfig.hidden_size)
                                      if config.text_gene_grounding else None)
         self.matching_head = nn.Linear(qconfig.hidden_size, 2)
+        # zero: attention pooling starts as the mean pooling a pre-trained Q-Former (all-MiniLM-L6-v2) was trained for
+        self.text_pooling_query = (nn.Parameter(torch.zeros(qconfig.hidden_size))
+                                   if config.text_pooling == "attention" else None)
         # log of the contrastive loss's inverse temperature; one element, not a 0-d tensor: FSDP shards no 0-d parameter
         self.contrastive_logit_scale = nn.Parameter(torch.zeros(1))
         self.post_init()
@@ -155,10 +160,17 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         self._check_text_ids(input_ids)
         embeddings = self.qformer.embeddings(input_ids, text_extra=self._gene_grounding(qformer_gene_ids))
         hidden = self.qformer(embeddings, attention_mask.bool()[:, None, None, :], 0)
-        # mean over the text's tokens (all-MiniLM-L6-v2, the default Q-Former, is trained for mean pooling)
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-        return F.normalize(self.text_projection(pooled), dim=-1)
+        return F.normalize(self.text_projection(self._pool_text(hidden, attention_mask)), dim=-1)
+
+    def _pool_text(self, hidden, attention_mask) -> torch.Tensor:
+        """(batch, hidden): the mean of the text's token states (all-MiniLM-L6-v2, the default Q-Former, is trained
+        for mean pooling), or with `text_pooling="attention"` their softmax-weighted sum."""
+        valid = attention_mask.bool()
+        if self.text_pooling_query is None:
+            weights = valid.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        scores = (hidden @ self.text_pooling_query).masked_fill(~valid, torch.finfo(hidden.dtype).min)
+        return (hidden * scores.softmax(-1).unsqueeze(-1)).sum(1)
 
     def _negative_texts(self, negative_texts, label_text_index, batch_ids, batch_mask):
         """`(features, skip)` of `negative_texts` (text arguments, the same on every rank), or `(None, None)`:

@@ -201,6 +201,37 @@ def test_stage1_gene_grounding_reads_gene_names_through_the_cell_encoder(process
         np.testing.assert_allclose(scores, features @ loaded.get_text_features(**encoded).numpy().T, atol=1e-5)
 
 
+def test_stage1_attention_text_pooling_starts_as_the_mean_and_learns_which_tokens_count(processor, cells, tmp_path):
+    texts = ["cell type: CD4-positive, CD25-positive, alpha-beta regulatory T cell.",
+             "cell type: CD8-positive, alpha-beta cytotoxic T cell."]
+    encoded = processor.qformer_text(texts)
+    features = {}
+    for pooling in ("mean", "attention"):
+        torch.manual_seed(0)
+        config = tiny_config(len(processor.feature_extractor), len(processor.qformer_tokenizer), text_pooling=pooling)
+        features[pooling] = ScMMGPTModel(config).eval()
+    model = features["attention"]
+    with torch.no_grad():  # a zero pooling direction weighs every token alike: the mean
+        torch.testing.assert_close(model.get_text_features(**encoded), features["mean"].get_text_features(**encoded))
+    cell_batch = processor(cells=cells[:2], cell_kwargs={"use_raw": True}, return_tensors="pt")
+    model.train()(**cell_batch, **encoded).loss.backward()
+    assert model.text_pooling_query.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        model.text_pooling_query.normal_(std=3.0)
+        pooled = model.get_text_features(**encoded)
+        assert (pooled - features["mean"].get_text_features(**encoded)).abs().max() > 1e-3
+        # padding takes no weight: the shorter text alone gives its padded batch feature
+        alone = processor.qformer_text(texts[1:])
+        assert alone["qformer_attention_mask"].shape[1] < encoded["qformer_attention_mask"].shape[1]
+        torch.testing.assert_close(model.get_text_features(**alone)[0], pooled[1], atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path / "attention")
+    loaded = ScMMGPTModel.from_pretrained(tmp_path / "attention").eval()
+    torch.testing.assert_close(loaded.text_pooling_query, model.text_pooling_query)
+    with pytest.raises(ValueError, match="text_pooling must be"):
+        tiny_config(len(processor.feature_extractor), len(processor.qformer_tokenizer), text_pooling="max")
+
+
 def test_stage1_queries_summarise_the_cell_weighted_by_expression(processor, cells):
     torch.manual_seed(0)
     model = ScMMGPTModel(tiny_config(len(processor.feature_extractor), len(processor.qformer_tokenizer))).eval()

@@ -99,6 +99,7 @@ class ModelArguments:
     contrastive_temperature: float = ScMMGPTConfig.contrastive_temperature
     contrastive_margin: float = ScMMGPTConfig.contrastive_margin
     text_gene_grounding: bool = ScMMGPTConfig.text_gene_grounding
+    text_pooling: str = ScMMGPTConfig.text_pooling
 
     def __post_init__(self):
         check_contrastive_margin(self.contrastive_margin)  # at config load, not when stage 1 builds its model

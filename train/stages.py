@@ -84,7 +84,8 @@ def stage1_model_arguments(model_args: ModelArguments, cell_tokenizer, captionin
                 cross_attention_frequency=m.cross_attention_frequency, projector_hidden_size=m.projector_hidden_size,
                 expression_decoder_hidden_size=m.expression_decoder_hidden_size, max_text_length=m.max_text_length,
                 contrastive_temperature=m.contrastive_temperature, contrastive_margin=m.contrastive_margin,
-                text_gene_grounding=m.text_gene_grounding, captioning_max_cells=captioning_max_cells)
+                text_gene_grounding=m.text_gene_grounding, text_pooling=m.text_pooling,
+                captioning_max_cells=captioning_max_cells)
 
 
 def _qformer_tokenizer(model_args: ModelArguments):
